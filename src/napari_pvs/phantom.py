@@ -57,7 +57,7 @@ _TISSUE = {
     "wm": (0.36, 0.82),
     "bg": (0.44, 0.64),
     "thalamus": (0.42, 0.70),
-    "wmh": (0.74, 0.58),
+    "wmh": (0.84, 0.56),
     "rim": (0.66, 0.62),
     "flow_void": (0.06, 0.20),
 }
@@ -97,10 +97,10 @@ class SiteProfile:
 # The first sites are fixed so that every cohort covers the same range of scanners;
 # more sites are drawn at random (seeded by their index) in the same ranges.
 SITES: tuple[SiteProfile, ...] = (
-    SiteProfile("siteA", 1.0, 22.0, 0.10, 1.00, 1.00, 0.0),
-    SiteProfile("siteB", 0.8, 14.0, 0.20, 0.90, 0.85, 0.6),
-    SiteProfile("siteC", 1.2, 30.0, 0.15, 1.10, 0.90, 0.9),
-    SiteProfile("siteD", 0.7, 11.0, 0.30, 0.85, 0.80, 0.4),
+    SiteProfile("siteA", 1.0, 18.0, 0.10, 1.00, 1.00, 0.0),
+    SiteProfile("siteB", 0.8, 12.0, 0.20, 0.90, 0.85, 0.6),
+    SiteProfile("siteC", 1.2, 24.0, 0.15, 1.10, 0.90, 0.9),
+    SiteProfile("siteD", 0.7, 10.0, 0.30, 0.85, 0.80, 0.4),
 )
 
 
@@ -356,7 +356,7 @@ def _pvs_tubes(rng, anat: _Anatomy, affine, spacing, size, burden):
     for p0, L, dia in zip(starts, _lengths(rng, n_wm), _diameters(rng, n_wm, 1.15)):
         pts = _tube_path(rng, p0, radial(p0), L, 0.8, inside_wm, pull=radial)
         if len(pts) >= 4:  # at least 2.4 mm of centre line
-            tubes.append((pts, dia / 2.0, float(rng.uniform(0.25, 1.0))))
+            tubes.append((pts, dia / 2.0, float(rng.uniform(0.15, 1.0))))
             kinds.append("WM")
     for (c_bg, r_bg) in anat.bg_centres:
         side = np.sign(c_bg[0])
@@ -398,10 +398,10 @@ def _confounders(rng, anat: _Anatomy, affine, spacing, size, shape):
     rim = np.zeros(shape, np.float32)
     # Punctate and elongated deep WMH (many small ones look like fat PVS), plus
     # periventricular caps at the ends of the lateral ventricles.
-    n_wmh = int(rng.integers(15, 45) * s**2) + 3
+    n_wmh = int(rng.integers(25, 60) * s**2) + 3
     blobs = []
     for c in _sample_inside(rng, anat.wm, affine, n_wmh):
-        radii = rng.uniform(1.0, 3.5, 3)
+        radii = rng.uniform(0.9, 3.0, 3)
         if rng.random() < 0.6:
             radii[rng.integers(3)] *= rng.uniform(1.5, 4.0)
         blobs.append((c, radii, rng.uniform(0.6, 1.0)))

@@ -1,0 +1,182 @@
+"""The BIDS-like folder layout of a cohort, as ``napari-pvs phantom`` writes it.
+
+::
+
+    OUTDIR/
+      dataset_description.json
+      participants.tsv            participant_id, site, modality, voxel_size_mm, ...
+      participants.json           what each column means
+      sub-<id>/anat/sub-<id>_<T2w|T1w>.nii.gz                    the image
+      derivatives/napari-pvs-phantom/
+        desc-regions_dseg.tsv                                     0 other, 1 WM, 2 BG
+        sub-<id>/anat/sub-<id>_desc-pvs_mask.nii.gz               PVS labels (uint8)
+        sub-<id>/anat/sub-<id>_desc-regions_dseg.nii.gz           region mask (uint8)
+        sub-<id>/anat/sub-<id>_desc-phantom.json                  generator metadata
+
+Subject ids are BIDS labels (letters and digits only).  :func:`read_cohort` reads
+this layout back; the corrections store imports folders through it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._errors import PVSInputError
+
+__all__ = ["DERIV", "SubjectFiles", "read_cohort", "subject_files", "write_phantom_cohort"]
+
+DERIV = Path("derivatives") / "napari-pvs-phantom"
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_COLUMNS = (
+    "participant_id", "site", "modality", "voxel_size_mm", "snr", "seed",
+    "n_pvs_wm", "n_pvs_bg", "pvs_volume_fraction_wm",
+)
+
+
+@dataclass(frozen=True)
+class SubjectFiles:
+    """Where one subject's files live; ``labels``/``regions`` may be missing."""
+
+    subject: str
+    site: str
+    modality: str
+    image: Path
+    labels: Path | None
+    regions: Path | None
+
+
+def subject_files(root: Path, subject: str, modality: str, site: str = "unknown") -> SubjectFiles:
+    """Paths of ``subject`` in the layout rooted at ``root`` (existing or not)."""
+    if not _LABEL.match(subject):
+        raise PVSInputError(f"subject id {subject!r} must contain only letters and digits (BIDS label)")
+    anat = Path(root) / f"sub-{subject}" / "anat"
+    der = Path(root) / DERIV / f"sub-{subject}" / "anat"
+    return SubjectFiles(
+        subject=subject,
+        site=site,
+        modality=modality,
+        image=anat / f"sub-{subject}_{modality}.nii.gz",
+        labels=der / f"sub-{subject}_desc-pvs_mask.nii.gz",
+        regions=der / f"sub-{subject}_desc-regions_dseg.nii.gz",
+    )
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    if np.issubdtype(data.dtype, np.integer):
+        img.header.set_intent("label")
+    nib.save(img, path)
+
+
+def write_phantom_cohort(
+    outdir: str | Path,
+    *,
+    n_sites: int = 3,
+    per_site: int = 2,
+    modality: str = "T2w",
+    seed: int = 0,
+    size_mm: float = 160.0,
+    progress=None,
+) -> list[SubjectFiles]:
+    """Generate a phantom cohort and write it in the documented layout.
+
+    ``progress``, if given, is called as ``progress(message, done, total)``.
+    Returns the written subjects in order.
+    """
+    from .phantom import REGION_CODES, make_cohort
+
+    root = Path(outdir)
+    root.mkdir(parents=True, exist_ok=True)
+    total = n_sites * per_site
+    rows, written = [], []
+    for k, (sid, ph) in enumerate(
+        make_cohort(n_sites, per_site, modality=modality, seed=seed, size_mm=size_mm)
+    ):
+        files = subject_files(root, sid, modality, ph.meta["site"])
+        _save(files.image, ph.image, ph.affine)
+        _save(files.labels, ph.labels, ph.affine)
+        _save(files.regions, ph.regions, ph.affine)
+        files.regions.with_name(f"sub-{sid}_desc-phantom.json").write_text(json.dumps(ph.meta, indent=1))
+        rows.append({
+            "participant_id": f"sub-{sid}", "site": ph.meta["site"], "modality": modality,
+            "voxel_size_mm": ph.spacing[0], "snr": round(ph.meta["snr"], 2), "seed": ph.meta["seed"],
+            "n_pvs_wm": ph.meta["n_pvs_wm"], "n_pvs_bg": ph.meta["n_pvs_bg"],
+            "pvs_volume_fraction_wm": round(ph.meta["pvs_volume_fraction_wm"], 5),
+        })
+        written.append(files)
+        if progress is not None:
+            progress(f"wrote sub-{sid}", k + 1, total)
+    with open(root / "participants.tsv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=_COLUMNS, delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    (root / "participants.json").write_text(json.dumps({
+        "site": {"Description": "acquisition site (scanner); the unit of leave-one-site-out CV"},
+        "modality": {"Description": "image contrast: T2w (PVS bright) or T1w (PVS dark)"},
+        "voxel_size_mm": {"Description": "isotropic voxel size", "Units": "mm"},
+        "snr": {"Description": "white-matter signal over Rician noise sigma"},
+        "seed": {"Description": "seed of the phantom generator for this subject"},
+        "pvs_volume_fraction_wm": {"Description": "PVS voxels / WM voxels"},
+    }, indent=1))
+    (root / "dataset_description.json").write_text(json.dumps({
+        "Name": "napari-pvs synthetic PVS phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw",
+        "GeneratedBy": [{"Name": "napari-pvs phantom", "Description":
+                         f"sites={n_sites} per_site={per_site} modality={modality} seed={seed} "
+                         f"size_mm={size_mm}"}],
+    }, indent=1))
+    der = root / DERIV
+    der.mkdir(parents=True, exist_ok=True)
+    (der / "desc-regions_dseg.tsv").write_text(
+        "index\tname\n" + "".join(f"{v}\t{k}\n" for k, v in REGION_CODES.items())
+    )
+    (der / "dataset_description.json").write_text(json.dumps({
+        "Name": "napari-pvs phantom ground truth", "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative", "GeneratedBy": [{"Name": "napari-pvs phantom"}],
+    }, indent=1))
+    return written
+
+
+def read_cohort(root: str | Path) -> list[SubjectFiles]:
+    """List the subjects of a layout folder, with their site from participants.tsv.
+
+    Subjects found on disk but missing from participants.tsv get site ``unknown``;
+    ``labels`` / ``regions`` are None where the files do not exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PVSInputError(f"{root} is not a folder; pass the folder that holds participants.tsv")
+    sites: dict[str, str] = {}
+    tsv = root / "participants.tsv"
+    if tsv.is_file():
+        with open(tsv, newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            if reader.fieldnames is None or "participant_id" not in reader.fieldnames:
+                raise PVSInputError(f"{tsv} has no participant_id column; add one (BIDS)")
+            for row in reader:
+                sites[row["participant_id"].removeprefix("sub-")] = row.get("site") or "unknown"
+    out = []
+    for anat in sorted(root.glob("sub-*/anat")):
+        sid = anat.parent.name.removeprefix("sub-")
+        for modality in ("T2w", "T1w"):
+            files = subject_files(root, sid, modality, sites.get(sid, "unknown"))
+            if files.image.is_file():
+                out.append(SubjectFiles(
+                    sid, files.site, modality, files.image,
+                    files.labels if files.labels.is_file() else None,
+                    files.regions if files.regions.is_file() else None,
+                ))
+    if not out:
+        raise PVSInputError(f"{root} holds no sub-*/anat/sub-*_T2w.nii.gz or _T1w.nii.gz images")
+    return out
