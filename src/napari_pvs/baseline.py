@@ -166,7 +166,8 @@ def segment_frangi(
             raise PVSInputError(f"ROI shape {roi.shape} does not match image shape {image.shape}")
         mask = roi > 0
     if not mask.any():
-        raise PVSInputError("the ROI is empty: nothing to segment (check the mask file)")
+        what = "the ROI is empty" if roi is not None else "the image has no positive voxels"
+        raise PVSInputError(f"{what}: nothing to segment (check the mask or the image file)")
 
     h = float(sp.mean())
     sigmas = [s / h for s in sigmas_mm]
