@@ -111,3 +111,22 @@ def test_demo_runs_end_to_end(tmp_path):
     for s in scores:
         assert 0.2 < s["voxel_dice"] < 0.95 and 0.2 < s["cluster_dice"] <= 1.0
     assert "mean +/- sd" in r.stdout
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_demo_opens_napari_and_screenshots(tmp_path):
+    shot = tmp_path / "demo.png"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "QT_QPA_PLATFORM"}
+    r = subprocess.run(["napari-pvs", "demo", "--out", str(tmp_path), "--sites", "1",
+                        "--per-site", "1", "--size-mm", "64", "--screenshot", str(shot)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot))
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    # the truth is drawn magenta and the prediction cyan over a grey image
+    rgb = img[:, img.shape[1] // 3 :, :3].astype(int)  # the canvas, not the layer controls
+    assert np.any((rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] > 200))
+    assert np.any((rgb[..., 0] < 80) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200))
