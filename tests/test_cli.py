@@ -78,7 +78,7 @@ def test_bad_inputs_exit_nonzero_with_one_line(cohort, tmp_path, nibabel_data):
         "missing": ([str(tmp_path / "nope.nii.gz")], "does not exist"),
         "4d": ([str(nibabel_data / "example4d.nii.gz")], "--volume"),
         "roi grid": ([str(s.image), "--roi", str(other.regions)], "ROI shape"),
-        "model": ([str(s.image), "--model", "mednext"], "unknown model"),
+        "model": ([str(s.image), "--model", "mednext"], "neither 'baseline' nor an existing checkpoint"),
     }
     text = tmp_path / "notes.nii.gz"
     text.write_text("not an image")

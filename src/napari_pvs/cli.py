@@ -20,65 +20,9 @@ from pathlib import Path
 
 from . import __version__
 from ._errors import PVSInputError
+from .pipeline import predict_file
 
-__all__ = ["main", "predict_file"]
-
-
-def _modality_from_name(path: Path, given: str | None) -> str:
-    if given:
-        return given
-    name = path.name
-    return "T1w" if "_T1w" in name or "T1w." in name else "T2w"
-
-
-def predict_file(
-    image: str | Path,
-    outdir: str | Path,
-    *,
-    model: str = "baseline",
-    roi: str | Path | None = None,
-    modality: str | None = None,
-    volume: int | None = None,
-) -> Path:
-    """Segment one NIfTI image and write ``OUTDIR/<stem>_pvs.nii.gz`` (uint8).
-
-    The output keeps the source geometry.  ``roi`` (a NIfTI mask on the same grid,
-    nonzero inside) restricts the segmentation.  Only ``model="baseline"`` exists
-    until a MedNeXt model is trained or imported.
-    """
-    from .baseline import segment_frangi
-    from .io import load_volume, save_labels, strip_nifti_suffix
-
-    if model != "baseline":
-        raise PVSInputError(
-            f"unknown model {model!r}: only 'baseline' (Frangi) is available in this version"
-        )
-    image = Path(image)
-    vol = load_volume(image, volume=volume)
-    mask = None
-    if roi is not None:
-        roi_vol = load_volume(roi, as_labels=True)
-        if roi_vol.shape != vol.shape:
-            raise PVSInputError(
-                f"{roi}: ROI shape {roi_vol.shape} does not match image {image} shape {vol.shape}; "
-                "resample the mask to the image grid"
-            )
-        import numpy as np
-
-        if not np.allclose(roi_vol.affine, vol.affine, atol=1e-3):
-            raise PVSInputError(
-                f"{roi}: ROI affine differs from the affine of {image}; the mask is on another "
-                "grid (resample it to the image, e.g. with mri_vol2vol or antsApplyTransforms)"
-            )
-        mask = roi_vol.data > 0
-    result = segment_frangi(
-        vol.data, vol.spacing, roi=mask, modality=_modality_from_name(image, modality)
-    )
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    out = outdir / f"{strip_nifti_suffix(image.name)}_pvs.nii.gz"
-    save_labels(out, result.labels, like=vol)
-    return out
+__all__ = ["main"]
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -95,14 +39,68 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A one-line progress bar on a terminal; silent when stderr is not a TTY."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, event) -> None:
+        if not self.tty or event.total <= 0:
+            return
+        frac = event.done / event.total
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {event.done}/{event.total} "
+                         f"{time.perf_counter() - self.t0:5.1f}s")
+        if event.done == event.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.roi is not None and len(args.images) > 1:
         raise PVSInputError("--roi applies to one image; run predict once per image with its mask")
     for image in args.images:
         t = time.perf_counter()
-        out = predict_file(image, args.output, model=args.model, roi=args.roi,
-                           modality=args.modality, volume=args.volume)
-        print(f"{image} -> {out} ({time.perf_counter() - t:.1f} s)", flush=True)
+        outs = predict_file(
+            image, args.output, model=args.model, roi=args.roi, modality=args.modality,
+            volume=args.volume, tta=args.tta, device=args.device, backend=args.backend,
+            overlap=args.overlap, progress=_ProgressBar(Path(image).name),
+        )
+        names = ", ".join(str(p) for p in outs.values())
+        print(f"{image} -> {names} ({time.perf_counter() - t:.1f} s)", flush=True)
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from . import model as M
+
+    if args.model_command == "create":
+        arch = M.arch_config(args.variant, args.kernel, args.in_channels, args.out_channels)
+        net = M.build_network(arch)
+        meta = M.default_meta(arch, target_spacing=[args.spacing] * 3, modality=args.modality,
+                              patch_size=[args.patch] * 3)
+        out = M.save_checkpoint(args.out, net, meta)
+        print(f"{out}: untrained MedNeXt-{arch['variant']} k{arch['kernel_size']}, "
+              f"{M.count_parameters(net) / 1e6:.3f}M parameters, id {M.read_meta(out)['id']}")
+    elif args.model_command == "upkern":
+        out = M.upkern_checkpoint(args.checkpoint, args.out, args.kernel)
+        meta = M.read_meta(out)
+        print(f"{out}: k{meta['arch']['kernel_size']} model from {meta['provenance']['parent']}, "
+              f"id {meta['id']}")
+    elif args.model_command == "ls":
+        models = M.ModelRegistry(args.folder).list()
+        if not models:
+            print(f"no models in {args.folder}")
+        print(f"{'id':<44} {'arch':<8} {'created':<26} {'parent':<30} metrics")
+        for m in models:
+            a = m["arch"]
+            prov = m.get("provenance", {})
+            print(f"{m['id']:<44} {a.get('variant', '?')}-k{a.get('kernel_size', '?'):<4} "
+                  f"{m.get('created') or '':<26} {prov.get('parent') or '-':<30} "
+                  f"{json.dumps(prov.get('metrics') or {})}")
     return 0
 
 
@@ -150,7 +148,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for files in subjects:
         t = time.perf_counter()
         pred = predict_file(files.image, out / "predictions", roi=files.regions,
-                            modality=files.modality)
+                            modality=files.modality)["labels"]
         row = _score_subject(files, pred)
         row["seconds"] = time.perf_counter() - t
         rows.append(row)
@@ -242,12 +240,37 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment NIfTI images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--model", default="baseline", help="'baseline' (Frangi vesselness)")
+    p.add_argument("--model", default="baseline",
+                   help="'baseline' (Frangi vesselness) or a MedNeXt checkpoint (.safetensors)")
     p.add_argument("--roi", help="mask on the image grid (nonzero inside), e.g. WM+BG")
     p.add_argument("--modality", choices=("T2w", "T1w"),
                    help="contrast (default: from the BIDS suffix of the file name, else T2w)")
     p.add_argument("--volume", type=int, help="volume index for 4D files")
+    p.add_argument("--tta", type=int, default=1, help="mirror TTA variants, 1-8 (MedNeXt only)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
+                   help="window runner on CPU (default: the fastest installed)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("model", help="create, upkern and list MedNeXt checkpoints")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    c = msub.add_parser("create", help="write an untrained checkpoint")
+    c.add_argument("out", help="output .safetensors file")
+    c.add_argument("--variant", default="L", help="S, B, M, L (paper) or XS (small, for CPU demos)")
+    c.add_argument("--kernel", type=int, default=5, choices=(3, 5, 7))
+    c.add_argument("--in-channels", type=int, default=1)
+    c.add_argument("--out-channels", type=int, default=2)
+    c.add_argument("--spacing", type=float, default=0.8, help="target spacing in mm")
+    c.add_argument("--patch", type=int, default=128, help="window edge in voxels")
+    c.add_argument("--modality", choices=("T2w", "T1w"), default="T2w")
+    u = msub.add_parser("upkern", help="build a larger-kernel model from a checkpoint (UpKern)")
+    u.add_argument("checkpoint")
+    u.add_argument("out")
+    u.add_argument("--kernel", type=int, default=5, choices=(5, 7))
+    ls = msub.add_parser("ls", help="list the models of a registry folder")
+    ls.add_argument("folder")
+    p.set_defaults(func=_cmd_model)
     return ap
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "is_nifti_path",
     "load_volume",
     "save_labels",
+    "save_map",
     "sha256_file",
     "strip_nifti_suffix",
 ]
@@ -370,22 +371,57 @@ def save_labels(path: str | os.PathLike[str], labels: np.ndarray, like: Volume) 
         )
     dtype = _label_dtype(labels, path)
     labels = labels.astype(dtype, copy=False)
-    if like.header is not None:
-        header = like.header.copy()
-    else:
-        header = geometry_from_affine(like.affine, like.shape).header
-    header.set_data_shape(labels.shape)
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(1.0, 0.0)
+    header = _header_like(like, labels.shape, dtype)
     header["cal_min"] = 0
     header["cal_max"] = float(labels.max()) if labels.size else 0.0
     header.set_intent("label")
     header["descrip"] = b"napari-pvs labels"
+    _atomic_save(labels, header, path, "labels")
+    return path
+
+
+def save_map(path: str | os.PathLike[str], data: np.ndarray, like: Volume) -> Path:
+    """Write a float32 map (probability, uncertainty ...) in the geometry of *like*.
+
+    Same guarantees as :func:`save_labels`: the header of *like* (affine, qform and
+    sform with their codes) is kept and the file is written atomically.
+    """
+    path = Path(path)
+    data = np.asarray(data, dtype=np.float32)
+    if not is_nifti_path(path):
+        raise PVSInputError(f"{path}: maps must end in .nii.gz or .nii; rename the output")
+    if data.shape != like.shape:
+        raise PVSInputError(
+            f"{path}: map has shape {data.shape} but the reference volume has shape {like.shape}"
+        )
+    header = _header_like(like, data.shape, np.float32)
+    header["cal_min"] = float(data.min()) if data.size else 0.0
+    header["cal_max"] = float(data.max()) if data.size else 0.0
+    header.set_intent("none")
+    header["descrip"] = b"napari-pvs map"
+    _atomic_save(data, header, path, "map")
+    return path
+
+
+def _header_like(like: Volume, shape: tuple[int, ...], dtype) -> Any:
+    """A header with the geometry of *like* for data of ``shape`` and ``dtype``, unscaled."""
+    if like.header is not None:
+        header = like.header.copy()
+    else:
+        header = geometry_from_affine(like.affine, like.shape).header
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
     if not np.allclose(header.get_best_affine(), like.affine, atol=1e-5):
         header.set_sform(like.affine, code=max(int(header["sform_code"]), 1))
         header.set_qform(like.affine, code=max(int(header["qform_code"]), 1))
+    return header
+
+
+def _atomic_save(data: np.ndarray, header: Any, path: Path, what: str) -> None:
+    """Save through a temporary file in the same folder and ``os.replace``."""
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    image = image_class(labels, None, header)
+    image = image_class(data, None, header)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
@@ -393,10 +429,9 @@ def save_labels(path: str | os.PathLike[str], labels: np.ndarray, like: Volume) 
         os.replace(tmp, path)
     except OSError as exc:
         raise PVSInputError(
-            f"{path}: cannot write the labels ({one_line(exc)}); check that the folder "
+            f"{path}: cannot write the {what} ({one_line(exc)}); check that the folder "
             "exists and is writable"
         ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path

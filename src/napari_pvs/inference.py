@@ -1,0 +1,310 @@
+"""Sliding-window MedNeXt prediction with mirror-TTA uncertainty.
+
+The one prediction API is :func:`predict_volume`, a generator: it yields
+:class:`Progress` events (window batches done / total) and returns a
+:class:`Prediction`.  :func:`run` drains it for scripts and the CLI; the napari widget
+runs the same generator in a thread worker.  Stopping the iteration (``close()``)
+or setting the ``cancel`` event stops it between two window batches.
+
+Steps
+-----
+1. Resample the image (trilinear, MONAI ``Resize``) to the model's target spacing when
+   it differs by more than 1 %; the ROI is resampled with nearest neighbour.
+2. z-score the intensities inside the ROI (or inside the nonzero voxels).
+3. Pad to at least one patch; tile with windows of the model's patch size at the
+   given overlap (MONAI ``dense_patch_slices``).  Windows that hold no ROI voxel are
+   skipped.  A Gaussian importance map (MONAI ``compute_importance_map``, sigma 1/8 of
+   the patch) is computed once and weights every window.
+4. Windows run in batches through a :mod:`napari_pvs._backends` runner (torch on
+   GPU; an exported OpenVINO / ONNX Runtime model on CPU when installed).
+5. Mirror TTA: each batch runs under the first ``tta`` of the 8 flip combinations;
+   the foreground probability is averaged over flips and its variance kept.
+6. Back on the source grid: probability, ``tta_variance``, ``uncertainty`` =
+   ``clip(H(p) + 4 * Var_TTA(p), 0, 1)`` with ``H`` the binary predictive entropy in
+   bits (both terms lie in [0, 1]), and labels ``p >= threshold`` inside the ROI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._errors import PVSInputError
+
+__all__ = [
+    "FLIPS",
+    "Prediction",
+    "PredictionCancelled",
+    "Progress",
+    "pick_device",
+    "predict_volume",
+    "run",
+]
+
+# Mirror axes of the 8 TTA variants, in the order they are used.
+FLIPS: tuple[tuple[int, ...], ...] = tuple(
+    c for n in range(4) for c in itertools.combinations((0, 1, 2), n)
+)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress event: ``done`` of ``total`` window batches, with a message."""
+
+    done: int
+    total: int
+    message: str = ""
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`predict_volume`, on the source voxel grid."""
+
+    probability: np.ndarray
+    uncertainty: np.ndarray
+    tta_variance: np.ndarray
+    labels: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PredictionCancelled(RuntimeError):
+    """Raised when the ``cancel`` event is set during :func:`predict_volume`."""
+
+
+def pick_device(preferred: str | None = None) -> str:
+    """``preferred`` if given, else CUDA, then Apple MPS, then CPU."""
+    import torch
+
+    if preferred and preferred != "auto":
+        if preferred.startswith("cuda") and not torch.cuda.is_available():
+            raise PVSInputError(f"device {preferred!r} requested but CUDA is not available; use --device cpu")
+        return preferred
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _resize(arr: np.ndarray, shape: tuple[int, ...], mode: str) -> np.ndarray:
+    from monai.transforms import Resize
+
+    if tuple(arr.shape[-3:]) == tuple(shape):
+        return arr
+    out = Resize(spatial_size=tuple(int(s) for s in shape), mode=mode)(arr[None] if arr.ndim == 3 else arr)
+    out = np.asarray(out)
+    return out[0] if arr.ndim == 3 else out
+
+
+def _check_inputs(image, spacing, roi, in_channels):
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4:
+        raise PVSInputError(f"image must be 3D (or channels-first 4D), got shape {image.shape}")
+    if image.shape[0] != in_channels:
+        raise PVSInputError(
+            f"the model expects {in_channels} input channel(s) but the image has {image.shape[0]} "
+            f"(shape {image.shape}); pass one volume per model input channel"
+        )
+    if spacing is None:
+        raise PVSInputError("the voxel spacing is missing; it is needed to resample to the "
+                            "model's spacing (load the image with napari_pvs.io.load_volume)")
+    sp = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
+    if not np.all(np.isfinite(sp) & (sp > 0)):
+        raise PVSInputError(f"invalid voxel spacing {tuple(sp)}; it must be positive mm values")
+    if roi is not None:
+        roi = np.asarray(roi) > 0
+        if roi.shape != image.shape[1:]:
+            raise PVSInputError(f"ROI shape {roi.shape} does not match image shape {image.shape[1:]}")
+        if not roi.any():
+            raise PVSInputError("the ROI is empty: nothing to predict (check the mask)")
+    return image, sp, roi
+
+
+def _zscore(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    sel = mask if mask is not None and mask.any() else np.any(image != 0, axis=0)
+    if not sel.any():
+        sel = np.ones(image.shape[1:], bool)
+    out = np.empty_like(image)
+    for c in range(image.shape[0]):
+        v = image[c][sel]
+        out[c] = (image[c] - v.mean()) / max(float(v.std()), 1e-8)
+    return out
+
+
+def _windows(shape, patch, overlap):
+    from monai.data.utils import dense_patch_slices
+
+    interval = [max(int(round(p * (1 - overlap))), 1) for p in patch]
+    return dense_patch_slices(tuple(shape), tuple(patch), tuple(interval))
+
+
+def _importance(patch) -> np.ndarray:
+    from monai.data.utils import compute_importance_map
+    from monai.utils import BlendMode
+
+    w = compute_importance_map(tuple(patch), mode=BlendMode.GAUSSIAN, sigma_scale=0.125, device="cpu")
+    return np.asarray(w, dtype=np.float32)
+
+
+def _foreground(logits: np.ndarray) -> np.ndarray:
+    """Foreground probability (1 - P(background)) from logits (B, C, ...)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return 1.0 - e[:, 0] / e.sum(axis=1)
+
+
+def predict_volume(
+    image: np.ndarray,
+    spacing,
+    net,
+    meta: dict[str, Any],
+    *,
+    roi: np.ndarray | None = None,
+    tta: int = 1,
+    device: str | None = None,
+    backend: str = "auto",
+    overlap: float = 0.5,
+    batch_size: int | None = None,
+    patch_size: tuple[int, int, int] | None = None,
+    threshold: float = 0.5,
+    skip_outside_roi: bool = True,
+    cache_key: str | None = None,
+    cancel: threading.Event | None = None,
+) -> Generator[Progress, None, Prediction]:
+    """Predict PVS on one volume; a generator of :class:`Progress` returning a :class:`Prediction`.
+
+    Parameters
+    ----------
+    image : ndarray, (X, Y, Z) or (C, X, Y, Z)
+        The MR image on its source grid.
+    spacing : tuple of 3 floats
+        Source voxel size in mm.
+    net, meta :
+        Network and metadata, as returned by :func:`napari_pvs.model.load_checkpoint`.
+    roi : ndarray, optional
+        Brain / WM+BG mask on the source grid; normalisation statistics come from it,
+        windows without ROI voxels are skipped and labels are restricted to it.
+    tta : int
+        Number of mirror variants, 1 (none) to 8 (all axes).
+    device, backend : str
+        Torch device (default: :func:`pick_device`) and window runner
+        ("auto", "torch", "onnxruntime", "openvino").
+    overlap : float
+        Window overlap in [0, 1).
+    batch_size : int, optional
+        Windows per batch (default 1 on CPU, 2 on GPU).
+    patch_size : tuple of int, optional
+        Window size in voxels at the model spacing (default: the model's patch size).
+    threshold : float
+        Probability threshold of the labels.
+    skip_outside_roi : bool
+        Skip windows that hold no ROI voxel (the result inside the ROI is unchanged).
+    cache_key : str, optional
+        Identifies the checkpoint (its sha256) so CPU runtimes cache their export.
+    cancel : threading.Event, optional
+        When set, the prediction stops before the next batch with
+        :class:`PredictionCancelled`.
+    """
+    from ._backends import make_runner
+
+    t0 = time.perf_counter()
+    arch, pre = meta["arch"], meta.get("preprocessing", {})
+    if not 1 <= int(tta) <= len(FLIPS):
+        raise PVSInputError(f"tta must be between 1 and {len(FLIPS)} flips, got {tta}")
+    if not 0 <= overlap < 1:
+        raise PVSInputError(f"overlap must be in [0, 1), got {overlap}")
+    image, sp, roi = _check_inputs(image, spacing, roi, int(arch["in_channels"]))
+    src_shape = image.shape[1:]
+    target = np.broadcast_to(np.asarray(pre.get("target_spacing") or sp, dtype=float), (3,))
+    if np.all(np.abs(target / sp - 1) <= 0.01):
+        work_shape = src_shape
+    else:
+        work_shape = tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(src_shape, sp, target))
+    img = _resize(image, work_shape, "trilinear")
+    mask = None if roi is None else _resize(roi.astype(np.float32), work_shape, "nearest") > 0.5
+    img = _zscore(img, mask)
+
+    patch = tuple(int(p) for p in (patch_size or pre.get("patch_size") or (64, 64, 64)))
+    pad = [(0, max(p - n, 0)) for p, n in zip(patch, work_shape)]
+    if any(b for _, b in pad):
+        img = np.pad(img, [(0, 0), *pad])
+        if mask is not None:
+            mask = np.pad(mask, pad)
+    shape = img.shape[1:]
+    windows = _windows(shape, patch, overlap)
+    n_all = len(windows)
+    if mask is not None and skip_outside_roi:
+        windows = [w for w in windows if mask[w].any()]
+    device = pick_device(device)
+    bs = int(batch_size or (1 if device == "cpu" else 2))
+    runner = make_runner(net, window=patch, batch_size=bs, device=device, backend=backend,
+                         cache_key=cache_key)
+    weight = _importance(patch)
+    flips = FLIPS[: int(tta)]
+    acc_p = np.zeros(shape, np.float32)
+    acc_v = np.zeros(shape, np.float32)
+    acc_w = np.zeros(shape, np.float32)
+    batches = [windows[i : i + bs] for i in range(0, len(windows), bs)]
+    yield Progress(0, len(batches), f"{len(windows)} of {n_all} windows, {len(flips)} flip(s), "
+                                    f"{runner.name} on {device}")
+    for b, batch in enumerate(batches):
+        if cancel is not None and cancel.is_set():
+            raise PredictionCancelled(f"prediction cancelled after {b} of {len(batches)} batches")
+        x = np.stack([img[(slice(None), *w)] for w in batch]).astype(np.float32)
+        s1 = np.zeros((len(batch), *patch), np.float32)
+        s2 = np.zeros_like(s1)
+        for axes in flips:
+            ax = tuple(a + 2 for a in axes)
+            xf = np.ascontiguousarray(np.flip(x, ax)) if axes else x
+            p = _foreground(runner(xf))
+            if axes:
+                p = np.flip(p, tuple(a + 1 for a in axes))
+            s1 += p
+            s2 += p * p
+        mean = s1 / len(flips)
+        var = np.maximum(s2 / len(flips) - mean * mean, 0.0)
+        for k, w in enumerate(batch):
+            acc_p[w] += weight * mean[k]
+            acc_v[w] += weight * var[k]
+            acc_w[w] += weight
+        yield Progress(b + 1, len(batches), f"batch {b + 1}/{len(batches)}")
+
+    covered = acc_w > 0
+    prob = np.where(covered, acc_p / np.maximum(acc_w, 1e-12), 0.0).astype(np.float32)
+    var = np.where(covered, acc_v / np.maximum(acc_w, 1e-12), 0.0).astype(np.float32)
+    crop = tuple(slice(0, n) for n in work_shape)
+    prob = _resize(prob[crop], src_shape, "trilinear").astype(np.float32)
+    var = _resize(var[crop], src_shape, "trilinear").astype(np.float32)
+    if roi is not None:
+        prob[~roi] = 0.0
+        var[~roi] = 0.0
+    p = np.clip(prob, 1e-7, 1 - 1e-7)
+    entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    uncertainty = np.clip(entropy + 4.0 * var, 0.0, 1.0).astype(np.float32)
+    labels = (prob >= threshold).astype(np.uint8)
+    info = {
+        "model_id": meta.get("id"), "backend": runner.name, "device": device, "tta": len(flips),
+        "windows": len(windows), "windows_total": n_all, "patch_size": list(patch),
+        "overlap": overlap, "work_shape": list(work_shape), "seconds": time.perf_counter() - t0,
+    }
+    return Prediction(prob, uncertainty, var, labels, info)
+
+
+def run(gen: Generator[Progress, None, Any], progress: Callable[[Progress], None] | None = None):
+    """Drain a progress generator (e.g. :func:`predict_volume`) and return its result."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(event)
