@@ -1,0 +1,544 @@
+"""Run the segmentation network on fixed-size windows, as fast as this machine allows.
+
+:func:`make_runner` turns a network (a torch module in eval mode) into a
+:class:`WindowRunner`: a callable that maps a float32 batch ``(B, C_in, *window)``
+to float32 logits ``(B, C_out, *window)``.  Three backends run it:
+
+``torch``
+    PyTorch eager under ``torch.inference_mode``, on any torch device; float16
+    autocast on CUDA.
+``openvino``, ``onnxruntime``
+    CPU only.  The network is exported once to ONNX (TorchScript exporter, opset 17,
+    batch and spatial axes dynamic, traced on a small input so that even MedNeXt-L
+    exports in seconds and little memory) and the runtime runs that file.  OpenVINO
+    reshapes the model to the static ``(batch_size, C_in, *window)`` and computes in
+    float32 (its CPU plugin would otherwise pick bfloat16 on CPUs that have it, which
+    changes logits by ~5e-2).  ONNX Runtime runs the dynamic model without its memory
+    arena (the arena took 12 GB for one 128^3 MedNeXt-L window).
+
+``backend="auto"`` on the CPU takes the first of :data:`AUTO_ORDER` that is installed
+and works; that order is the measured speed order (``benchmarks/bench_backends.py``).
+A runtime that fails to export, load or reproduce torch's logits is skipped with a
+``RuntimeWarning``: an optional runtime never fails a prediction.
+
+Export cache
+------------
+With a ``cache_key`` (e.g. the checkpoint's sha256) the export lives in
+``<cache_dir>/exports/<cache_key>/<exporter tag>/``: ``model.onnx``, ``probe.npz``
+(a fixed input and torch's logits for it) and ``manifest.json`` (the ONNX file's
+size and sha256 and a fingerprint of the weights).  The folder is written under a
+temporary name and renamed into place, so a killed process never leaves a partial
+export.  Whenever a runner is made from it, the file is checked against the manifest
+and the runtime's logits for the probe against torch's; a failed check deletes the
+folder and exports again.  Without a ``cache_key`` the export goes to a temporary
+folder that is removed with the runner.
+
+The number of CPU threads is ``torch.get_num_threads()`` (PyTorch's default: the
+physical cores available to the process) unless ``NAPARI_PVS_NUM_THREADS`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "WindowRunner",
+    "available_backends",
+    "default_cache_dir",
+    "make_runner",
+]
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+#: Preference of ``backend="auto"`` on the CPU, fastest first (measured, see module doc).
+AUTO_ORDER = ("openvino", "onnxruntime", "torch")
+_INSTALL = {
+    "openvino": 'pip install "napari-pvs[cpu]"  (installs openvino and onnx)',
+    "onnxruntime": "pip install onnxruntime onnx",
+}
+_OPSET = 17
+_EXPORT_FORMAT = 1  # bump to invalidate every cached export
+_TRACE_SPATIAL = (32, 32, 48)  # traced input (batch 2); distinct sizes keep axes dynamic
+_PROBE_SPATIAL = (48, 32, 32)  # checked input (batch 1); differs from the traced one
+_PROBE_RTOL = 1e-3  # allowed |runtime - torch| relative to max(1, max |torch logits|)
+_STALE_TMP_S = 24 * 3600
+
+
+class _ExportError(RuntimeError):
+    """torch could not export the network to ONNX (no ONNX runtime can help)."""
+
+
+class _CacheInvalid(RuntimeError):
+    """A cached export is missing, corrupt or made from other weights."""
+
+
+# ----------------------------------------------------------------------------- public
+
+
+class WindowRunner:
+    """Computes the network's logits for a batch of windows.
+
+    Attributes
+    ----------
+    name : str
+        ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.
+    batch_size : int
+        Largest batch accepted by :meth:`__call__`.
+    window : tuple of int
+        Spatial shape ``(z, y, x)`` of every window.
+    device : str
+        Where the network runs (``"cpu"`` for the export-based backends).
+    in_channels : int
+        Number of input channels the network expects.
+    exported : bool
+        True when making this runner exported the network (no cached export used).
+    export_path : pathlib.Path or None
+        The ONNX file run by an export-based backend.
+
+    Notes
+    -----
+    A runner is not thread-safe: call it from one thread at a time.
+    """
+
+    name = "torch"
+
+    def __init__(self, *, window, batch_size, in_channels, device="cpu"):
+        self.window = tuple(int(w) for w in window)
+        self.batch_size = int(batch_size)
+        self.in_channels = int(in_channels)
+        self.device = str(device)
+        self.exported = False
+        self.export_path: Path | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of a batch.
+
+        Parameters
+        ----------
+        batch : numpy.ndarray
+            ``(B, C_in, *window)`` with ``1 <= B <= batch_size``; converted to float32.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 logits ``(B, C_out, *window)``.
+        """
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        want = f"(B <= {self.batch_size}, {self.in_channels}, {', '.join(map(str, self.window))})"
+        if (x.ndim != 5 or tuple(x.shape[2:]) != self.window or x.shape[1] != self.in_channels
+                or not 1 <= x.shape[0] <= self.batch_size):
+            raise ValueError(f"{self.name} runner: batch has shape {x.shape}, expected {want}")
+        return self._run(x)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, window={self.window}, "
+                f"batch_size={self.batch_size}, device={self.device!r})")
+
+
+def default_cache_dir() -> Path:
+    """Folder for napari-pvs caches.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$NAPARI_PVS_CACHE``, else ``$XDG_CACHE_HOME/napari-pvs``, else
+        ``~/.cache/napari-pvs`` (not created here).
+    """
+    env = os.environ.get("NAPARI_PVS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "napari-pvs"
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this environment, ``"torch"`` first.
+
+    Returns
+    -------
+    list of str
+        ``"torch"``, plus ``"onnxruntime"`` and ``"openvino"`` when the runtime and
+        the ``onnx`` package (needed by torch's ONNX exporter) import.
+    """
+    return ["torch"] + [name for name in BACKENDS[1:] if _importable(name)]
+
+
+def make_runner(net, *, window, batch_size: int = 1, device: str = "cpu",
+                backend: str = "auto", cache_key: str | None = None,
+                cache_dir: str | os.PathLike[str] | None = None) -> WindowRunner:
+    """Make a :class:`WindowRunner` for ``net`` on windows of one fixed shape.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The network, in eval mode; it is moved to ``device``.
+    window : sequence of 3 int
+        Spatial shape of the windows.
+    batch_size : int
+        Largest batch the runner is called with.
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:0"``, ``"mps"`` ...
+    backend : {"auto", "torch", "onnxruntime", "openvino"}
+        ``"auto"``: on the CPU the fastest working backend of :data:`AUTO_ORDER`,
+        elsewhere torch.
+    cache_key : str, optional
+        Identifies the weights (e.g. the checkpoint's sha256); exports are cached
+        under it.  None exports into a temporary folder, every time.
+    cache_dir : path-like, optional
+        Cache root; :func:`default_cache_dir` when None.
+
+    Returns
+    -------
+    WindowRunner
+
+    Raises
+    ------
+    ValueError
+        Unknown backend or device, a backend that is not installed, or an
+        export-based backend on a device other than the CPU.
+    RuntimeError
+        An explicitly requested ONNX Runtime or OpenVINO backend failed to export,
+        load, or reproduce torch's logits.
+    """
+    window = tuple(int(w) for w in window)
+    if len(window) != 3 or min(window) < 1 or int(batch_size) < 1:
+        raise ValueError(f"window must be 3 positive sizes and batch_size >= 1, got "
+                         f"{window} and {batch_size}")
+    backend = str(backend).lower()
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")
+    dev = _check_device(device)
+    net.eval()
+    if backend == "torch" or (backend == "auto" and dev != "cpu"):
+        return _TorchRunner(net, window=window, batch_size=batch_size, device=device)
+    if backend != "auto":
+        if dev != "cpu":
+            raise ValueError(f"backend {backend!r} runs on the CPU only, but device is "
+                             f"{device!r}; use backend='torch' (or 'auto') on {device!r}")
+        if not _importable(backend):
+            raise ValueError(f"backend {backend!r} is not installed; {_INSTALL[backend]}")
+        return _export_runner(backend, net, window, batch_size, cache_key, cache_dir)
+    net.to("cpu")
+    for name in AUTO_ORDER:
+        if name == "torch":
+            break
+        if not _importable(name):
+            continue
+        try:
+            return _export_runner(name, net, window, batch_size, cache_key, cache_dir)
+        except _ExportError as exc:
+            warnings.warn(f"napari-pvs: cannot export the network for {name} ({exc}); "
+                          "using torch", RuntimeWarning, stacklevel=2)
+            break  # every other runtime needs the same export
+        except Exception as exc:  # an optional runtime must never fail the prediction
+            warnings.warn(f"napari-pvs: the {name} backend failed ({type(exc).__name__}: "
+                          f"{exc}); trying the next backend", RuntimeWarning, stacklevel=2)
+    return _TorchRunner(net, window=window, batch_size=batch_size, device=device)
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+class _TorchRunner(WindowRunner):
+    name = "torch"
+
+    def __init__(self, net, *, window, batch_size, device):
+        import torch
+
+        super().__init__(window=window, batch_size=batch_size, in_channels=_in_channels(net),
+                         device=device)
+        self._device = torch.device(device)
+        self._net = net.to(self._device).eval()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self._device)
+            if self._device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    y = self._net(t)
+            else:
+                y = self._net(t)
+            if isinstance(y, (list, tuple)):  # deep supervision in training mode
+                y = y[0]
+            return y.float().cpu().numpy()
+
+
+class _OrtRunner(WindowRunner):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, *, window, batch_size, in_channels):
+        import onnxruntime as ort
+
+        super().__init__(window=window, batch_size=batch_size, in_channels=in_channels)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = _num_threads()
+        opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = False
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self._session = ort.InferenceSession(str(path), opts,
+                                             providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def _run(self, x: np.ndarray) -> np.ndarray:  # the model is dynamic: no padding
+        return np.asarray(self._session.run(None, {self._input: x})[0], dtype=np.float32)
+
+    def _probe(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x)
+
+
+class _OvRunner(WindowRunner):
+    name = "openvino"
+
+    def __init__(self, path: Path, *, window, batch_size, in_channels):
+        import openvino as ov
+
+        super().__init__(window=window, batch_size=batch_size, in_channels=in_channels)
+        self._path = path
+        self._core = ov.Core()
+        self._request = self._compile((self.batch_size, in_channels, *self.window))
+
+    def _compile(self, shape):
+        model = self._core.read_model(str(self._path))
+        model.reshape(list(shape))  # static shapes: OpenVINO's fast path
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": _num_threads()}
+        return self._core.compile_model(model, "CPU", config).create_infer_request()
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        if n < self.batch_size:  # the compiled batch is fixed: pad with zeros
+            pad = np.zeros((self.batch_size - n, *x.shape[1:]), np.float32)
+            x = np.concatenate([x, pad])
+        out = self._request.infer({0: x})[0]  # a copy (share_outputs=False)
+        return np.asarray(out[:n], dtype=np.float32)
+
+    def _probe(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._compile(x.shape).infer({0: x})[0], dtype=np.float32)
+
+
+_RUNNERS = {"onnxruntime": _OrtRunner, "openvino": _OvRunner}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclass
+class _Export:
+    onnx: Path
+    probe_x: np.ndarray
+    probe_y: np.ndarray
+
+
+def _export_runner(backend, net, window, batch_size, cache_key, cache_dir) -> WindowRunner:
+    """Runner of an export-based backend, re-exporting once if the cache is bad."""
+    net.to("cpu")
+    c_in = _in_channels(net)
+    fingerprint = _weights_fingerprint(net)
+    if cache_key is None:
+        folder = Path(tempfile.mkdtemp(prefix="napari-pvs-export-")) / "export"
+        entry = _export(net, folder, fingerprint)
+        runner = _checked_runner(backend, entry, window, batch_size, c_in)
+        weakref.finalize(runner, shutil.rmtree, folder.parent, True)
+        runner.exported = True
+        return runner
+    folder = _entry_dir(cache_dir, cache_key)
+    if folder.exists():
+        try:
+            return _checked_runner(backend, _read_entry(folder, fingerprint), window,
+                                   batch_size, c_in)
+        except Exception as exc:  # corrupt or stale cache entry, whatever the runtime says
+            warnings.warn(f"napari-pvs: discarding the cached export {folder} "
+                          f"({type(exc).__name__}: {exc}); exporting again",
+                          RuntimeWarning, stacklevel=3)
+            shutil.rmtree(folder, ignore_errors=True)
+    entry = _export(net, folder, fingerprint)
+    runner = _checked_runner(backend, entry, window, batch_size, c_in)
+    runner.exported = True
+    return runner
+
+
+def _checked_runner(backend, entry: _Export, window, batch_size, c_in) -> WindowRunner:
+    """Load ``entry`` in ``backend`` and check its logits for the probe against torch's."""
+    runner = _RUNNERS[backend](entry.onnx, window=window, batch_size=batch_size,
+                               in_channels=c_in)
+    got = runner._probe(entry.probe_x)
+    if got.shape != entry.probe_y.shape:
+        raise RuntimeError(f"{backend} returned shape {got.shape} for the probe, torch "
+                           f"{entry.probe_y.shape}")
+    err = float(np.max(np.abs(got - entry.probe_y)))
+    tol = _PROBE_RTOL * max(1.0, float(np.max(np.abs(entry.probe_y))))
+    if not err <= tol:  # also catches NaN
+        raise RuntimeError(f"{backend} logits differ from torch's by {err:.3g} (> {tol:.3g})")
+    runner.export_path = entry.onnx
+    return runner
+
+
+def _export(net, folder: Path, fingerprint: str) -> _Export:
+    """Export ``net`` into ``folder`` (written under a temporary name, then renamed)."""
+    import torch
+
+    c_in = _in_channels(net)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_tmp(folder.parent)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        trace_x = torch.randn((2, c_in, *_TRACE_SPATIAL), generator=gen)
+        probe_x = torch.randn((1, c_in, *_PROBE_SPATIAL), generator=gen)
+        axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # exporter deprecation and tracer chatter
+                torch.onnx.export(net, (trace_x,), str(tmp / "model.onnx"), dynamo=False,
+                                  opset_version=_OPSET, input_names=["image"],
+                                  output_names=["logits"],
+                                  dynamic_axes={"image": axes, "logits": axes})
+        except Exception as exc:  # the exporter raises many types; report them as one
+            raise _ExportError(f"{type(exc).__name__}: {exc}") from exc
+        with torch.inference_mode():
+            probe_y = net(probe_x)
+        if isinstance(probe_y, (list, tuple)):
+            probe_y = probe_y[0]
+        np.savez(tmp / "probe.npz", x=probe_x.numpy(), y=probe_y.float().numpy())
+        manifest = {"format": _EXPORT_FORMAT, "torch": torch.__version__, "opset": _OPSET,
+                    "weights": fingerprint, "onnx_size": (tmp / "model.onnx").stat().st_size,
+                    "onnx_sha256": _sha256(tmp / "model.onnx"), "created": time.time()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process published it first: keep theirs if it is good
+            return _read_entry(folder, fingerprint)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _read_entry(folder, fingerprint)
+
+
+def _read_entry(folder: Path, fingerprint: str) -> _Export:
+    """Check a cached export against its manifest; raise :class:`_CacheInvalid` if bad."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        onnx_path = folder / "model.onnx"
+        size = onnx_path.stat().st_size
+        with np.load(folder / "probe.npz") as probe:
+            entry = _Export(onnx_path, probe["x"], probe["y"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise _CacheInvalid(f"unreadable ({type(exc).__name__}: {exc})") from None
+    if manifest.get("format") != _EXPORT_FORMAT or manifest.get("weights") != fingerprint:
+        raise _CacheInvalid("made by another napari-pvs version or from other weights")
+    if size != manifest.get("onnx_size") or _sha256(onnx_path) != manifest.get("onnx_sha256"):
+        raise _CacheInvalid("model.onnx does not match its manifest (truncated or modified)")
+    return entry
+
+
+def _entry_dir(cache_dir, cache_key: str) -> Path:
+    import torch
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = str(cache_key)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", key):
+        key = hashlib.sha256(key.encode()).hexdigest()
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_",
+                 f"onnx{_OPSET}-f{_EXPORT_FORMAT}-torch{torch.__version__}")
+    return root / "exports" / key / tag
+
+
+def _sweep_tmp(parent: Path) -> None:
+    """Remove temporary export folders left behind by killed processes."""
+    now = time.time()
+    for tmp in parent.glob(".tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@lru_cache(maxsize=None)
+def _importable(name: str) -> bool:
+    if name == "torch":
+        return True
+    try:
+        __import__(name)
+        __import__("onnx")  # torch's ONNX exporter needs it
+    except (ImportError, OSError):  # OSError: a runtime with missing shared libraries
+        return False
+    return True
+
+
+def _check_device(device: str) -> str:
+    """Device type of ``device``; ValueError if unknown or not available."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available in this torch build "
+                         f"({torch.__version__}); use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available; use device='cpu'")
+    return dev.type
+
+
+def _in_channels(net) -> int:
+    """Input channels of a network whose first 5-D parameter is its stem convolution."""
+    for p in net.parameters():
+        if p.ndim == 5:
+            return int(p.shape[1])
+    raise ValueError("cannot tell the network's input channels: it has no 3-D convolution")
+
+
+def _num_threads() -> int:
+    env = os.environ.get("NAPARI_PVS_NUM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"NAPARI_PVS_NUM_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def _weights_fingerprint(net) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the state dict."""
+    h = hashlib.sha256(type(net).__name__.encode())
+    for name, t in net.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
