@@ -352,15 +352,19 @@ class _Export:
 
 
 def _export_runner(backend, net, window, batch_size, cache_key, cache_dir) -> WindowRunner:
-    """Runner of an export-based backend, re-exporting once if the cache is bad."""
+    """Runner of an export-based backend; a bad cached export is deleted and redone."""
     net.to("cpu")
     c_in = _in_channels(net)
     fingerprint = _weights_fingerprint(net)
     if cache_key is None:
-        folder = Path(tempfile.mkdtemp(prefix="napari-pvs-export-")) / "export"
-        entry = _export(net, folder, fingerprint)
-        runner = _checked_runner(backend, entry, window, batch_size, c_in)
-        weakref.finalize(runner, shutil.rmtree, folder.parent, True)
+        scratch = Path(tempfile.mkdtemp(prefix="napari-pvs-export-"))
+        try:
+            entry = _export(net, scratch / "export", fingerprint)
+            runner = _checked_runner(backend, entry, window, batch_size, c_in)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        weakref.finalize(runner, shutil.rmtree, scratch, True)
         runner.exported = True
         return runner
     folder = _entry_dir(cache_dir, cache_key)
@@ -368,7 +372,7 @@ def _export_runner(backend, net, window, batch_size, cache_key, cache_dir) -> Wi
         try:
             return _checked_runner(backend, _read_entry(folder, fingerprint), window,
                                    batch_size, c_in)
-        except Exception as exc:  # corrupt or stale cache entry, whatever the runtime says
+        except Exception as exc:  # corrupt or stale entry, whatever error the runtime raises
             warnings.warn(f"napari-pvs: discarding the cached export {folder} "
                           f"({type(exc).__name__}: {exc}); exporting again",
                           RuntimeWarning, stacklevel=3)
@@ -528,11 +532,13 @@ def _num_threads() -> int:
 
 def _weights_fingerprint(net) -> str:
     """sha256 over the names, dtypes, shapes and bytes of the state dict."""
+    import torch
+
     h = hashlib.sha256(type(net).__name__.encode())
     for name, t in net.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

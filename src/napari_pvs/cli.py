@@ -246,11 +246,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("T2w", "T1w"),
                    help="contrast (default: from the BIDS suffix of the file name, else T2w)")
     p.add_argument("--volume", type=int, help="volume index for 4D files")
-    p.add_argument("--tta", type=int, default=1, help="mirror TTA variants, 1-8 (MedNeXt only)")
+    p.add_argument("--tta", type=int, default=None,
+                   help="mirror TTA variants, 1-8 (MedNeXt only; default: the model's, else 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
                    help="window runner on CPU (default: the fastest installed)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1) (default: the model's, else 0.5)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("model", help="create, upkern and list MedNeXt checkpoints")

@@ -129,6 +129,63 @@ def _check_inputs(image, spacing, roi, in_channels):
     return image, sp, roi
 
 
+def _preprocess(image, sp, roi, pre):
+    """Resample and normalise; returns ``(img, mask, work_shape, transpose or None)``.
+
+    ``pre["normalization"] == "nnunet_v1"`` follows an imported nnU-Net v1 plan:
+    transpose by ``transpose_forward``, third-order spline resampling to the target
+    spacing (skimage ``resize``, edge mode, as nnU-Net v1 does), and "nonCT" z-scoring,
+    inside the nonzero mask (zero outside) where ``use_mask_for_norm`` is set.
+    Otherwise: trilinear resampling (MONAI ``Resize``) and z-score inside the ROI.
+    """
+    target = np.broadcast_to(np.asarray(pre.get("target_spacing") or sp, dtype=float), (3,))
+    order = None
+    if pre.get("normalization") == "nnunet_v1":
+        order = tuple(int(a) for a in pre.get("transpose_forward", (0, 1, 2)))
+        image = image.transpose((0, *[a + 1 for a in order]))
+        sp = sp[list(order)]
+        roi = None if roi is None else roi.transpose(order)
+    shape = image.shape[1:]
+    if np.all(np.abs(target / sp - 1) <= 0.01):
+        work_shape = tuple(shape)
+    else:
+        work_shape = tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(shape, sp, target))
+    mask = None if roi is None else _resize(roi.astype(np.float32), work_shape, "nearest") > 0.5
+    if order is None:
+        return _zscore(_resize(image, work_shape, "trilinear"), mask), mask, work_shape, None
+    return _nnunet_normalise(_spline_resize(image, work_shape), pre), mask, work_shape, order
+
+
+def _spline_resize(image: np.ndarray, shape) -> np.ndarray:
+    """Third-order spline resize of each channel (nnU-Net v1's image resampling)."""
+    if tuple(image.shape[1:]) == tuple(shape):
+        return image
+    from skimage.transform import resize
+
+    return np.stack([resize(c.astype(float), shape, order=3, mode="edge", cval=0, clip=True,
+                            anti_aliasing=False) for c in image]).astype(np.float32)
+
+
+def _nnunet_normalise(image: np.ndarray, pre) -> np.ndarray:
+    """nnU-Net v1 "nonCT" normalisation per channel, optionally inside the nonzero mask."""
+    schemes = pre.get("normalization_schemes") or ["nonCT"] * image.shape[0]
+    use_mask = pre.get("use_mask_for_norm") or [False] * image.shape[0]
+    out = np.empty_like(image, dtype=np.float32)
+    nonzero = np.any(image != 0, axis=0)
+    for c in range(image.shape[0]):
+        if schemes[c] not in ("nonCT", "noNorm"):
+            raise PVSInputError(f"normalisation scheme {schemes[c]!r} of the imported plans is not "
+                                "supported (only nonCT / noNorm)")
+        if schemes[c] == "noNorm":
+            out[c] = image[c]
+        elif use_mask[c]:
+            v = image[c][nonzero]
+            out[c] = np.where(nonzero, (image[c] - v.mean()) / (v.std() + 1e-8), 0.0)
+        else:
+            out[c] = (image[c] - image[c].mean()) / (image[c].std() + 1e-8)
+    return out
+
+
 def _zscore(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     sel = mask if mask is not None and mask.any() else np.any(image != 0, axis=0)
     if not sel.any():
@@ -140,11 +197,25 @@ def _zscore(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _windows(shape, patch, overlap):
-    from monai.data.utils import dense_patch_slices
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Window start positions along one axis, evenly spaced (nnU-Net v1's rule).
 
-    interval = [max(int(round(p * (1 - overlap))), 1) for p in patch]
-    return dense_patch_slices(tuple(shape), tuple(patch), tuple(interval))
+    ``n = ceil((size - patch) / (patch * (1 - overlap))) + 1`` windows whose starts are
+    spread evenly over ``[0, size - patch]``, so the first and last windows touch the
+    borders and no window is squeezed against the end.
+    """
+    if size <= patch:
+        return [0]
+    step = patch * (1 - overlap)
+    n = int(np.ceil((size - patch) / step)) + 1
+    actual = (size - patch) / max(n - 1, 1)
+    return [int(round(actual * i)) for i in range(n)]
+
+
+def _windows(shape, patch, overlap):
+    starts = [window_starts(n, p, overlap) for n, p in zip(shape, patch)]
+    return [tuple(slice(a, a + p) for a, p in zip(corner, patch))
+            for corner in itertools.product(*starts)]
 
 
 def _importance(patch) -> np.ndarray:
@@ -224,18 +295,11 @@ def predict_volume(
         raise PVSInputError(f"overlap must be in [0, 1), got {overlap}")
     image, sp, roi = _check_inputs(image, spacing, roi, int(arch["in_channels"]))
     src_shape = image.shape[1:]
-    target = np.broadcast_to(np.asarray(pre.get("target_spacing") or sp, dtype=float), (3,))
-    if np.all(np.abs(target / sp - 1) <= 0.01):
-        work_shape = src_shape
-    else:
-        work_shape = tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(src_shape, sp, target))
-    img = _resize(image, work_shape, "trilinear")
-    mask = None if roi is None else _resize(roi.astype(np.float32), work_shape, "nearest") > 0.5
-    img = _zscore(img, mask)
-
+    img, mask, work_shape, order = _preprocess(image, sp, roi, pre)
     patch = tuple(int(p) for p in (patch_size or pre.get("patch_size") or (64, 64, 64)))
-    pad = [(0, max(p - n, 0)) for p, n in zip(patch, work_shape)]
-    if any(b for _, b in pad):
+    short = [max(p - n, 0) for p, n in zip(patch, work_shape)]
+    pad = [(d // 2, d - d // 2) for d in short]  # centred, as nnU-Net pads
+    if any(short):
         img = np.pad(img, [(0, 0), *pad])
         if mask is not None:
             mask = np.pad(mask, pad)
@@ -260,12 +324,12 @@ def predict_volume(
         if cancel is not None and cancel.is_set():
             raise PredictionCancelled(f"prediction cancelled after {b} of {len(batches)} batches")
         x = np.stack([img[(slice(None), *w)] for w in batch]).astype(np.float32)
-        s1 = np.zeros((len(batch), *patch), np.float32)
+        s1 = np.zeros((len(batch), *patch), np.float64)  # float64: exact zero variance
         s2 = np.zeros_like(s1)
         for axes in flips:
             ax = tuple(a + 2 for a in axes)
             xf = np.ascontiguousarray(np.flip(x, ax)) if axes else x
-            p = _foreground(runner(xf))
+            p = _foreground(runner(xf)).astype(np.float64)
             if axes:
                 p = np.flip(p, tuple(a + 1 for a in axes))
             s1 += p
@@ -281,15 +345,21 @@ def predict_volume(
     covered = acc_w > 0
     prob = np.where(covered, acc_p / np.maximum(acc_w, 1e-12), 0.0).astype(np.float32)
     var = np.where(covered, acc_v / np.maximum(acc_w, 1e-12), 0.0).astype(np.float32)
-    crop = tuple(slice(0, n) for n in work_shape)
-    prob = _resize(prob[crop], src_shape, "trilinear").astype(np.float32)
-    var = _resize(var[crop], src_shape, "trilinear").astype(np.float32)
+    crop = tuple(slice(a, a + n) for (a, _), n in zip(pad, work_shape))
+    prob, var = prob[crop], var[crop]
+    if order is not None:  # undo the plans' transpose
+        back = tuple(int(a) for a in pre["transpose_backward"])
+        prob, var = prob.transpose(back), var.transpose(back)
+    prob = _resize(prob, src_shape, "trilinear").astype(np.float32)
+    var = _resize(var, src_shape, "trilinear").astype(np.float32)
     if roi is not None:
         prob[~roi] = 0.0
         var[~roi] = 0.0
     p = np.clip(prob, 1e-7, 1 - 1e-7)
     entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
     uncertainty = np.clip(entropy + 4.0 * var, 0.0, 1.0).astype(np.float32)
+    if roi is not None:
+        uncertainty[~roi] = 0.0
     labels = (prob >= threshold).astype(np.uint8)
     info = {
         "model_id": meta.get("id"), "backend": runner.name, "device": device, "tta": len(flips),

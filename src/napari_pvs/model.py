@@ -49,6 +49,7 @@ __all__ = [
     "ModelRegistry",
     "arch_config",
     "build_network",
+    "checkpoint_hash",
     "count_parameters",
     "default_meta",
     "load_checkpoint",
@@ -259,11 +260,65 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu"):
     """Load a checkpoint: returns ``(network in eval mode, metadata dict)``.
 
+    ``path`` is a ``.safetensors`` checkpoint or an ensemble ``.json`` (as written by
+    ``napari-pvs model import-nnunet``); an ensemble loads as one module whose output
+    is the log of the softmax averaged over its members.
+
     The weights must match the architecture in the metadata exactly (same keys and
     shapes); otherwise :class:`~napari_pvs.PVSInputError` says which keys differ.
     Deep-supervision heads present in the file are loaded too (they are unused in
     eval mode).
     """
+    if Path(path).suffix == ".json":
+        return _load_ensemble(Path(path), device)
+    return _load_single(path, device)
+
+
+def checkpoint_hash(path: str | os.PathLike[str]) -> str:
+    """sha256 identifying a checkpoint's content (of every member, for an ensemble)."""
+    import hashlib
+
+    from .io import sha256_file
+
+    path = Path(path)
+    if path.suffix != ".json":
+        return sha256_file(path)
+    from .nnunet import load_ensemble
+
+    return hashlib.sha256("".join(sha256_file(m) for m in load_ensemble(path)).encode()).hexdigest()
+
+
+def _load_ensemble(path: Path, device: str):
+    import torch
+
+    from .nnunet import load_ensemble
+
+    loaded = [_load_single(m, "cpu") for m in load_ensemble(path)]
+    first = loaded[0][1]
+    for _, m in loaded[1:]:
+        if m["arch"] != first["arch"] or m["preprocessing"] != first["preprocessing"]:
+            raise PVSInputError(f"{path}: members differ in architecture or preprocessing "
+                                f"({first['id']} vs {m['id']}); an ensemble needs identical folds")
+
+    class FoldEnsemble(torch.nn.Module):
+        """Members' softmax averaged; returns its log so a softmax recovers the mean."""
+
+        def __init__(self, nets):
+            super().__init__()
+            self.members = torch.nn.ModuleList(nets)
+
+        def forward(self, x):
+            probs = torch.stack([torch.softmax(n(x), dim=1) for n in self.members]).mean(0)
+            return torch.log(probs.clamp_min(1e-12))
+
+    meta = deepcopy(first)
+    meta["id"] = f"ensemble-{path.parent.name}"
+    meta["ensemble"] = [m["id"] for _, m in loaded]
+    meta["provenance"] = {**first["provenance"], "fold": "all"}
+    return FoldEnsemble([n for n, _ in loaded]).eval().to(device), meta
+
+
+def _load_single(path: str | os.PathLike[str], device: str = "cpu"):
     from safetensors.torch import load_file
 
     meta = read_meta(path)

@@ -51,19 +51,21 @@ def predict_file(
     roi: str | os.PathLike[str] | None = None,
     modality: str | None = None,
     volume: int | None = None,
-    tta: int = 1,
+    tta: int | None = None,
     device: str | None = None,
     backend: str = "auto",
-    overlap: float = 0.5,
+    overlap: float | None = None,
     progress: Callable | None = None,
 ) -> dict[str, Path]:
     """Segment one NIfTI image; returns the written files by kind.
 
     Always writes ``OUTDIR/<stem>_pvs.nii.gz`` (uint8 labels).  A MedNeXt checkpoint
-    (``model`` = path to a ``.safetensors`` file) also writes ``<stem>_prob.nii.gz``
+    (``model`` = a ``.safetensors`` file, or an ensemble ``.json``) also writes ``<stem>_prob.nii.gz``
     and ``<stem>_uncertainty.nii.gz`` (float32).  All keep the source geometry.
+    ``tta`` and ``overlap`` default to the checkpoint's own settings (8 flips and 0.5
+    for imported nnU-Net models), else 1 flip and 0.5.
     """
-    from .io import load_volume, save_labels, save_map, sha256_file, strip_nifti_suffix
+    from .io import load_volume, save_labels, save_map, strip_nifti_suffix
 
     image = Path(image)
     vol = load_volume(image, volume=volume)
@@ -83,11 +85,14 @@ def predict_file(
         if not ckpt.is_file():
             raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint file")
         from .inference import predict_volume, run
-        from .model import load_checkpoint
+        from .model import checkpoint_hash, load_checkpoint
 
         net, meta = load_checkpoint(ckpt)
+        pre = meta.get("preprocessing", {})
+        tta = int(tta or pre.get("tta") or 1)  # imported nnU-Net models mirror all axes
+        overlap = float(pre.get("overlap", 0.5) if overlap is None else overlap)
         pred = run(predict_volume(vol.data, vol.spacing, net, meta, roi=mask, tta=tta, device=device,
-                                  backend=backend, overlap=overlap, cache_key=sha256_file(ckpt)),
+                                  backend=backend, overlap=overlap, cache_key=checkpoint_hash(ckpt)),
                    progress)
         labels = pred.labels
         outs["probability"] = save_map(outdir / f"{stem}_prob.nii.gz", pred.probability, like=vol)
