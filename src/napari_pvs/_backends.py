@@ -50,7 +50,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ class _ExportError(RuntimeError):
 
 
 class _CacheInvalid(RuntimeError):
-    """A cached export is missing, corrupt or made from other weights."""
+    """A cached export is unreadable, corrupt or made from other weights."""
 
 
 # ----------------------------------------------------------------------------- public
@@ -147,6 +147,10 @@ class WindowRunner:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _probe(self, x: np.ndarray) -> np.ndarray:
+        """Logits of ``x`` of any shape (used to check an export against torch)."""
+        return self._run(x)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, window={self.window}, "
@@ -303,9 +307,6 @@ class _OrtRunner(WindowRunner):
 
     def _run(self, x: np.ndarray) -> np.ndarray:  # the model is dynamic: no padding
         return np.asarray(self._session.run(None, {self._input: x})[0], dtype=np.float32)
-
-    def _probe(self, x: np.ndarray) -> np.ndarray:
-        return self._run(x)
 
 
 class _OvRunner(WindowRunner):
@@ -483,7 +484,7 @@ def _sweep_tmp(parent: Path) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-@lru_cache(maxsize=None)
+@cache
 def _importable(name: str) -> bool:
     if name == "torch":
         return True

@@ -90,6 +90,18 @@ def _cmd_model(args: argparse.Namespace) -> int:
         meta = M.read_meta(out)
         print(f"{out}: k{meta['arch']['kernel_size']} model from {meta['provenance']['parent']}, "
               f"id {meta['id']}")
+    elif args.model_command == "import-nnunet":
+        from .nnunet import import_nnunet, load_ensemble
+
+        ens = import_nnunet(args.folder, args.out)
+        for member in load_ensemble(ens):
+            meta = M.read_meta(member)
+            a = meta["arch"]
+            print(f"{member}: {meta['provenance']['fold']}, MedNeXt {a['variant']} k{a['kernel_size']}, "
+                  f"{a['in_channels']}->{a['out_channels']} channels, spacing "
+                  f"{meta['preprocessing']['target_spacing']}, patch {meta['preprocessing']['patch_size']}")
+        print(f"{ens}: ensemble of {len(load_ensemble(ens))} folds; use it with "
+              f"`napari-pvs predict IMAGE -o OUT --model {ens}`")
     elif args.model_command == "ls":
         models = M.ModelRegistry(args.folder).list()
         if not models:
@@ -270,6 +282,10 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("checkpoint")
     u.add_argument("out")
     u.add_argument("--kernel", type=int, default=5, choices=(5, 7))
+    im = msub.add_parser("import-nnunet",
+                         help="convert an nnU-Net v1 MedNeXt training folder (MedNet-PVS release)")
+    im.add_argument("folder", help="trainer folder holding plans.pkl and fold_N/")
+    im.add_argument("out", help="output folder: fold_N.safetensors + ensemble.json")
     ls = msub.add_parser("ls", help="list the models of a registry folder")
     ls.add_argument("folder")
     p.set_defaults(func=_cmd_model)

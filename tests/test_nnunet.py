@@ -1,0 +1,220 @@
+"""Importing MedNet-PVS releases (nnU-Net v1 MedNeXt folders) and matching nnU-Net v1."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_pvs import PVSInputError
+from napari_pvs.cli import main
+from napari_pvs.inference import (
+    _importance,
+    _nnunet_normalise,
+    _spline_resize,
+    predict_volume,
+    run,
+    window_starts,
+)
+from napari_pvs.model import load_checkpoint, read_meta
+from napari_pvs.nnunet import import_nnunet, infer_architecture, read_plans, safe_load_pickle
+
+FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
+TRAINER = (FIXTURE / "nnUNet/3d_fullres/Task900_PVSTiny"
+           / "nnUNetTrainerV2_MedNeXt_tiny_kernel5__nnUNetPlansv2.1_trgSp_0.8x0.8x0.8")
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported")
+    assert main(["model", "import-nnunet", str(TRAINER), str(out)]) == 0
+    return out
+
+
+def _state(fold):
+    return torch.load(TRAINER / f"fold_{fold}" / "model_final_checkpoint.model",
+                      weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("fold", [0, 1])
+def test_imported_folds_reproduce_the_official_outputs(imported, fold):
+    net, meta = load_checkpoint(imported / f"fold_{fold}.safetensors")
+    x = torch.from_numpy(np.load(FIXTURE / "Task900_PVSTiny_input.npy"))
+    with torch.no_grad():
+        y = net(x).numpy()
+    np.testing.assert_allclose(y, np.load(FIXTURE / f"Task900_PVSTiny_fold{fold}_expected.npy"),
+                               atol=1e-5, rtol=0)
+    prov = meta["provenance"]
+    assert prov["fold"] == f"fold_{fold}" and prov["trainer"] == "nnUNetTrainerV2_MedNeXt_tiny_kernel5"
+    assert prov["plans"] == "nnUNetPlansv2.1_trgSp_0.8x0.8x0.8"
+    assert meta["arch"]["deep_supervision_heads"] is True  # kept for fine-tuning
+
+
+def test_inferred_architecture_equals_the_constructor_arguments():
+    a = json.loads((FIXTURE / "Task900_PVSTiny_architecture.json").read_text())
+    arch = infer_architecture(_state(0))
+    assert arch["in_channels"] == a["in_channels"] and arch["out_channels"] == a["n_classes"]
+    assert arch["n_channels"] == a["n_channels"] and arch["kernel_size"] == a["kernel_size"]
+    assert arch["exp_r"] == a["exp_r"] and arch["block_counts"] == a["block_counts"]
+    assert arch["deep_supervision"] == a["deep_supervision"]
+
+
+def test_plans_become_preprocessing_metadata(imported):
+    pre = read_meta(imported / "fold_0.safetensors")["preprocessing"]
+    assert pre["target_spacing"] == [0.8, 0.8, 0.8] and pre["patch_size"] == [128, 128, 128]
+    assert pre["normalization_schemes"] == ["nonCT"] and pre["use_mask_for_norm"] == [True]
+    assert pre["transpose_forward"] == [0, 1, 2] and pre["modality"] == "T2w"
+    assert pre["tta"] == 8 and pre["overlap"] == 0.5 and pre["resample_order"] == 3
+
+
+def test_ensemble_is_the_mean_of_the_fold_softmaxes(imported):
+    ens, meta = load_checkpoint(imported / "ensemble.json")
+    assert len(meta["ensemble"]) == 2
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        folds = [torch.softmax(load_checkpoint(imported / f"fold_{k}.safetensors")[0](x), 1)
+                 for k in (0, 1)]
+        got = torch.softmax(ens(x), 1)
+    torch.testing.assert_close(got, (folds[0] + folds[1]) / 2, atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_name_that_disagrees_with_the_weights_warns(tmp_path):
+    fake = tmp_path / "nnUNetTrainerV2_MedNeXt_L_kernel3__nnUNetPlansv2.1"
+    shutil.copytree(TRAINER, fake)
+    with pytest.warns(UserWarning, match="trainer name says MedNeXt-L k3"):
+        import_nnunet(fake, tmp_path / "out")
+
+
+def test_broken_releases_fail_clearly(tmp_path):
+    cut = tmp_path / "cut" / TRAINER.name
+    shutil.copytree(TRAINER, cut)
+    model = cut / "fold_1" / "model_final_checkpoint.model"
+    model.write_bytes(model.read_bytes()[:2000])
+    with pytest.raises(PVSInputError, match="truncated, corrupt"):
+        import_nnunet(cut, tmp_path / "o1")
+    missing = tmp_path / "missing" / TRAINER.name
+    shutil.copytree(TRAINER, missing)
+    (missing / "fold_1" / "model_final_checkpoint.model").unlink()
+    with pytest.raises(PVSInputError, match="fold is incomplete"):
+        import_nnunet(missing, tmp_path / "o2")
+    bad_plans = tmp_path / "plans" / TRAINER.name
+    shutil.copytree(TRAINER, bad_plans)
+    with open(bad_plans / "plans.pkl", "wb") as fh:
+        pickle.dump({"num_stages": 1}, fh)
+    with pytest.raises(PVSInputError, match="lacks the nnU-Net v1 plans key"):
+        import_nnunet(bad_plans, tmp_path / "o3")
+    ens = tmp_path / "o4"
+    import_nnunet(TRAINER, ens)
+    (ens / "fold_0.safetensors").unlink()
+    with pytest.raises(PVSInputError, match="missing beside it"):
+        load_checkpoint(ens / "ensemble.json")
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PICKLE_RAN",))
+
+
+def test_restricted_unpickler_refuses_code_and_runs_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "plans.pkl"
+    evil.write_bytes(pickle.dumps({"plans_per_stage": _Payload()}))
+    with pytest.raises(PVSInputError, match="refusing to unpickle posix.system|refusing to unpickle os.system"):
+        safe_load_pickle(evil)
+    assert not (tmp_path / "PICKLE_RAN").exists()
+    # plain data, including numpy arrays and OrderedDicts, loads
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps(OrderedDict(a=np.arange(3), b=np.float32(2.5), c=[1, (2, 3)])))
+    data = safe_load_pickle(ok)
+    assert list(data["a"]) == [0, 1, 2] and data["b"] == np.float32(2.5)
+
+
+def test_fixture_plans_read_through_the_restricted_unpickler():
+    plans = read_plans(TRAINER / "plans.pkl")
+    assert plans["num_classes"] == 2 and plans["modalities"] == ["T2w"]
+
+
+# --- each nnU-Net v1 preprocessing / postprocessing step against a hand-computed value ---
+
+def test_window_steps_follow_nnunet_v1():
+    # 200 voxels, patch 128, step 0.5: ceil(72 / 64) + 1 = 3 windows, evenly at 0, 36, 72
+    assert window_starts(200, 128, 0.5) == [0, 36, 72]
+    assert window_starts(128, 128, 0.5) == [0]
+    assert window_starts(256, 128, 0.5) == [0, 64, 128]
+
+
+def test_gaussian_importance_map():
+    w = _importance((32, 32, 32))
+    assert w.shape == (32, 32, 32)
+    np.testing.assert_allclose(w, w[::-1, ::-1, ::-1], atol=1e-6)  # centred between 15 and 16
+    # sigma = patch / 8 = 4 voxels: 4.5 voxels off the peak along one axis, relative to
+    # the voxel 0.5 off it, is exp(-(4.5^2 - 0.5^2) / (2 * 4^2))
+    ratio = w[16, 16, 20] / w[16, 16, 16]
+    assert ratio == pytest.approx(np.exp(-(4.5**2 - 0.5**2) / 32), rel=0.02)
+    assert w.min() > 0  # every voxel of a window gets some weight
+
+
+def test_nonct_normalisation_inside_the_nonzero_mask():
+    img = np.zeros((1, 4, 4, 4), np.float32)
+    img[0, 1:3, 1:3, 1:3] = [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
+    out = _nnunet_normalise(img, {"normalization_schemes": ["nonCT"], "use_mask_for_norm": [True]})
+    vals = np.arange(1, 9, dtype=float)
+    expected = (vals - vals.mean()) / (vals.std() + 1e-8)
+    np.testing.assert_allclose(np.sort(out[0][img[0] > 0]), expected, atol=1e-6)
+    assert np.all(out[0][img[0] == 0] == 0)
+    glob = _nnunet_normalise(img, {"normalization_schemes": ["nonCT"], "use_mask_for_norm": [False]})
+    np.testing.assert_allclose(glob[0], (img[0] - img[0].mean()) / (img[0].std() + 1e-8), atol=1e-6)
+
+
+def test_third_order_spline_resampling_interpolates_the_samples():
+    rng = np.random.default_rng(0)
+    line = rng.normal(size=10).astype(np.float32)
+    img = np.broadcast_to(line[:, None, None], (10, 4, 4))[None].copy()
+    out = _spline_resize(img, (30, 4, 4))[0, :, 2, 2]
+    # x3 with pixel-centre mapping: new voxel 3k + 1 sits exactly on old voxel k, where an
+    # interpolating spline must reproduce the sample
+    np.testing.assert_allclose(out[1::3], line, atol=1e-4)
+    # between the samples a cubic spline is not the linear interpolant
+    linear = line[1:-2] + (line[2:-1] - line[1:-2]) / 3
+    assert np.abs(out[5:-3:3][: linear.size] - linear).max() > 0.05
+
+
+def test_transpose_is_applied_and_undone():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    img = np.random.default_rng(0).normal(10, 2, (12, 16, 20)).astype(np.float32)
+    base = {"target_spacing": [1, 1, 1], "patch_size": [16, 16, 16],
+            "normalization": "nnunet_v1", "normalization_schemes": ["nonCT"],
+            "use_mask_for_norm": [False]}
+    meta_t = {"arch": {"in_channels": 1}, "preprocessing": {
+        **base, "transpose_forward": [2, 0, 1], "transpose_backward": [1, 2, 0]}}
+    meta_id = {"arch": {"in_channels": 1}, "preprocessing": {
+        **base, "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2]}}
+    got = run(predict_volume(img, (1, 1, 1), net, meta_t, backend="torch"))
+    # hand-made: transpose the input ourselves, predict without transpose, transpose back
+    ref = run(predict_volume(img.transpose(2, 0, 1).copy(), (1, 1, 1), net, meta_id, backend="torch"))
+    assert got.probability.shape == img.shape
+    np.testing.assert_allclose(got.probability, ref.probability.transpose(1, 2, 0), atol=1e-6)
+
+
+def test_import_then_predict_on_a_phantom(imported, tmp_path):
+    from napari_pvs.dataset import write_phantom_cohort
+    from napari_pvs.pipeline import predict_file
+
+    (s,) = write_phantom_cohort(tmp_path / "c", n_sites=1, per_site=1, size_mm=48)
+    outs = predict_file(s.image, tmp_path / "o", model=str(imported / "ensemble.json"),
+                        roi=s.regions, tta=2)
+    import nibabel as nib
+
+    for kind in ("labels", "probability", "uncertainty"):
+        img = nib.load(outs[kind])
+        assert img.shape == nib.load(s.image).shape
+        np.testing.assert_allclose(img.affine, nib.load(s.image).affine)
