@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from napari_pvs import _backends
+from napari_pvs import _backends, _onnx_cache
 from napari_pvs._backends import (
     AUTO_ORDER,
     available_backends,
@@ -79,8 +79,8 @@ def test_second_runner_reuses_the_cached_export(net, batch_and_logits, backend, 
                                                 monkeypatch):
     _need(backend)
     calls = []
-    export = _backends._export
-    monkeypatch.setattr(_backends, "_export", lambda *a: calls.append(1) or export(*a))
+    export = _backends.export_onnx
+    monkeypatch.setattr(_backends, "export_onnx", lambda *a: calls.append(1) or export(*a))
     first = make_runner(net, window=WINDOW, batch_size=2, backend=backend, cache_key="k",
                         cache_dir=tmp_path)
     mtime = os.stat(first.export_path).st_mtime_ns
@@ -219,11 +219,11 @@ def test_killed_export_leaves_no_entry_and_old_temp_folders_are_swept(net, tmp_p
     backend = next((b for b in RUNTIMES if b in available_backends()), None)
     if backend is None:
         pytest.skip("no ONNX runtime installed")
-    folder = _backends._entry_dir(tmp_path, "k")
+    folder = _onnx_cache.export_dir(tmp_path, "k")
     stale = folder.parent / f".tmp-{folder.name}-deadbeef"
     stale.mkdir(parents=True)
     (stale / "model.onnx").write_bytes(b"half")  # what a killed export leaves behind
-    old = time.time() - 2 * _backends._STALE_TMP_S
+    old = time.time() - 2 * _onnx_cache._STALE_TMP_S
     os.utime(stale, (old, old))
     assert not folder.exists()
     runner = make_runner(net, window=WINDOW, backend=backend, cache_key="k", cache_dir=tmp_path)

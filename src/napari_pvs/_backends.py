@@ -1,59 +1,57 @@
 """Run the segmentation network on fixed-size windows, as fast as this machine allows.
 
 :func:`make_runner` turns a network (a torch module in eval mode) into a
-:class:`WindowRunner`: a callable that maps a float32 batch ``(B, C_in, *window)``
-to float32 logits ``(B, C_out, *window)``.  Three backends run it:
+:class:`WindowRunner`, a callable mapping a float32 batch ``(B, C_in, *window)`` to
+float32 logits ``(B, C_out, *window)``.  Backends:
 
 ``torch``
-    PyTorch eager under ``torch.inference_mode``, on any torch device; float16
-    autocast on CUDA.
+    PyTorch eager under ``torch.inference_mode`` on any device; float16 autocast on CUDA.
 ``openvino``, ``onnxruntime``
     CPU only.  The network is exported once to ONNX (TorchScript exporter, opset 17,
-    batch and spatial axes dynamic, traced on a small input so that even MedNeXt-L
-    exports in seconds and little memory) and the runtime runs that file.  OpenVINO
-    reshapes the model to the static ``(batch_size, C_in, *window)`` and computes in
-    float32 (its CPU plugin would otherwise pick bfloat16 on CPUs that have it, which
-    changes logits by ~5e-2).  ONNX Runtime runs the dynamic model without its memory
-    arena (the arena took 12 GB for one 128^3 MedNeXt-L window).
+    batch and spatial axes dynamic, traced on a small input: a static 128^3 export of
+    MedNeXt-L needed over 23 GB of RAM).  OpenVINO reshapes the model to the static
+    ``(batch_size, C_in, *window)`` and computes in float32 (on CPUs with bfloat16 its
+    default precision changes logits by ~5e-2).  ONNX Runtime runs the dynamic model
+    without its memory arena (which took 12 GB for one 128^3 MedNeXt-L window).
 
 ``backend="auto"`` on the CPU takes the first of :data:`AUTO_ORDER` that is installed
-and works; that order is the measured speed order (``benchmarks/bench_backends.py``).
-A runtime that fails to export, load or reproduce torch's logits is skipped with a
-``RuntimeWarning``: an optional runtime never fails a prediction.
+and works (the measured speed order, ``benchmarks/bench_backends.py``).  A runtime that
+fails to export, load or reproduce torch's logits is skipped with a ``RuntimeWarning``.
 
-Export cache
-------------
-With a ``cache_key`` (e.g. the checkpoint's sha256) the export lives in
-``<cache_dir>/exports/<cache_key>/<exporter tag>/``: ``model.onnx``, ``probe.npz``
-(a fixed input and torch's logits for it) and ``manifest.json`` (the ONNX file's
-size and sha256 and a fingerprint of the weights).  The folder is written under a
-temporary name and renamed into place, so a killed process never leaves a partial
-export.  Whenever a runner is made from it, the file is checked against the manifest
-and the runtime's logits for the probe against torch's; a failed check deletes the
-folder and exports again.  Without a ``cache_key`` the export goes to a temporary
-folder that is removed with the runner.
+Export cache: with a ``cache_key`` (e.g. the checkpoint's sha256) the export lives in
+``<cache_dir>/exports/<cache_key>/<exporter tag>/`` as ``model.onnx``, ``probe.npz``
+(a fixed input and torch's logits for it) and ``manifest.json`` (size and sha256 of
+the ONNX file, fingerprint of the weights).  The folder is written under a temporary
+name and renamed into place, so a killed process never leaves a partial export.  Each
+new runner checks the file against the manifest and the runtime's logits for the probe
+against torch's; a failed check deletes the folder and exports again.  Without a
+``cache_key`` the export goes to a temporary folder removed with the runner.
 
-The number of CPU threads is ``torch.get_num_threads()`` (PyTorch's default: the
-physical cores available to the process) unless ``NAPARI_PVS_NUM_THREADS`` is set.
+CPU threads: ``torch.get_num_threads()`` (PyTorch's default, the physical cores
+available to the process) unless ``NAPARI_PVS_NUM_THREADS`` is set.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import shutil
 import tempfile
-import time
-import uuid
 import warnings
 import weakref
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from ._onnx_cache import (
+    ExportError,
+    OnnxExport,
+    export_dir,
+    export_onnx,
+    in_channels,
+    read_export,
+    weights_fingerprint,
+)
 
 __all__ = [
     "AUTO_ORDER",
@@ -71,20 +69,7 @@ _INSTALL = {
     "openvino": 'pip install "napari-pvs[cpu]"  (installs openvino and onnx)',
     "onnxruntime": "pip install onnxruntime onnx",
 }
-_OPSET = 17
-_EXPORT_FORMAT = 1  # bump to invalidate every cached export
-_TRACE_SPATIAL = (32, 32, 48)  # traced input (batch 2); distinct sizes keep axes dynamic
-_PROBE_SPATIAL = (48, 32, 32)  # checked input (batch 1); differs from the traced one
 _PROBE_RTOL = 1e-3  # allowed |runtime - torch| relative to max(1, max |torch logits|)
-_STALE_TMP_S = 24 * 3600
-
-
-class _ExportError(RuntimeError):
-    """torch could not export the network to ONNX (no ONNX runtime can help)."""
-
-
-class _CacheInvalid(RuntimeError):
-    """A cached export is unreadable, corrupt or made from other weights."""
 
 
 # ----------------------------------------------------------------------------- public
@@ -240,8 +225,11 @@ def make_runner(net, *, window, batch_size: int = 1, device: str = "cpu",
                              f"{device!r}; use backend='torch' (or 'auto') on {device!r}")
         if not _importable(backend):
             raise ValueError(f"backend {backend!r} is not installed; {_INSTALL[backend]}")
-        return _export_runner(backend, net, window, batch_size, cache_key, cache_dir)
-    net.to("cpu")
+        try:
+            return _export_runner(backend, net, window, batch_size, cache_key, cache_dir)
+        except Exception as exc:  # runtimes raise their own types; report them as one
+            raise RuntimeError(f"the {backend} backend failed ({type(exc).__name__}: {exc}); "
+                               "backend='torch' always works") from exc
     for name in AUTO_ORDER:
         if name == "torch":
             break
@@ -249,7 +237,7 @@ def make_runner(net, *, window, batch_size: int = 1, device: str = "cpu",
             continue
         try:
             return _export_runner(name, net, window, batch_size, cache_key, cache_dir)
-        except _ExportError as exc:
+        except ExportError as exc:
             warnings.warn(f"napari-pvs: cannot export the network for {name} ({exc}); "
                           "using torch", RuntimeWarning, stacklevel=2)
             break  # every other runtime needs the same export
@@ -268,7 +256,7 @@ class _TorchRunner(WindowRunner):
     def __init__(self, net, *, window, batch_size, device):
         import torch
 
-        super().__init__(window=window, batch_size=batch_size, in_channels=_in_channels(net),
+        super().__init__(window=window, batch_size=batch_size, in_channels=in_channels(net),
                          device=device)
         self._device = torch.device(device)
         self._net = net.to(self._device).eval()
@@ -345,22 +333,15 @@ _RUNNERS = {"onnxruntime": _OrtRunner, "openvino": _OvRunner}
 # ----------------------------------------------------------------------------- export
 
 
-@dataclass
-class _Export:
-    onnx: Path
-    probe_x: np.ndarray
-    probe_y: np.ndarray
-
-
 def _export_runner(backend, net, window, batch_size, cache_key, cache_dir) -> WindowRunner:
     """Runner of an export-based backend; a bad cached export is deleted and redone."""
     net.to("cpu")
-    c_in = _in_channels(net)
-    fingerprint = _weights_fingerprint(net)
+    c_in = in_channels(net)
+    fingerprint = weights_fingerprint(net)
     if cache_key is None:
         scratch = Path(tempfile.mkdtemp(prefix="napari-pvs-export-"))
         try:
-            entry = _export(net, scratch / "export", fingerprint)
+            entry = export_onnx(net, scratch / "export", fingerprint)
             runner = _checked_runner(backend, entry, window, batch_size, c_in)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -368,23 +349,24 @@ def _export_runner(backend, net, window, batch_size, cache_key, cache_dir) -> Wi
         weakref.finalize(runner, shutil.rmtree, scratch, True)
         runner.exported = True
         return runner
-    folder = _entry_dir(cache_dir, cache_key)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = export_dir(root, cache_key)
     if folder.exists():
         try:
-            return _checked_runner(backend, _read_entry(folder, fingerprint), window,
+            return _checked_runner(backend, read_export(folder, fingerprint), window,
                                    batch_size, c_in)
         except Exception as exc:  # corrupt or stale entry, whatever error the runtime raises
             warnings.warn(f"napari-pvs: discarding the cached export {folder} "
                           f"({type(exc).__name__}: {exc}); exporting again",
                           RuntimeWarning, stacklevel=3)
             shutil.rmtree(folder, ignore_errors=True)
-    entry = _export(net, folder, fingerprint)
+    entry = export_onnx(net, folder, fingerprint)
     runner = _checked_runner(backend, entry, window, batch_size, c_in)
     runner.exported = True
     return runner
 
 
-def _checked_runner(backend, entry: _Export, window, batch_size, c_in) -> WindowRunner:
+def _checked_runner(backend, entry: OnnxExport, window, batch_size, c_in) -> WindowRunner:
     """Load ``entry`` in ``backend`` and check its logits for the probe against torch's."""
     runner = _RUNNERS[backend](entry.onnx, window=window, batch_size=batch_size,
                                in_channels=c_in)
@@ -398,87 +380,6 @@ def _checked_runner(backend, entry: _Export, window, batch_size, c_in) -> Window
         raise RuntimeError(f"{backend} logits differ from torch's by {err:.3g} (> {tol:.3g})")
     runner.export_path = entry.onnx
     return runner
-
-
-def _export(net, folder: Path, fingerprint: str) -> _Export:
-    """Export ``net`` into ``folder`` (written under a temporary name, then renamed)."""
-    import torch
-
-    c_in = _in_channels(net)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_tmp(folder.parent)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        gen = torch.Generator().manual_seed(0)
-        trace_x = torch.randn((2, c_in, *_TRACE_SPATIAL), generator=gen)
-        probe_x = torch.randn((1, c_in, *_PROBE_SPATIAL), generator=gen)
-        axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # exporter deprecation and tracer chatter
-                torch.onnx.export(net, (trace_x,), str(tmp / "model.onnx"), dynamo=False,
-                                  opset_version=_OPSET, input_names=["image"],
-                                  output_names=["logits"],
-                                  dynamic_axes={"image": axes, "logits": axes})
-        except Exception as exc:  # the exporter raises many types; report them as one
-            raise _ExportError(f"{type(exc).__name__}: {exc}") from exc
-        with torch.inference_mode():
-            probe_y = net(probe_x)
-        if isinstance(probe_y, (list, tuple)):
-            probe_y = probe_y[0]
-        np.savez(tmp / "probe.npz", x=probe_x.numpy(), y=probe_y.float().numpy())
-        manifest = {"format": _EXPORT_FORMAT, "torch": torch.__version__, "opset": _OPSET,
-                    "weights": fingerprint, "onnx_size": (tmp / "model.onnx").stat().st_size,
-                    "onnx_sha256": _sha256(tmp / "model.onnx"), "created": time.time()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process published it first: keep theirs if it is good
-            return _read_entry(folder, fingerprint)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _read_entry(folder, fingerprint)
-
-
-def _read_entry(folder: Path, fingerprint: str) -> _Export:
-    """Check a cached export against its manifest; raise :class:`_CacheInvalid` if bad."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        onnx_path = folder / "model.onnx"
-        size = onnx_path.stat().st_size
-        with np.load(folder / "probe.npz") as probe:
-            entry = _Export(onnx_path, probe["x"], probe["y"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise _CacheInvalid(f"unreadable ({type(exc).__name__}: {exc})") from None
-    if manifest.get("format") != _EXPORT_FORMAT or manifest.get("weights") != fingerprint:
-        raise _CacheInvalid("made by another napari-pvs version or from other weights")
-    if size != manifest.get("onnx_size") or _sha256(onnx_path) != manifest.get("onnx_sha256"):
-        raise _CacheInvalid("model.onnx does not match its manifest (truncated or modified)")
-    return entry
-
-
-def _entry_dir(cache_dir, cache_key: str) -> Path:
-    import torch
-
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = str(cache_key)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", key):
-        key = hashlib.sha256(key.encode()).hexdigest()
-    tag = re.sub(r"[^A-Za-z0-9._-]", "_",
-                 f"onnx{_OPSET}-f{_EXPORT_FORMAT}-torch{torch.__version__}")
-    return root / "exports" / key / tag
-
-
-def _sweep_tmp(parent: Path) -> None:
-    """Remove temporary export folders left behind by killed processes."""
-    now = time.time()
-    for tmp in parent.glob(".tmp-*"):
-        try:
-            if now - tmp.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            continue
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -512,14 +413,6 @@ def _check_device(device: str) -> str:
     return dev.type
 
 
-def _in_channels(net) -> int:
-    """Input channels of a network whose first 5-D parameter is its stem convolution."""
-    for p in net.parameters():
-        if p.ndim == 5:
-            return int(p.shape[1])
-    raise ValueError("cannot tell the network's input channels: it has no 3-D convolution")
-
-
 def _num_threads() -> int:
     env = os.environ.get("NAPARI_PVS_NUM_THREADS", "").strip()
     if env:
@@ -531,21 +424,3 @@ def _num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _weights_fingerprint(net) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of the state dict."""
-    import torch
-
-    h = hashlib.sha256(type(net).__name__.encode())
-    for name, t in net.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()

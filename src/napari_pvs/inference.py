@@ -12,7 +12,8 @@ Steps
    it differs by more than 1 %; the ROI is resampled with nearest neighbour.
 2. z-score the intensities inside the ROI (or inside the nonzero voxels).
 3. Pad to at least one patch; tile with windows of the model's patch size at the
-   given overlap (MONAI ``dense_patch_slices``).  Windows that hold no ROI voxel are
+   given overlap (MONAI ``dense_patch_slices``, or nnU-Net v1's evenly spaced steps
+   for imported nnU-Net models).  Windows that hold no ROI voxel are
    skipped.  A Gaussian importance map (MONAI ``compute_importance_map``, sigma 1/8 of
    the patch) is computed once and weights every window.
 4. Windows run in batches through a :mod:`napari_pvs._backends` runner (torch on
@@ -212,7 +213,14 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [int(round(actual * i)) for i in range(n)]
 
 
-def _windows(shape, patch, overlap):
+def _windows(shape, patch, overlap, nnunet: bool):
+    """Window slices: nnU-Net v1's evenly spaced starts for imported nnU-Net models,
+    else MONAI's ``dense_patch_slices`` (what ``sliding_window_inference`` uses)."""
+    if not nnunet:
+        from monai.data.utils import dense_patch_slices
+
+        interval = [max(int(round(p * (1 - overlap))), 1) for p in patch]
+        return dense_patch_slices(tuple(shape), tuple(patch), tuple(interval))
     starts = [window_starts(n, p, overlap) for n, p in zip(shape, patch)]
     return [tuple(slice(a, a + p) for a, p in zip(corner, patch))
             for corner in itertools.product(*starts)]
@@ -304,7 +312,7 @@ def predict_volume(
         if mask is not None:
             mask = np.pad(mask, pad)
     shape = img.shape[1:]
-    windows = _windows(shape, patch, overlap)
+    windows = _windows(shape, patch, overlap, nnunet=order is not None)
     n_all = len(windows)
     if mask is not None and skip_outside_roi:
         windows = [w for w in windows if mask[w].any()]

@@ -219,6 +219,9 @@ def save_checkpoint(path: str | os.PathLike[str], net, meta: dict[str, Any],
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; use normal permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,0 +1,169 @@
+"""Export a network to ONNX once and keep it in a cache folder that checks itself.
+
+Used by :mod:`napari_pvs._backends`.  One export serves every window and batch size:
+batch and spatial axes are dynamic, and the trace runs on a small input (a static
+128^3 export of MedNeXt-L needed more than 23 GB of RAM).  A cache entry is a folder
+``model.onnx``, ``probe.npz`` (a fixed input and torch's logits for it) and
+``manifest.json`` (size and sha256 of the ONNX file, fingerprint of the weights),
+written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CacheInvalid",
+    "ExportError",
+    "OnnxExport",
+    "export_dir",
+    "export_onnx",
+    "in_channels",
+    "read_export",
+    "weights_fingerprint",
+]
+
+_OPSET = 17
+_EXPORT_FORMAT = 1  # bump to invalidate every cached export
+_TRACE_SPATIAL = (32, 32, 48)  # traced input (batch 2); distinct sizes keep axes dynamic
+_PROBE_SPATIAL = (48, 32, 32)  # checked input (batch 1); differs from the traced one
+_STALE_TMP_S = 24 * 3600
+
+
+class ExportError(RuntimeError):
+    """torch could not export the network to ONNX (no ONNX runtime can help)."""
+
+
+class CacheInvalid(RuntimeError):
+    """A cached export is unreadable, corrupt or made from other weights."""
+
+
+@dataclass
+class OnnxExport:
+    """An ONNX file and the probe that checks a runtime against torch."""
+
+    onnx: Path
+    probe_x: np.ndarray
+    probe_y: np.ndarray
+
+
+def export_onnx(net, folder: Path, fingerprint: str) -> OnnxExport:
+    """Export ``net`` into ``folder`` (written under a temporary name, then renamed)."""
+    import torch
+
+    c_in = in_channels(net)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_tmp(folder.parent)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        trace_x = torch.randn((2, c_in, *_TRACE_SPATIAL), generator=gen)
+        probe_x = torch.randn((1, c_in, *_PROBE_SPATIAL), generator=gen)
+        axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
+        kwargs = {"opset_version": _OPSET, "input_names": ["image"], "output_names": ["logits"],
+                  "dynamic_axes": {"image": axes, "logits": axes}}
+        if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5
+            kwargs["dynamo"] = False  # the TorchScript exporter: needs onnx, not onnxscript
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # exporter deprecation and tracer chatter
+                torch.onnx.export(net, (trace_x,), str(tmp / "model.onnx"), **kwargs)
+        except Exception as exc:  # the exporter raises many types; report them as one
+            raise ExportError(f"{type(exc).__name__}: {exc}") from exc
+        with torch.inference_mode():
+            probe_y = net(probe_x)
+        if isinstance(probe_y, (list, tuple)):
+            probe_y = probe_y[0]
+        np.savez(tmp / "probe.npz", x=probe_x.numpy(), y=probe_y.float().numpy())
+        manifest = {"format": _EXPORT_FORMAT, "torch": torch.__version__, "opset": _OPSET,
+                    "weights": fingerprint, "onnx_size": (tmp / "model.onnx").stat().st_size,
+                    "onnx_sha256": _sha256(tmp / "model.onnx"), "created": time.time()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process published it first: keep theirs if it is good
+            return read_export(folder, fingerprint)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return read_export(folder, fingerprint)
+
+
+def read_export(folder: Path, fingerprint: str) -> OnnxExport:
+    """Check a cached export against its manifest; raise :class:`CacheInvalid` if bad."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        onnx_path = folder / "model.onnx"
+        size = onnx_path.stat().st_size
+        with np.load(folder / "probe.npz") as probe:
+            entry = OnnxExport(onnx_path, probe["x"], probe["y"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise CacheInvalid(f"unreadable ({type(exc).__name__}: {exc})") from None
+    if manifest.get("format") != _EXPORT_FORMAT or manifest.get("weights") != fingerprint:
+        raise CacheInvalid("made by another napari-pvs version or from other weights")
+    if size != manifest.get("onnx_size") or _sha256(onnx_path) != manifest.get("onnx_sha256"):
+        raise CacheInvalid("model.onnx does not match its manifest (truncated or modified)")
+    return entry
+
+
+def export_dir(root: Path, cache_key: str) -> Path:
+    """Cache folder of the export of the weights called ``cache_key`` under ``root``."""
+    import torch
+
+    key = str(cache_key)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", key):
+        key = hashlib.sha256(key.encode()).hexdigest()
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_",
+                 f"onnx{_OPSET}-f{_EXPORT_FORMAT}-torch{torch.__version__}")
+    return Path(root) / "exports" / key / tag
+
+
+def _sweep_tmp(parent: Path) -> None:
+    """Remove temporary export folders left behind by killed processes."""
+    now = time.time()
+    for tmp in parent.glob(".tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def in_channels(net) -> int:
+    """Input channels of a network whose first 5-D parameter is its stem convolution."""
+    for p in net.parameters():
+        if p.ndim == 5:
+            return int(p.shape[1])
+    raise ValueError("cannot tell the network's input channels: it has no 3-D convolution")
+
+
+def weights_fingerprint(net) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the state dict."""
+    import torch
+
+    h = hashlib.sha256(type(net).__name__.encode())
+    for name, t in net.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
