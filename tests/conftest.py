@@ -38,6 +38,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 NIBABEL_DATA = Path(__file__).parent / "data" / "nibabel"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_export_cache(tmp_path_factory):
+    """Keep the CPU runtimes' export cache of the tests out of ~/.cache."""
+    old = os.environ.get("NAPARI_PVS_CACHE")
+    os.environ["NAPARI_PVS_CACHE"] = str(tmp_path_factory.mktemp("napari-pvs-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NAPARI_PVS_CACHE", None)
+    else:
+        os.environ["NAPARI_PVS_CACHE"] = old
+
+
 def _rotation(axis: int, degrees: float) -> np.ndarray:
     c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
     i, j = [a for a in range(3) if a != axis]

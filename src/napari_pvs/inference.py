@@ -20,6 +20,9 @@ Steps
    GPU; an exported OpenVINO / ONNX Runtime model on CPU when installed).
 5. Mirror TTA: each batch runs under the first ``tta`` of the 8 flip combinations;
    the foreground probability is averaged over flips and its variance kept.
+   Windows are blended as MONAI's ``sliding_window_inference`` does (Gaussian-weighted
+   logits, here the log-odds of the flip-averaged probability), or as nnU-Net v1 does
+   (Gaussian-weighted probabilities) for imported nnU-Net models.
 6. Back on the source grid: probability, ``tta_variance``, ``uncertainty`` =
    ``clip(H(p) + 4 * Var_TTA(p), 0, 1)`` with ``H`` the binary predictive entropy in
    bits (both terms lie in [0, 1]), and labels ``p >= threshold`` inside the ROI.
@@ -313,6 +316,8 @@ def predict_volume(
             mask = np.pad(mask, pad)
     shape = img.shape[1:]
     windows = _windows(shape, patch, overlap, nnunet=order is not None)
+    # nnU-Net blends softmax probabilities; MONAI (and our own models) blend logits
+    blend_logits = order is None and int(arch.get("out_channels", 2)) == 2
     n_all = len(windows)
     if mask is not None and skip_outside_roi:
         windows = [w for w in windows if mask[w].any()]
@@ -344,6 +349,9 @@ def predict_volume(
             s2 += p * p
         mean = s1 / len(flips)
         var = np.maximum(s2 / len(flips) - mean * mean, 0.0)
+        if blend_logits:  # MONAI blends logits: for 2 classes that is the log-odds
+            q = np.clip(mean, 1e-7, 1 - 1e-7)
+            mean = np.log(q) - np.log1p(-q)
         for k, w in enumerate(batch):
             acc_p[w] += weight * mean[k]
             acc_v[w] += weight * var[k]
@@ -351,7 +359,10 @@ def predict_volume(
         yield Progress(b + 1, len(batches), f"batch {b + 1}/{len(batches)}")
 
     covered = acc_w > 0
-    prob = np.where(covered, acc_p / np.maximum(acc_w, 1e-12), 0.0).astype(np.float32)
+    prob = np.where(covered, acc_p / np.maximum(acc_w, 1e-12), 0.0)
+    if blend_logits:
+        prob = np.where(covered, 1.0 / (1.0 + np.exp(-prob)), 0.0)
+    prob = prob.astype(np.float32)
     var = np.where(covered, acc_v / np.maximum(acc_w, 1e-12), 0.0).astype(np.float32)
     crop = tuple(slice(a, a + n) for (a, _), n in zip(pad, work_shape))
     prob, var = prob[crop], var[crop]
