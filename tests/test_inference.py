@@ -165,3 +165,21 @@ def test_predict_file_writes_three_maps_in_the_source_geometry(tmp_path, oblique
         assert not data[roi == 0].any(), kind
     prob = np.asarray(nib.load(outs["probability"]).dataobj)
     assert 0 <= prob.min() and prob.max() <= 1 and prob[roi > 0].std() > 0
+
+
+def test_cli_model_create_then_predict_writes_three_maps(tmp_path, capsys):
+    from napari_pvs.cli import main
+    from napari_pvs.dataset import write_phantom_cohort
+
+    (s,) = write_phantom_cohort(tmp_path / "c", n_sites=1, per_site=1, size_mm=48)
+    ckpt = tmp_path / "xs.safetensors"
+    assert main(["model", "create", "--variant", "XS", "--kernel", "3", "--patch", "32",
+                 "--spacing", "1.0", str(ckpt)]) == 0
+    assert main(["predict", str(s.image), "-o", str(tmp_path / "out"), "--model", str(ckpt),
+                 "--roi", str(s.regions), "--tta", "2"]) == 0
+    src = nib.load(s.image)
+    for suffix in ("pvs", "prob", "uncertainty"):
+        img = nib.load(tmp_path / "out" / f"sub-siteA01_T2w_{suffix}.nii.gz")
+        assert img.shape == src.shape
+        np.testing.assert_allclose(img.affine, src.affine)
+    assert "sub-siteA01_T2w_prob.nii.gz" in capsys.readouterr().out

@@ -22,7 +22,8 @@ def test_manifest_is_found_through_the_entry_point_and_validates():
     mf = _manifest()
     assert mf.name == "napari-pvs"
     npe2.PluginManifest.validate(mf.model_dump() if hasattr(mf, "model_dump") else mf.dict())
-    assert {r.command for r in mf.contributions.readers} == {"napari-pvs.read_nifti"}
+    assert {r.command for r in mf.contributions.readers} == {"napari-pvs.read_nifti",
+                                                             "napari-pvs.read_store"}
     assert {s.key for s in mf.contributions.sample_data} == {"phantom_t2w", "phantom_t1w"}
 
 

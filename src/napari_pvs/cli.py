@@ -289,6 +289,10 @@ def _parser() -> argparse.ArgumentParser:
     ls = msub.add_parser("ls", help="list the models of a registry folder")
     ls.add_argument("folder")
     p.set_defaults(func=_cmd_model)
+
+    from ._cli_store import add_store_parser
+
+    add_store_parser(sub)
     return ap
 
 

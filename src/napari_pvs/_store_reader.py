@@ -1,0 +1,67 @@
+"""npe2 reader for corrections stores (``*.pvs.zarr`` folders).
+
+Every subject opens lazily from its zarr arrays (nothing is copied into memory): the
+image, the latest label version and, when the store holds one, the uncertainty of the
+newest prediction.  Only the first subject is visible; the others are listed, hidden.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["get_store_reader", "read_store"]
+
+
+def _is_store(path: Any) -> bool:
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    p = Path(path)
+    return p.name.endswith(".pvs.zarr") and p.is_dir() and (p / "zarr.json").is_file()
+
+
+def get_store_reader(path):
+    """Return :func:`read_store` for a ``*.pvs.zarr`` folder, else None."""
+    return read_store if _is_store(path) else None
+
+
+def read_store(path) -> list[tuple] | None:
+    """Layers of every subject of a store: image, latest labels, uncertainty."""
+    from ._errors import PVSInputError
+    from .store import CorrectionsStore
+
+    try:
+        store = CorrectionsStore.open(path)
+    except PVSInputError as exc:
+        from ._reader import _report
+
+        _report(str(exc))
+        return None
+    layers = []
+    for k, sid in enumerate(store.subjects()):
+        info = store.info(sid)
+        affine = np.asarray(info["affine"], dtype=float)
+        spacing = np.asarray(info["spacing"], dtype=float)
+        geo = {"scale": tuple(spacing), "affine": affine @ np.diag([*(1.0 / spacing), 1.0]),
+               "visible": k == 0}
+        meta = {"store": str(store.path), "subject": sid, "nifti_affine": info["affine"],
+                "image_sha256": info.get("image_sha256"), "site": info.get("site")}
+        image = store.image(sid)
+        layers.append((image, {"name": f"{sid} image", "colormap": "gray",
+                               "metadata": meta, **geo}, "image"))
+        if info["latest"] is not None:
+            layers.append((store.labels(sid), {"name": f"{sid} labels v{info['latest']}",
+                                               "metadata": {**meta, "version": info["latest"]},
+                                               **geo}, "labels"))
+        preds = store.predictions(sid)
+        if preds:
+            newest = max(preds, key=lambda m: store.prediction(sid, m).attrs.get("time", ""))
+            unc = store.prediction(sid, newest)["uncertainty"]
+            layers.append((unc, {"name": f"{sid} uncertainty ({newest})", "colormap": "magma",
+                                 "contrast_limits": (0.0, 1.0), "blending": "additive",
+                                 "metadata": {**meta, "model_id": newest},
+                                 **{**geo, "visible": False}}, "image"))
+    return layers or None
