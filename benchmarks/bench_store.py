@@ -39,7 +39,7 @@ def _labels(seed: int) -> np.ndarray:
         d = rng.normal(size=3)
         d /= np.linalg.norm(d)
         for t in range(int(rng.integers(3, 14))):
-            q = np.round(p + t * d).astype(int)
+            q = np.clip(np.round(p + t * d).astype(int), 0, N - 2)
             lab[q[0] : q[0] + 2, q[1] : q[1] + 2, q[2]] = 1
     return lab
 

@@ -36,7 +36,10 @@ def test_every_python_name_imports(command):
 def test_core_and_training_import_without_qt():
     code = (
         "import sys, napari_pvs.io, napari_pvs.training, napari_pvs.phantom, napari_pvs.baseline, "
-        "napari_pvs.metrics, napari_pvs.dataset, napari_pvs.cli, napari_pvs._reader, napari_pvs._writer\n"
+        "napari_pvs.metrics, napari_pvs.dataset, napari_pvs.cli, napari_pvs._reader, napari_pvs._writer, "
+        "napari_pvs.model, napari_pvs.inference, napari_pvs.nnunet, napari_pvs.store, "
+        "napari_pvs.pipeline, napari_pvs._backends, napari_pvs._store_reader, "
+        "napari_pvs.training.loop\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'torch')]\n"
         "print(','.join(bad))"
