@@ -130,3 +130,12 @@ def test_demo_opens_napari_and_screenshots(tmp_path):
     rgb = img[:, img.shape[1] // 3 :, :3].astype(int)  # the canvas, not the layer controls
     assert np.any((rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] > 200))
     assert np.any((rgb[..., 0] < 80) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200))
+
+
+def test_site_from_the_bids_acq_entity_when_participants_tsv_lacks_it(tmp_path):
+    anat = tmp_path / "sub-07" / "anat"
+    anat.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)),
+             anat / "sub-07_acq-prisma_T2w.nii.gz")
+    (s,) = read_cohort(tmp_path)
+    assert (s.subject, s.site, s.modality, s.labels) == ("07", "prisma", "T2w", None)

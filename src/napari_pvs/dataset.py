@@ -148,10 +148,17 @@ def write_phantom_cohort(
     return written
 
 
-def read_cohort(root: str | Path) -> list[SubjectFiles]:
-    """List the subjects of a layout folder, with their site from participants.tsv.
+def _entity(name: str, key: str) -> str | None:
+    m = re.search(rf"_{key}-([A-Za-z0-9]+)", name)
+    return m.group(1) if m else None
 
-    Subjects found on disk but missing from participants.tsv get site ``unknown``;
+
+def read_cohort(root: str | Path) -> list[SubjectFiles]:
+    """List the subjects of a layout folder, with their site.
+
+    The site comes from the ``site`` column of participants.tsv, else from the BIDS
+    ``acq-<label>`` entity of the image name (``sub-01_acq-prisma_T2w.nii.gz``);
+    subjects with neither get site ``unknown``.  Sessions (``ses-``) are not read.
     ``labels`` / ``regions`` are None where the files do not exist.
     """
     root = Path(root)
@@ -165,18 +172,25 @@ def read_cohort(root: str | Path) -> list[SubjectFiles]:
             if reader.fieldnames is None or "participant_id" not in reader.fieldnames:
                 raise PVSInputError(f"{tsv} has no participant_id column; add one (BIDS)")
             for row in reader:
-                sites[row["participant_id"].removeprefix("sub-")] = row.get("site") or "unknown"
+                if row.get("site"):
+                    sites[row["participant_id"].removeprefix("sub-")] = row["site"]
     out = []
     for anat in sorted(root.glob("sub-*/anat")):
         sid = anat.parent.name.removeprefix("sub-")
         for modality in ("T2w", "T1w"):
             files = subject_files(root, sid, modality, sites.get(sid, "unknown"))
-            if files.image.is_file():
-                out.append(SubjectFiles(
-                    sid, files.site, modality, files.image,
-                    files.labels if files.labels.is_file() else None,
-                    files.regions if files.regions.is_file() else None,
-                ))
+            image = files.image
+            if not image.is_file():  # BIDS names with entities: sub-X_acq-Y_T2w.nii.gz
+                found = sorted(anat.glob(f"sub-{sid}_*{modality}.nii.gz"))
+                if not found:
+                    continue
+                image = found[0]
+            site = sites.get(sid) or _entity(image.name, "acq") or "unknown"
+            out.append(SubjectFiles(
+                sid, site, modality, image,
+                files.labels if files.labels.is_file() else None,
+                files.regions if files.regions.is_file() else None,
+            ))
     if not out:
         raise PVSInputError(f"{root} holds no sub-*/anat/sub-*_T2w.nii.gz or _T1w.nii.gz images")
     return out
