@@ -88,3 +88,6 @@ def oblique_nifti(tmp_path: Path) -> Path:
     path = tmp_path / "oblique_T2w.nii.gz"
     nib.save(img, path)
     return path
+
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as _cluster_reference

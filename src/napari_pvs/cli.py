@@ -74,6 +74,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .io import load_volume
+    from .metrics import score
+
+    pred = load_volume(args.pred, as_labels=True)
+    ref = load_volume(args.gt, as_labels=True)
+    if pred.shape != ref.shape:
+        raise PVSInputError(f"{args.pred} has shape {pred.shape} but {args.gt} has {ref.shape}; "
+                            "score maps on the same grid")
+    regions = None
+    if args.regions:
+        reg = load_volume(args.regions, as_labels=True)
+        if reg.shape != ref.shape:
+            raise PVSInputError(f"{args.regions} has shape {reg.shape}, the maps {ref.shape}")
+        regions = reg.data
+    result = score(pred.data, ref.data, regions, connectivity=args.connectivity)
+    print(json.dumps({"pred": str(args.pred), "gt": str(args.gt), "regions": args.regions,
+                      "connectivity": args.connectivity, "scores": result}, indent=1))
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from . import model as M
 
@@ -266,6 +287,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap in [0, 1) (default: the model's, else 0.5)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("score", help="voxel and cluster Dice of a prediction (JSON)")
+    p.add_argument("pred", help="predicted PVS labels (NIfTI)")
+    p.add_argument("gt", help="reference labels (NIfTI, same grid)")
+    p.add_argument("--regions", help="region map: 1 WM, 2 BG (scores per region)")
+    p.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26))
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("model", help="create, upkern and list MedNeXt checkpoints")
     msub = p.add_subparsers(dest="model_command", required=True)

@@ -8,7 +8,12 @@ shares at least one voxel with the predicted mask.  Then::
     cluster Dice = (detected predicted + detected reference) / (n predicted + n reference)
 
 Both maps empty gives 1.0 for every score (nothing to find, nothing found); one side
-empty gives 0.0.
+empty gives 0.0 Dice (precision / recall of the empty side's counterpart are 0.0).
+
+By region: :func:`score` restricts both maps to the region (WM = 1, BG = 2 in the
+region map, as the phantoms write them) *before* finding clusters, so a PVS that
+crosses from the BG into the WM counts once in each region.  ``count_error`` is
+``n_pred - n_ref`` clusters.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ClusterScores", "cluster_scores", "voxel_dice"]
+__all__ = ["REGIONS", "ClusterScores", "cluster_scores", "score", "voxel_dice"]
+
+REGIONS = {"WM": 1, "BG": 2}
 
 
 def _check(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,3 +99,33 @@ def cluster_scores(
         detected_pred=dp,
         detected_ref=dr,
     )
+
+
+def score(pred: np.ndarray, ref: np.ndarray, regions: np.ndarray | None = None,
+          connectivity: int = 26) -> dict[str, dict]:
+    """Voxel and cluster scores for the whole map and, with ``regions``, for WM and BG.
+
+    Returns ``{"all": {...}, "WM": {...}, "BG": {...}}``; each holds ``voxel_dice``,
+    ``cluster_dice``, ``cluster_precision``, ``cluster_recall``, ``n_pred``, ``n_ref``,
+    ``count_error``, ``pred_voxels`` and ``ref_voxels``.  Without ``regions`` only
+    ``"all"`` is given; with them ``"all"`` means the whole ROI (regions > 0).
+    """
+    pred, ref = _check(pred, ref)
+    masks = {"all": None}
+    if regions is not None:
+        regions = np.asarray(regions)
+        if regions.shape != pred.shape:
+            raise ValueError(f"regions shape {regions.shape} does not match the maps {pred.shape}")
+        masks = {"all": regions > 0, **{name: regions == code for name, code in REGIONS.items()}}
+    out = {}
+    for name, m in masks.items():
+        p = pred if m is None else pred & m
+        r = ref if m is None else ref & m
+        cs = cluster_scores(p, r, connectivity=connectivity)
+        out[name] = {
+            "voxel_dice": voxel_dice(p, r), "cluster_dice": cs.dice,
+            "cluster_precision": cs.precision, "cluster_recall": cs.recall,
+            "n_pred": cs.n_pred, "n_ref": cs.n_ref, "count_error": cs.n_pred - cs.n_ref,
+            "pred_voxels": int(p.sum()), "ref_voxels": int(r.sum()),
+        }
+    return out

@@ -26,7 +26,7 @@ def modality_from_name(path: str | os.PathLike[str], given: str | None = None) -
 
 
 def load_roi(roi: str | os.PathLike[str], like) -> np.ndarray:
-    """Load a mask and check that it lies on the grid of volume ``like``."""
+    """Load a mask / region map (integer labels) and check it lies on the grid of ``like``."""
     from .io import load_volume
 
     vol = load_volume(roi, as_labels=True)
@@ -40,7 +40,7 @@ def load_roi(roi: str | os.PathLike[str], like) -> np.ndarray:
             f"{roi}: ROI affine differs from the affine of {like.path}; the mask is on another "
             "grid (resample it to the image, e.g. with mri_vol2vol or antsApplyTransforms)"
         )
-    return vol.data > 0
+    return vol.data
 
 
 def predict_file(
@@ -61,7 +61,8 @@ def predict_file(
 
     Always writes ``OUTDIR/<stem>_pvs.nii.gz`` (uint8 labels).  A MedNeXt checkpoint
     (``model`` = a ``.safetensors`` file, or an ensemble ``.json``) also writes ``<stem>_prob.nii.gz``
-    and ``<stem>_uncertainty.nii.gz`` (float32).  All keep the source geometry.
+    and ``<stem>_uncertainty.nii.gz`` (float32), and ``<stem>_clusters.csv``, the
+    per-cluster table (:mod:`napari_pvs.clusters`).  All keep the source geometry.
     ``tta`` and ``overlap`` default to the checkpoint's own settings (8 flips and 0.5
     for imported nnU-Net models), else 1 flip and 0.5.
     """
@@ -69,7 +70,8 @@ def predict_file(
 
     image = Path(image)
     vol = load_volume(image, volume=volume)
-    mask = load_roi(roi, vol) if roi is not None else None
+    roi_labels = load_roi(roi, vol) if roi is not None else None
+    mask = None if roi_labels is None else roi_labels > 0
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = strip_nifti_suffix(image.name)
@@ -98,5 +100,12 @@ def predict_file(
         outs["probability"] = save_map(outdir / f"{stem}_prob.nii.gz", pred.probability, like=vol)
         outs["uncertainty"] = save_map(outdir / f"{stem}_uncertainty.nii.gz", pred.uncertainty,
                                        like=vol)
+        from .clusters import cluster_table, label_clusters
+
+        clusters, _ = label_clusters(labels)
+        table = cluster_table(clusters, probability=pred.probability, uncertainty=pred.uncertainty,
+                              regions=None if roi_labels is None else roi_labels,
+                              affine=vol.affine, spacing=vol.spacing)
+        outs["clusters"] = table.to_csv(outdir / f"{stem}_clusters.csv")
     outs["labels"] = save_labels(outdir / f"{stem}_pvs.nii.gz", labels, like=vol)
     return outs

@@ -1,0 +1,172 @@
+"""Connected components of a PVS map and a per-cluster table for review.
+
+Clusters are cc3d connected components (26-connectivity by default).  The table is
+computed in a few passes over the foreground voxels (one sort by cluster, then
+``np.bincount`` and ``ufunc.reduceat`` over the runs); there is no Python loop over
+clusters.
+
+Columns
+-------
+``id`` (the label in the cluster map), ``voxels``, ``volume_mm3``, ``centroid_{i,j,k}``
+(voxel), ``centroid_{x,y,z}`` (world mm, through the affine), ``bbox_{i,j,k}_{min,max}``
+(inclusive voxel bounds), ``prob_mean``, ``prob_max``, ``unc_mean``, ``unc_max``
+(NaN without those maps), ``region`` (dominant region: WM, BG or other),
+``length_mm`` (``sqrt(12 * l1)``, the length of a uniform rod with the same spread),
+``linearity`` (``(l1 - l2) / l1``) and ``elongation`` (``sqrt(l1 / l2)``), where
+``l1 >= l2 >= l3`` are the eigenvalues of the covariance of the voxel centres in world
+mm plus each voxel's own extent (``h^2 / 12`` per axis, so a single voxel is isotropic),
+and ``priority``: ``0.6 * unc_mean + 0.4 * (1 - linearity)`` with an uncertainty map,
+else ``0.6 * (1 - prob_mean) + 0.4 * (1 - linearity)``; higher means review first
+(uncertain, blob-like clusters are the likely false positives; PVS are tubular).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["REGION_NAMES", "ClusterTable", "cluster_table", "label_clusters"]
+
+REGION_NAMES = {0: "other", 1: "WM", 2: "BG"}
+
+
+def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Connected components of ``mask > 0``: ``(labels uint32, number of clusters)``."""
+    import cc3d
+
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"need a 3D map, got shape {mask.shape}")
+    labels, n = cc3d.connected_components((mask > 0).astype(np.uint8), connectivity=connectivity,
+                                          return_N=True)
+    return labels.astype(np.uint32, copy=False), int(n)
+
+
+@dataclass
+class ClusterTable:
+    """Per-cluster columns (numpy arrays of equal length), one row per cluster."""
+
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["id"])
+
+    def row(self, i: int) -> dict:
+        return {k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in self.columns.items()}
+
+    def order(self, by: str = "priority", descending: bool = True) -> np.ndarray:
+        """Row indices sorted by a column (ties broken by cluster id)."""
+        col = self.columns[by]
+        key = np.asarray(col)
+        if key.dtype.kind in "fc":
+            key = np.nan_to_num(key, nan=-np.inf)
+        idx = np.lexsort((self.columns["id"], -key if descending and key.dtype.kind != "U" else key))
+        return idx[::-1] if descending and key.dtype.kind == "U" else idx
+
+    def to_csv(self, path: str | os.PathLike[str]) -> Path:
+        path = Path(path)
+        names = list(self.columns)
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(names)
+            for i in range(len(self)):
+                w.writerow([_fmt(self.columns[n][i]) for n in names])
+        return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "" if np.isnan(v) else f"{float(v):.6g}"
+    return str(v)
+
+
+def cluster_table(
+    labels: np.ndarray,
+    *,
+    probability: np.ndarray | None = None,
+    uncertainty: np.ndarray | None = None,
+    regions: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+    spacing=None,
+) -> ClusterTable:
+    """The per-cluster table of a cluster map (see the module docstring)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"need a 3D cluster map, got shape {labels.shape}")
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+    if spacing is None:
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
+    for name, arr in (("probability", probability), ("uncertainty", uncertainty),
+                      ("regions", regions)):
+        if arr is not None and np.shape(arr) != labels.shape:
+            raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
+    # foreground voxels sorted by cluster: every column is a reduction over runs
+    flat = labels.ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
+    order = np.argsort(lab, kind="stable")
+    fg, lab = fg[order], lab[order]
+    first = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if lab.size else np.zeros(0, np.int64)
+    ids = lab[first].astype(np.int64)
+    n = ids.size
+    counts = np.diff(np.r_[first, lab.size]).astype(np.int64)
+    rank = np.repeat(np.arange(n), counts)
+    ijk = np.stack(np.unravel_index(fg, labels.shape), 1).astype(np.float64)
+
+    cols: dict[str, np.ndarray] = {"id": ids, "voxels": counts}
+    cols["volume_mm3"] = counts * float(abs(np.linalg.det(affine[:3, :3])))
+    cen = np.stack([np.bincount(rank, weights=ijk[:, a], minlength=n) for a in range(3)], 1)
+    cen = cen.astype(np.float64)
+    cen /= np.maximum(counts, 1)[:, None]
+    for a, ax in enumerate("ijk"):
+        cols[f"centroid_{ax}"] = cen[:, a]
+    world = cen @ affine[:3, :3].T + affine[:3, 3]
+    for a, ax in enumerate("xyz"):
+        cols[f"centroid_{ax}"] = world[:, a]
+    for a, ax in enumerate("ijk"):
+        cols[f"bbox_{ax}_min"] = np.minimum.reduceat(ijk[:, a], first).astype(np.int64) if n else np.zeros(0, np.int64)
+        cols[f"bbox_{ax}_max"] = np.maximum.reduceat(ijk[:, a], first).astype(np.int64) if n else np.zeros(0, np.int64)
+    for key, arr in (("prob", probability), ("unc", uncertainty)):
+        if arr is None or not n:
+            cols[f"{key}_mean"] = np.full(n, np.nan)
+            cols[f"{key}_max"] = np.full(n, np.nan)
+            continue
+        v = np.asarray(arr).ravel()[fg].astype(np.float64)  # gather first: no full-volume copy
+        cols[f"{key}_mean"] = np.add.reduceat(v, first) / counts
+        cols[f"{key}_max"] = np.maximum.reduceat(v, first)
+    names = np.array([REGION_NAMES[k] for k in range(3)], dtype=object)
+    if regions is None:
+        cols["region"] = np.full(n, "other", dtype=object)
+    else:
+        reg = np.asarray(regions).ravel()[fg].astype(np.int64)
+        reg[(reg < 0) | (reg > 2)] = 0  # codes other than WM (1) / BG (2) count as other
+        per = np.bincount(rank * 3 + reg, minlength=3 * n).reshape(n, 3)
+        cols["region"] = names[per.argmax(1)] if n else np.zeros(0, dtype=object)
+
+    # second moments of the voxel centres in world mm, plus each voxel's own extent
+    xyz = ijk @ affine[:3, :3].T
+    d = xyz - (cen @ affine[:3, :3].T)[rank]
+    cov = np.empty((n, 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            cov[:, a, b] = cov[:, b, a] = np.bincount(rank, weights=d[:, a] * d[:, b], minlength=n)
+    cov /= np.maximum(counts, 1)[:, None, None]
+    cov += np.diag(spacing**2 / 12.0)[None]
+    ev = np.linalg.eigvalsh(cov)[:, ::-1] if n else np.zeros((0, 3))  # l1 >= l2 >= l3
+    l1, l2 = ev[:, 0], ev[:, 1]
+    cols["length_mm"] = np.sqrt(12.0 * l1)
+    cols["linearity"] = (l1 - l2) / np.maximum(l1, 1e-12)
+    cols["elongation"] = np.sqrt(l1 / np.maximum(l2, 1e-12))
+    if uncertainty is not None:
+        cols["priority"] = 0.6 * cols["unc_mean"] + 0.4 * (1 - cols["linearity"])
+    else:
+        pm = np.nan_to_num(cols["prob_mean"], nan=1.0)
+        cols["priority"] = 0.6 * (1 - pm) + 0.4 * (1 - cols["linearity"])
+    return ClusterTable(cols)
