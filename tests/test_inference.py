@@ -152,7 +152,10 @@ def test_predict_file_writes_three_maps_in_the_source_geometry(tmp_path, oblique
     nib.save(nib.Nifti1Image(roi, roi_img.affine, roi_img.header), roi_path)
     outs = predict_file(oblique_nifti, tmp_path / "out", model=str(xs_checkpoint), roi=roi_path,
                         tta=2, backend="torch")
-    assert set(outs) == {"labels", "probability", "uncertainty"}
+    assert set(outs) == {"labels", "probability", "uncertainty", "clusters"}
+    rows = outs["clusters"].read_text().splitlines()
+    assert rows[0].startswith("id,voxels,volume_mm3")
+    n_clusters = len(rows) - 1
     src = nib.load(oblique_nifti)
     for kind, dtype in (("labels", np.uint8), ("probability", np.float32),
                         ("uncertainty", np.float32)):
@@ -165,6 +168,9 @@ def test_predict_file_writes_three_maps_in_the_source_geometry(tmp_path, oblique
         assert not data[roi == 0].any(), kind
     prob = np.asarray(nib.load(outs["probability"]).dataobj)
     assert 0 <= prob.min() and prob.max() <= 1 and prob[roi > 0].std() > 0
+    from napari_pvs.clusters import label_clusters
+
+    assert label_clusters(np.asarray(nib.load(outs["labels"]).dataobj))[1] == n_clusters
 
 
 def test_cli_model_create_then_predict_writes_three_maps(tmp_path, capsys):
