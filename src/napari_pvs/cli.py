@@ -95,6 +95,26 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .store import CorrectionsStore
+    from .training.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(iterations=args.iterations, patch=(args.patch,) * 3, lr=args.lr,
+                         variant=args.variant, device=args.device or "cpu", seed=args.seed,
+                         iterations_per_epoch=max(1, min(args.epoch, args.iterations)))
+    bar = _ProgressBar("train")
+    with CorrectionsStore.open(args.store, writable=True, wait=args.wait) as store:
+        for event in finetune(store, init=args.init, config=cfg, resume=args.resume):
+            if event.kind == "iteration":
+                bar(event)
+            elif event.kind == "validation":
+                print(f"iteration {event.iteration}: validation voxel Dice {event.val_dice:.3f}, "
+                      f"cluster Dice {event.val_cluster_dice:.3f}", flush=True)
+            elif event.kind in ("start", "done"):
+                print(f"{event.kind}: {event.message}", flush=True)
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from . import model as M
 
@@ -294,6 +314,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--regions", help="region map: 1 WM, 2 BG (scores per region)")
     p.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26))
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("train", help="fine-tune on the store's corrections; registers the model")
+    p.add_argument("--store", required=True)
+    p.add_argument("--init", help="model id in the store's registry, or a .safetensors file "
+                                  "(default: a new MedNeXt)")
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--epoch", type=int, default=50, help="iterations per epoch (validation + checkpoint)")
+    p.add_argument("--patch", type=int, default=48, help="patch edge (voxels, multiple of 16)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--variant", default="XS", help="architecture when starting from scratch")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the last interrupted run")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the store lock")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("model", help="create, upkern and list MedNeXt checkpoints")
     msub = p.add_subparsers(dest="model_command", required=True)
