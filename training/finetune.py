@@ -114,8 +114,12 @@ def _save_state(path: Path, state: dict) -> None:
 
 def finetune(store, *, init=None, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike[str] | None = None, resume: bool = False,
-             cancel: threading.Event | None = None):
-    """Fine-tune on every corrected subject of ``store``; returns the new model id."""
+             cancel: threading.Event | None = None, train_subjects=None, val_subjects=None):
+    """Fine-tune on every corrected subject of ``store``; returns the new model id.
+
+    ``train_subjects`` / ``val_subjects`` fix the split (cross-validation folds);
+    otherwise ``val_fraction`` of the corrected subjects are held out, seeded.
+    """
     import torch
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
@@ -132,9 +136,17 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
         raise PVSInputError(f"{store.path} has no corrected subjects; save corrections first")
     subjects = sorted(versions)
     rng = np.random.default_rng(cfg.seed)
-    n_val = int(round(cfg.val_fraction * len(subjects))) if len(subjects) > 1 else 0
-    val = sorted(rng.choice(subjects, size=n_val, replace=False).tolist()) if n_val else []
-    train = [s for s in subjects if s not in val] or subjects
+    if train_subjects is not None:
+        unknown = sorted(set(train_subjects) - set(versions))
+        if unknown:
+            raise PVSInputError(f"training subjects without corrected labels: {unknown}")
+        train = sorted(train_subjects)
+        val = sorted(s for s in (val_subjects or []) if s in versions)
+        versions = {s: versions[s] for s in [*train, *val]}
+    else:
+        n_val = int(round(cfg.val_fraction * len(subjects))) if len(subjects) > 1 else 0
+        val = sorted(rng.choice(subjects, size=n_val, replace=False).tolist()) if n_val else []
+        train = [s for s in subjects if s not in val] or subjects
     seen = {} if parent is None else dict(meta["provenance"].get("data_versions") or {})
     new = [s for s in train if seen.get(s) != versions[s]]
     weights = [(1 - cfg.replay_fraction) / max(len(new), 1) * (s in new)
