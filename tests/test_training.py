@@ -162,3 +162,25 @@ def test_train_cli_registers_a_model(tmp_path, cohort, capsys):
     out = capsys.readouterr().out
     assert "done: mednext-xsk3-" in out and "validation voxel Dice" in out
     assert len(CorrectionsStore.open(tmp_path / "s.pvs.zarr").models.list()) == 1
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_weights_in_sync(tmp_path, cohort):
+    import os
+    import shutil
+
+    path = tmp_path / "s.pvs.zarr"
+    _store(path, cohort).close()
+    torchrun = shutil.which("torchrun") or str(__import__("pathlib").Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", "-m",
+                        "napari_pvs.training", "--store", str(path), "--iterations", "3",
+                        "--epoch", "3", "--patch", "32", "--batch-size", "1", "--lr", "3e-3",
+                        "--work-dir", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hashes = {line.split()[1]: line.split()[3] for line in r.stdout.splitlines() if " weights " in line}
+    assert set(hashes) == {"0]", "1]"}, r.stdout
+    assert hashes["0]"] == hashes["1]"]  # DDP kept both processes' weights identical
+    with CorrectionsStore.open(path) as store:
+        assert len(store.models.list()) == 1  # registered once, by rank 0

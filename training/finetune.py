@@ -54,7 +54,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class FinetuneEvent:
-    kind: str  # "start", "iteration", "validation", "checkpoint", "done"
+    kind: str  # "start", "iteration", "validation", "checkpoint", "trained", "done"
     iteration: int
     total: int
     loss: float | None = None
@@ -151,10 +151,15 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
     new = [s for s in train if seen.get(s) != versions[s]]
     weights = [(1 - cfg.replay_fraction) / max(len(new), 1) * (s in new)
                + cfg.replay_fraction / len(train) for s in train]
+    rank, world = _distributed(cfg.device)
     cache = SubjectCache(store, versions, target, cfg.cache_budget_mb * 2**20)
-    sampler = PatchSampler(cache, train, cfg.patch, cfg.pos_fraction, seed=cfg.seed, weights=weights)
+    sampler = PatchSampler(cache, train, cfg.patch, cfg.pos_fraction, seed=cfg.seed + rank,
+                           weights=weights)
     dev = cfg.device
     net = net.to(dev).train()
+    model = net
+    if world > 1:  # torchrun: gradients are averaged across processes every step
+        model = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
     loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weight_mode="exp")
     use_amp = dev.startswith("cuda")
@@ -181,17 +186,19 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
         lr = cfg.lr * (1 - it / cfg.iterations) ** 0.9
         for g in opt.param_groups:
             g["lr"] = lr
+        if world > 1 and it % cfg.iterations_per_epoch == 0:
+            _shard_subjects(sampler, train, weights, rank, world, cfg.seed, it // cfg.iterations_per_epoch)
         x, y, _ = sampler.batch(cfg.batch_size)
         x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).float().to(dev)  # float: DS resizes it
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-            out = net(x)
+            out = model(x)
             loss = loss_fn(list(out) if isinstance(out, (tuple, list)) else [out], y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         yield FinetuneEvent("iteration", it + 1, cfg.iterations, loss=float(loss.detach()))
-        if (it + 1) % cfg.iterations_per_epoch == 0 or it + 1 == cfg.iterations:
+        if ((it + 1) % cfg.iterations_per_epoch == 0 or it + 1 == cfg.iterations) and rank == 0:
             score = None
             if val:
                 vd, cdice = _validate(net, meta, cache, val, dev)
@@ -205,6 +212,12 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
                                      "iteration": it + 1, "best": best, "best_state": best_state,
                                      "config": json.loads(json.dumps(asdict(cfg)))})
             yield FinetuneEvent("checkpoint", it + 1, cfg.iterations, message=str(state_path))
+    yield FinetuneEvent("trained", cfg.iterations, cfg.iterations,
+                        message=f"rank {rank} of {world}", extra={"weights_sha256": _weights_sha(net)})
+    if rank != 0:  # only the first process validates, checkpoints and registers
+        _barrier(world)
+        yield FinetuneEvent("done", cfg.iterations, cfg.iterations, message=f"rank {rank} done")
+        return None
     net.load_state_dict(best_state)
     net.eval()
     new_meta = json.loads(json.dumps(meta))
@@ -215,5 +228,48 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
                               "validation_subjects": val, "note": "fine-tuned on corrections"}
     model_id = store.models.register(net, new_meta)
     store.log_event(None, "model", {"model_id": model_id, "parent": parent})
+    _barrier(world)
     yield FinetuneEvent("done", cfg.iterations, cfg.iterations, message=model_id)
     return model_id
+
+
+def _weights_sha(net) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shard_subjects(sampler, train, weights, rank, world, seed, epoch) -> None:
+    """This process's share of the training subjects for one epoch (DistributedSampler)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    shard = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True,
+                               seed=seed)
+    shard.set_epoch(epoch)
+    idx = list(shard)
+    sampler.subjects = [train[i] for i in idx]
+    w = np.asarray([weights[i] for i in idx], dtype=float)
+    sampler.p = w / w.sum()
