@@ -1,9 +1,17 @@
 """napari_pvs.training: learning from the corrections store (no Qt).
 
 Installed from the top-level ``training/`` folder through a setuptools
-``package-dir`` mapping.  This version holds the cross-validation splits
-(:mod:`napari_pvs.training.splits`); the fine-tuning loop and the k-fold / LOSOCV
-evaluation build on them.
+``package-dir`` mapping.
+
+* :mod:`.data`: corrected label versions only, a memory-budgeted subject cache,
+  patch sampling with PVS / recent-edit oversampling and MONAI augmentation;
+* :mod:`.finetune`: incremental fine-tuning with checkpoints, resume, cancel,
+  registration, and DDP under ``torchrun`` (``python -m napari_pvs.training``);
+* :mod:`.evaluate`: k-fold and leave-one-site-out evaluation reports;
+* :mod:`.splits`: seeded, saved and reused cross-validation splits;
+* :mod:`.loop`: a minimal supervised loop used to build the fixed benchmark model.
+
+Submodules import torch lazily, so importing this package stays light.
 """
 
 from __future__ import annotations
