@@ -129,6 +129,7 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
     work = Path(work_dir) if work_dir else store.path / "training" / "current"
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "state.pt"
+    torch.manual_seed(cfg.seed)  # new networks start from seeded weights
     net, meta, parent = _initial(store, init, cfg)
     target = cfg.target_spacing or meta["preprocessing"].get("target_spacing")
     versions = corrected_versions(store)

@@ -354,8 +354,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_model)
 
     from ._cli_store import add_store_parser
+    from .training.evaluate import add_evaluate_parser
 
     add_store_parser(sub)
+    add_evaluate_parser(sub)
     return ap
 
 

@@ -1,0 +1,504 @@
+"""Cross-validated evaluation of fine-tuning: k-fold or leave-one-site-out (LOSOCV).
+
+:func:`evaluate` is a generator: for every fold it fine-tunes one model on the fold's
+training subjects (:func:`napari_pvs.training.finetune.finetune`, no inner
+validation), predicts each held-out subject's whole image and scores it against the
+subject's newest corrected label version, by region (WM = 1, BG = 2 in the region
+map).  It yields :class:`EvaluateEvent` and returns an :class:`EvaluationReport`.
+Torch is seeded with ``config.seed`` before each fold, so a fold's network starts from
+the same weights whatever ran before it in the process.
+
+Splits
+------
+``kfold:K`` splits the corrected subjects with a seeded K-fold; ``losocv`` holds out
+one site per fold.  The splits are saved in the store as
+``splits/kfold<K>_seed<S>.json`` or ``splits/losocv.json`` on the first run and reused
+afterwards (nnU-Net's ``splits_final.json`` convention), so repeated evaluations, and
+models trained at different times, are scored on the same held-out subjects.
+
+A saved file is trusted as long as it still fits the store:
+
+* a subject it lists that no longer has corrected labels is an error
+  (:class:`~napari_pvs.PVSInputError`): delete the file to recreate the splits, or
+  use another seed;
+* subjects corrected after the file was written are left out of the evaluation with
+  a warning (they would change the folds); delete the file to include them;
+* a fold that validates on a training subject, or (LOSOCV) on a site that it also
+  trains on, is an error.
+
+Outputs (in ``out_dir``)
+------------------------
+``results.csv``
+    One row per held-out subject: fold, subject, site, WM / BG / all voxel and
+    cluster Dice, model id.
+``summary.md``
+    Markdown tables laid out as the MedNet-PVS paper's: one row per fold (per
+    left-out site for LOSOCV) holding the mean ± sd over its held-out subjects, a last
+    ``mean ± sd`` row over the fold means; then the same metrics per site.
+``boxplot.png``
+    Per-site box plots of the four metrics (2 x 2 panels), drawn with Agg.
+``fold_<k>/work``
+    The fold's training folder (checkpoint); the fold models go to the store's registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import corrected_versions
+from .finetune import FinetuneConfig, FinetuneEvent, finetune
+from .splits import kfold_splits, load_or_create_splits, losocv_splits
+
+__all__ = ["COLUMNS", "METRICS", "EvaluateEvent", "EvaluationReport", "add_evaluate_parser",
+           "evaluate", "parse_scheme", "scheme_name"]
+
+#: Table / plot metrics: (results.csv column, label), in the paper's column order.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("wm_voxel_dice", "WM voxel Dice"),
+    ("wm_cluster_dice", "WM cluster Dice"),
+    ("bg_voxel_dice", "BG voxel Dice"),
+    ("bg_cluster_dice", "BG cluster Dice"),
+)
+
+#: Columns of ``results.csv``.
+COLUMNS: tuple[str, ...] = ("fold", "subject", "site", *(m for m, _ in METRICS),
+                            "all_voxel_dice", "all_cluster_dice", "model_id")
+
+
+@dataclass(frozen=True)
+class EvaluateEvent:
+    """Progress of :func:`evaluate`.
+
+    Attributes
+    ----------
+    kind : str
+        ``"splits"`` (splits loaded or created), ``"fold"`` (a fold starts),
+        ``"train"`` (a fine-tuning event, in ``train``), ``"subject"`` (a held-out
+        subject scored, its results row in ``row``), ``"fold_done"`` or ``"done"``.
+    fold : int or None
+        Fold index (0-based); None for ``"splits"`` and ``"done"``.
+    n_folds : int
+        Number of folds.
+    done, total : int
+        Overall progress in work units (training iterations + predicted subjects).
+    message : str
+        One line for a log or a status bar.
+    train : FinetuneEvent, optional
+        The fine-tuning event of a ``"train"`` event.
+    row : dict, optional
+        The results row of a ``"subject"`` event.
+    """
+
+    kind: str
+    fold: int | None
+    n_folds: int
+    done: int
+    total: int
+    message: str = ""
+    train: FinetuneEvent | None = None
+    row: dict | None = None
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate` returns: output paths, per-subject rows, summary numbers.
+
+    ``folds`` holds one dict per fold (``fold``, ``label``, ``n``, ``model_id`` and, per
+    metric, ``(mean, sd)`` over the fold's held-out subjects); ``overall`` maps each
+    metric to ``(mean, sd)`` over the fold means; ``sites`` maps each site to ``n`` and
+    per-metric ``(mean, sd)`` over its subjects.  An sd of a single value is NaN.
+    """
+
+    scheme: str
+    splits_path: Path
+    out_dir: Path
+    results_csv: Path
+    summary_md: Path
+    boxplot_png: Path
+    rows: list[dict]
+    folds: list[dict]
+    overall: dict[str, tuple[float, float]]
+    sites: dict[str, dict]
+    markdown: str = ""
+    left_out: list[str] = field(default_factory=list)
+
+
+def parse_scheme(scheme: str) -> tuple[str, int | None]:
+    """``"kfold:K"`` -> ``("kfold", K)``; ``"losocv"`` -> ``("losocv", None)``.
+
+    Raises
+    ------
+    ValueError
+        Any other string, or K < 2.
+    """
+    s = str(scheme).strip().lower()
+    if s == "losocv":
+        return "losocv", None
+    m = re.fullmatch(r"kfold:(\d+)", s)
+    if m is None:
+        raise ValueError(f"unknown evaluation scheme {scheme!r}; use 'kfold:K' (e.g. kfold:5) "
+                         "or 'losocv'")
+    k = int(m.group(1))
+    if k < 2:
+        raise ValueError(f"k-fold needs at least 2 folds, got {scheme!r}")
+    return "kfold", k
+
+
+def scheme_name(scheme: str, seed: int = 12345) -> str:
+    """File stem of a scheme's splits: ``kfold5_seed12345`` or ``losocv``."""
+    kind, k = parse_scheme(scheme)
+    return "losocv" if kind == "losocv" else f"kfold{k}_seed{int(seed)}"
+
+
+def _splits(path: Path, kind: str, k: int | None, seed: int, versions: dict, sites: dict):
+    """Load or create the splits and check that they still fit the store."""
+    from napari_pvs import PVSInputError
+
+    def make():
+        if kind == "losocv":
+            return losocv_splits(sites)
+        return kfold_splits(sorted(versions), k=k, seed=seed)
+
+    try:
+        splits = load_or_create_splits(path, make)
+    except ValueError as exc:  # too few subjects / sites for the scheme, or a broken file
+        raise PVSInputError(f"cannot use {kind} splits: {exc}") from None
+    fix = f"delete {path} to recreate the splits"
+    fix += " or use another seed" if kind == "kfold" else ""
+    listed = set().union(*(set(f["train"]) | set(f["val"]) for f in splits))
+    gone = sorted(listed - set(versions))
+    if gone:
+        raise PVSInputError(f"the saved splits {path} list subjects without corrected labels in "
+                            f"the store: {gone}; {fix}")
+    for i, f in enumerate(splits):
+        if not f["val"] or set(f["train"]) & set(f["val"]):
+            raise PVSInputError(f"fold {i} of {path} has no held-out subject or trains on one; "
+                                f"{fix}")
+        if kind == "losocv":
+            held, trained = {sites[s] for s in f["val"]}, {sites[s] for s in f["train"]}
+            if len(held) != 1 or held & trained:
+                raise PVSInputError(f"fold {i} of {path} does not hold out exactly one site (held "
+                                    f"out {sorted(held)}, trained on {sorted(trained)}); {fix}")
+    new = sorted(set(versions) - listed)
+    if new:
+        warnings.warn(f"{len(new)} corrected subject(s) are not in the saved splits {path} and are "
+                      f"left out of this evaluation: {new}; {fix} to include them (the folds then "
+                      "change)", UserWarning, stacklevel=3)
+    return splits, new
+
+
+def _relay(gen, wrap):
+    """Yield ``wrap(event)`` for each event of ``gen``; return its return value."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield wrap(event)
+
+
+def _seed_torch(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(int(seed))
+
+
+def _score_subject(store, sid: str, version: int, net, meta, *, cache_key, backend, device,
+                   cancel) -> dict:
+    from napari_pvs.inference import predict_volume, run
+    from napari_pvs.metrics import score
+
+    info = store.info(sid)
+    regions = np.asarray(store.regions(sid)[...])
+    image = np.asarray(store.image(sid)[...], dtype=np.float32)
+    pred = run(predict_volume(image, tuple(info["spacing"]), net, meta, roi=regions > 0,
+                              backend=backend, device=device, cache_key=cache_key, cancel=cancel))
+    ref = np.asarray(store.labels(sid, version)[...])
+    s = score(pred.labels, ref, regions)
+    return {f"{r.lower()}_{m}": float(s[r][m]) for r in ("WM", "BG", "all")
+            for m in ("voxel_dice", "cluster_dice")}
+
+
+def evaluate(store, scheme: str, *, config: FinetuneConfig, out_dir: str | os.PathLike[str],
+             seed: int = 12345, init=None, backend: str = "auto",
+             cancel: threading.Event | None = None):
+    """Cross-validate fine-tuning on the store's corrections; a generator.
+
+    Parameters
+    ----------
+    store : CorrectionsStore
+        Opened writable: the fold models are registered in it and the splits are
+        saved under ``store.path / "splits"``.
+    scheme : str
+        ``"kfold:K"`` or ``"losocv"``.
+    config : FinetuneConfig
+        Training settings of every fold (``val_fraction`` is not used: the folds fix
+        the subjects); ``config.device`` also runs the predictions.
+    out_dir : path-like
+        Receives ``results.csv``, ``summary.md``, ``boxplot.png`` and the folds'
+        training folders ``fold_<k>/work``.
+    seed : int
+        Seed of the k-fold split (part of the splits file name).
+    init : str, optional
+        Model id or checkpoint every fold starts from (default: a new network).
+    backend : str
+        Prediction backend (``"auto"``: OpenVINO / ONNX Runtime on the CPU when
+        installed, else torch).
+    cancel : threading.Event, optional
+        Stops training or prediction when set.
+
+    Yields
+    ------
+    EvaluateEvent
+
+    Returns
+    -------
+    EvaluationReport
+
+    Raises
+    ------
+    PVSInputError
+        Unknown scheme, too few corrected subjects or sites, a subject without a
+        region map, or saved splits that no longer fit the store.
+    """
+    from napari_pvs import PVSInputError
+    from napari_pvs.model import checkpoint_hash
+
+    try:
+        kind, k = parse_scheme(scheme)
+    except ValueError as exc:
+        raise PVSInputError(str(exc)) from None
+    versions = corrected_versions(store)
+    if len(versions) < 2:
+        raise PVSInputError(f"{store.path} has {len(versions)} corrected subject(s); "
+                            "cross-validation needs at least 2")
+    sites = {s: str(store.info(s).get("site", "unknown")) for s in versions}
+    path = Path(store.path) / "splits" / f"{scheme_name(scheme, seed)}.json"
+    splits, left_out = _splits(path, kind, k, seed, versions, sites)
+    no_regions = sorted(s for f in splits for s in f["val"] if store.regions(s) is None)
+    if no_regions:
+        raise PVSInputError(f"subjects without a region map (WM = 1, BG = 2) cannot be scored by "
+                            f"region: {no_regions}; import them with their regions")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(splits)
+    total = sum(config.iterations + len(f["val"]) for f in splits)
+    done = 0
+    yield EvaluateEvent("splits", None, n, done, total,
+                        f"{scheme}: {n} folds from {path}"
+                        + (f"; {len(left_out)} new subject(s) left out" if left_out else ""))
+    rows, folds = [], []
+    for i, f in enumerate(splits):
+        label = f", {f['site']} left out" if kind == "losocv" else ""
+        yield EvaluateEvent("fold", i, n, done, total,
+                            f"fold {i} ({i + 1}/{n}{label}): training on {len(f['train'])} "
+                            f"subjects, holding out {len(f['val'])}")
+        _seed_torch(config.seed)  # finetune builds a new network before it seeds torch
+        gen = finetune(store, init=init, config=config, work_dir=out / f"fold_{i}" / "work",
+                       cancel=cancel, train_subjects=f["train"], val_subjects=[])
+        model_id = yield from _relay(gen, lambda ev, i=i, base=done: EvaluateEvent(
+            "train", i, n, base + ev.iteration, total, ev.message, train=ev))
+        done += config.iterations
+        net, meta = store.models.load(model_id)
+        key = checkpoint_hash(store.models.path(model_id))
+        fold_rows = []
+        for sid in f["val"]:
+            row = {"fold": i, "subject": sid, "site": sites[sid],
+                   **_score_subject(store, sid, versions[sid], net, meta, cache_key=key,
+                                    backend=backend, device=config.device, cancel=cancel),
+                   "model_id": model_id}
+            fold_rows.append(row)
+            done += 1
+            yield EvaluateEvent("subject", i, n, done, total,
+                                f"{sid} ({sites[sid]}): WM cluster Dice "
+                                f"{row['wm_cluster_dice']:.3f}, BG cluster Dice "
+                                f"{row['bg_cluster_dice']:.3f}", row=row)
+        rows += fold_rows
+        folds.append({"fold": i, "label": f.get("site", f"fold {i}"), "n": len(fold_rows),
+                      "model_id": model_id, **_stats(fold_rows)})
+        means = ", ".join(f"{lab} {folds[-1][m][0]:.3f}" for m, lab in METRICS)
+        yield EvaluateEvent("fold_done", i, n, done, total, f"fold {i} ({i + 1}/{n}) done: {means}")
+    overall = {m: _mean_sd([fd[m][0] for fd in folds]) for m, _ in METRICS}
+    by_site = {}
+    for site in sorted({r["site"] for r in rows}):
+        site_rows = [r for r in rows if r["site"] == site]
+        by_site[site] = {"n": len(site_rows), **_stats(site_rows)}
+    report = EvaluationReport(scheme, path, out, out / "results.csv", out / "summary.md",
+                              out / "boxplot.png", rows, folds, overall, by_site,
+                              left_out=list(left_out))
+    _write_csv(report.results_csv, rows)
+    report.markdown = _markdown(report, kind)
+    report.summary_md.write_text(report.markdown)
+    _boxplot(report.boxplot_png, rows, f"{_title(kind, k)}: held-out subjects by site")
+    yield EvaluateEvent("done", None, n, total, total, f"wrote {report.summary_md}")
+    return report
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _mean_sd(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def _stats(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    return {m: _mean_sd([r[m] for r in rows]) for m, _ in METRICS}
+
+
+def _cell(ms: tuple[float, float]) -> str:
+    mean, sd = ms
+    return f"{mean:.3f}" if np.isnan(sd) else f"{mean:.3f} ± {sd:.3f}"
+
+
+def _title(kind: str, k: int | None) -> str:
+    return "Leave-one-site-out CV" if kind == "losocv" else f"{k}-fold CV"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: f"{r[c]:.6f}" if isinstance(r[c], float) else r[c] for c in COLUMNS})
+    os.replace(tmp, path)
+
+
+def _table(first: str, rows: list[tuple[str, str, dict]]) -> list[str]:
+    head = [first, "n", *(lab for _, lab in METRICS)]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
+    for name, n, stats in rows:
+        lines.append("| " + " | ".join([name, n, *(_cell(stats[m]) for m, _ in METRICS)]) + " |")
+    return lines
+
+
+def _markdown(rep: EvaluationReport, kind: str) -> str:
+    first = "Left-out site" if kind == "losocv" else "Fold"
+    fold_rows = [(fd["label"], str(fd["n"]), fd) for fd in rep.folds]
+    fold_rows.append(("mean ± sd", str(sum(fd["n"] for fd in rep.folds)), rep.overall))
+    site_rows = [(site, str(s["n"]), s) for site, s in rep.sites.items()]
+    site_rows.append(("all subjects", str(len(rep.rows)), _stats(rep.rows)))
+    k = len(rep.folds) if kind == "kfold" else None
+    lines = [f"# {_title(kind, k)} of fine-tuning on corrections", "",
+             f"Scheme `{rep.scheme}`, splits `{rep.splits_path}`, {len(rep.rows)} held-out "
+             "subjects.",
+             "Fold rows: mean ± sd over the fold's held-out subjects; `mean ± sd` row: over the "
+             "fold means.  Site rows: over the site's subjects.", ""]
+    if rep.left_out:
+        lines += ["Left out (corrected after the splits were saved): "
+                  + ", ".join(rep.left_out), ""]
+    lines += [f"## Per {'left-out site' if kind == 'losocv' else 'fold'}", "",
+              *_table(first, fold_rows), "", "## Per site", "", *_table("Site", site_rows), ""]
+    return "\n".join(lines)
+
+
+def _boxplot(path: Path, rows: list[dict], title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    sites = sorted({r["site"] for r in rows})
+    fig = Figure(figsize=(10, 8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, (metric, label) in zip(axes.ravel(), METRICS, strict=True):
+        data = [[r[metric] for r in rows if r["site"] == s] for s in sites]
+        pos = np.arange(1, len(sites) + 1)
+        ax.boxplot(data, positions=pos, widths=0.5, showmeans=True, medianprops={"color": "C1"})
+        for x, vals in zip(pos, data, strict=True):
+            ax.scatter(x + rng.uniform(-0.12, 0.12, len(vals)), vals, s=14, color="C0", alpha=0.7,
+                       zorder=3)
+        ax.set_xticks(pos)
+        ax.set_xticklabels([f"{s}\n(n={len(v)})" for s, v in zip(sites, data, strict=True)],
+                           rotation=30 if len(sites) > 6 else 0)
+        ax.set_title(label, fontsize=12)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(labelsize=10)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Dice", fontsize=11)
+    for ax in axes[1]:
+        ax.set_xlabel("Site", fontsize=11)
+    fig.suptitle(f"{title} (n={len(rows)})", fontsize=13)
+    fig.legend(handles=[Line2D([], [], color="C1", label="median"),
+                        Line2D([], [], color="C2", marker="^", ls="", label="mean"),
+                        Line2D([], [], color="C0", marker="o", ls="", label="subject")],
+               loc="outside lower center", ncols=3, fontsize=10, frameon=False)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _scheme_arg(value: str) -> str:
+    try:
+        parse_scheme(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value.strip().lower()
+
+
+def _print_event(ev: EvaluateEvent) -> None:
+    if ev.kind == "train":
+        if ev.train.kind == "iteration" and (ev.train.iteration % 10 == 0
+                                             or ev.train.iteration == ev.train.total):
+            print(f"  fold {ev.fold}: iteration {ev.train.iteration}/{ev.train.total}, "
+                  f"loss {ev.train.loss:.4f}", flush=True)
+    else:
+        print(("  " if ev.kind == "subject" else "") + ev.message, flush=True)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from napari_pvs.inference import run
+    from napari_pvs.store import CorrectionsStore
+
+    cfg = FinetuneConfig(iterations=args.iterations, patch=(args.patch,) * 3, lr=args.lr,
+                         batch_size=args.batch_size,
+                         iterations_per_epoch=max(1, min(50, args.iterations)),
+                         device=args.device or "cpu")
+    with CorrectionsStore.open(args.store, writable=True, wait=args.wait) as store:
+        out = Path(args.out) if args.out else (
+            store.path / "evaluation" / scheme_name(args.scheme, args.seed))
+        report = run(evaluate(store, args.scheme, config=cfg, out_dir=out, seed=args.seed,
+                              init=args.init, backend=args.backend), _print_event)
+    print(f"\n{report.markdown}")
+    print(f"results: {report.results_csv}\nsummary: {report.summary_md}\n"
+          f"plot:    {report.boxplot_png}")
+    return 0
+
+
+def add_evaluate_parser(sub) -> argparse.ArgumentParser:
+    """Register ``napari-pvs evaluate`` on an argparse subparsers object; returns its parser."""
+    p = sub.add_parser("evaluate", help="k-fold or leave-one-site-out cross-validation of "
+                                        "fine-tuning on the store's corrections")
+    p.add_argument("--store", required=True)
+    p.add_argument("--scheme", required=True, type=_scheme_arg,
+                   help="kfold:K (e.g. kfold:5) or losocv")
+    p.add_argument("--iterations", type=int, default=200, help="training iterations per fold")
+    p.add_argument("--patch", type=int, default=48, help="patch edge (voxels, multiple of 16)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=2, help="patches per training iteration")
+    p.add_argument("--out", default=None,
+                   help="output folder (default <store>/evaluation/<scheme>)")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the k-fold split")
+    p.add_argument("--init", default=None, help="model id or .safetensors every fold starts from "
+                                                "(default: a new MedNeXt)")
+    p.add_argument("--device", default=None, help="training / prediction device (default cpu)")
+    p.add_argument("--backend", default="auto", help="prediction backend",
+                   choices=("auto", "torch", "onnxruntime", "openvino"))
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the store lock")
+    p.set_defaults(func=_cmd_evaluate)
+    return p
