@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--size-mm", type=float, default=96.0)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spacing", type=float, default=1.0, help="training / prediction spacing (mm)")
     args = ap.parse_args()
     from napari_pvs.baseline import segment_frangi
     from napari_pvs.dataset import write_phantom_cohort
@@ -52,14 +53,15 @@ def main() -> None:
                                     author="phantom truth")
         cfg = FinetuneConfig(iterations=args.iterations, iterations_per_epoch=args.iterations,
                              patch=(48, 48, 48), batch_size=2, lr=args.lr, val_fraction=0.0,
-                             variant="XS", kernel_size=3, target_spacing=(1.0, 1.0, 1.0),
+                             variant="XS", kernel_size=3, target_spacing=(args.spacing,) * 3,
                              seed=args.seed)
         t0 = time.perf_counter()
         losses = []
         model_id = run(finetune(store, config=cfg),
                        lambda e: e.kind == "iteration" and losses.append(e.loss))
         train_s = time.perf_counter() - t0
-        print(f"trained MedNeXt-XS k3 from scratch: {args.iterations} iterations in {train_s / 60:.1f} min "
+        print(f"trained MedNeXt-XS k3 from scratch at {args.spacing} mm: {args.iterations} iterations "
+              f"in {train_s / 60:.1f} min "
               f"(budget 15 min: {'met' if train_s <= 900 else 'EXCEEDED'}); loss "
               f"{np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}; model {model_id}")
         net, meta = store.models.load(model_id)
