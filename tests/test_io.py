@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from _helpers import assert_same_geometry
+
 from napari_pvs import PVSInputError
 from napari_pvs import io as pvs_io
 from napari_pvs.io import (
@@ -49,7 +51,6 @@ def _assert_single_line(exc: pytest.ExceptionInfo, name: str) -> str:
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
 def test_labels_round_trip_keeps_geometry(tmp_path, oblique_nifti, kind, suffix):
     source = _axis_aligned(tmp_path) if kind == "aligned" else oblique_nifti
-    original = nib.load(source)
     vol = load_volume(source)
     assert vol.data.dtype == np.float32
     labels = (vol.data > np.median(vol.data)).astype(np.int64)
@@ -57,12 +58,7 @@ def test_labels_round_trip_keeps_geometry(tmp_path, oblique_nifti, kind, suffix)
     out = save_labels(tmp_path / f"labels{suffix}", labels, like=vol)
 
     back = nib.load(out)
-    np.testing.assert_allclose(back.affine, original.affine, atol=ATOL)
-    for getter in ("get_sform", "get_qform"):
-        want, want_code = getattr(original.header, getter)(coded=True)
-        got, got_code = getattr(back.header, getter)(coded=True)
-        assert int(got_code) == int(want_code)
-        np.testing.assert_allclose(got, want, atol=ATOL)
+    assert_same_geometry(out, source)
     assert back.get_data_dtype() == np.uint8
     assert back.dataobj.slope == 1.0 and back.dataobj.inter == 0.0
     np.testing.assert_array_equal(np.asanyarray(back.dataobj), labels)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import PickleBomb
 
 from napari_pvs import PVSInputError
 from napari_pvs.cli import main
@@ -113,21 +114,14 @@ def test_metadata_that_does_not_match_the_weights_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-class _Boom:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("touch PWNED_BY_PICKLE",))
-
-
 def test_loading_never_executes_pickled_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.safetensors"
-    evil.write_bytes(pickle.dumps({"state_dict": _Boom()}))
+    evil.write_bytes(pickle.dumps({"state_dict": PickleBomb("PWNED_BY_PICKLE")}))
     with pytest.raises(PVSInputError):
         load_checkpoint(evil)
     evil_pt = tmp_path / "evil.pt"
-    torch.save({"x": _Boom()}, evil_pt)
+    torch.save({"x": PickleBomb("PWNED_BY_PICKLE")}, evil_pt)
     with pytest.raises(PVSInputError):
         load_checkpoint(evil_pt)
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()

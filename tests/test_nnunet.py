@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import PickleBomb
 
 from napari_pvs import PVSInputError
 from napari_pvs.cli import main
@@ -116,17 +117,10 @@ def test_broken_releases_fail_clearly(tmp_path):
         load_checkpoint(ens / "ensemble.json")
 
 
-class _Payload:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("touch PICKLE_RAN",))
-
-
 def test_restricted_unpickler_refuses_code_and_runs_none(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "plans.pkl"
-    evil.write_bytes(pickle.dumps({"plans_per_stage": _Payload()}))
+    evil.write_bytes(pickle.dumps({"plans_per_stage": PickleBomb("PICKLE_RAN")}))
     with pytest.raises(PVSInputError, match="refusing to unpickle posix.system|refusing to unpickle os.system"):
         safe_load_pickle(evil)
     assert not (tmp_path / "PICKLE_RAN").exists()

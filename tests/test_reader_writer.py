@@ -8,6 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from _helpers import assert_same_geometry
+
 from napari_pvs import PVSInputError
 from napari_pvs._reader import get_reader, read_nifti
 from napari_pvs._writer import write_labels
@@ -30,16 +32,6 @@ def shown_warnings(monkeypatch) -> list[str]:
 def _world(kwargs: dict) -> np.ndarray:
     """napari's data-to-world matrix for reader kwargs: affine after scale."""
     return np.asarray(kwargs["affine"]) @ np.diag([*kwargs["scale"], 1.0])
-
-
-def _assert_same_geometry(written: Path, source: Path) -> None:
-    back, original = nib.load(written), nib.load(source)
-    np.testing.assert_allclose(back.affine, original.affine, atol=ATOL)
-    for getter in ("get_sform", "get_qform"):
-        want, want_code = getattr(original.header, getter)(coded=True)
-        got, got_code = getattr(back.header, getter)(coded=True)
-        assert int(got_code) == int(want_code)
-        np.testing.assert_allclose(got, want, atol=ATOL)
 
 
 @pytest.mark.parametrize("path", [123, None, "scan.png", "scan.nii.zip", ["a.nii", "b.tif"], []])
@@ -148,7 +140,7 @@ def test_writer_round_trips_reader_geometry(tmp_path, oblique_nifti):
     data, meta, _ = layer.as_layer_data_tuple()
     written = write_labels(str(tmp_path / "pvs_labels"), data, meta)
     assert written == [str(tmp_path / "pvs_labels.nii.gz")]
-    _assert_same_geometry(Path(written[0]), oblique_nifti)
+    assert_same_geometry(Path(written[0]), oblique_nifti)
     back = nib.load(written[0])
     assert back.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(back.dataobj), layer.data)
@@ -163,7 +155,7 @@ def test_writer_keeps_nifti2(tmp_path, nibabel_data):
     layer = Labels(np.zeros(data.shape, np.uint8), metadata=kwargs["metadata"])
     out = write_labels(str(tmp_path / "lab.nii"), layer.data, layer.as_layer_data_tuple()[1])
     assert isinstance(nib.load(out[0]), nib.Nifti2Image)
-    _assert_same_geometry(Path(out[0]), source)
+    assert_same_geometry(Path(out[0]), source)
 
 
 def test_writer_uses_the_layer_transform_without_metadata(tmp_path):
@@ -235,7 +227,7 @@ def test_viewer_opens_and_saves_oblique_volume(make_napari_viewer, tmp_path, obl
     target = tmp_path / "saved_labels.nii.gz"
     written = napari.save_layers(str(target), [labels], plugin="napari-pvs")
     assert written == [str(target)]
-    _assert_same_geometry(target, oblique_nifti)
+    assert_same_geometry(target, oblique_nifti)
 
 
 @pytest.mark.gui
