@@ -70,7 +70,7 @@ def _initial(store, init, cfg):
 
     if init is None:
         arch = arch_config(cfg.variant, cfg.kernel_size)
-        meta = default_meta(arch, target_spacing=list(cfg.target_spacing or (1.0, 1.0, 1.0)),
+        meta = default_meta(arch, target_spacing=list(cfg.target_spacing or (0.8, 0.8, 0.8)),
                             patch_size=[max(p, 32) for p in cfg.patch])
         return build_network(arch, deep_supervision=True), meta, None
     path = Path(init)
