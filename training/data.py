@@ -57,14 +57,11 @@ class SubjectData:
 
 def load_subject(store, subject: str, version: int, target_spacing) -> SubjectData:
     """Decode one subject's image, ``version`` labels and ROI onto the model grid."""
-    from napari_pvs.inference import _resize, _zscore
+    from napari_pvs.inference import _resize, _zscore, work_grid
 
     info = store.info(subject)
     spacing = np.asarray(info["spacing"], dtype=float)
-    target = np.broadcast_to(np.asarray(target_spacing or spacing, dtype=float), (3,))
-    shape = tuple(info["shape"])
-    work = shape if np.all(np.abs(target / spacing - 1) <= 0.01) else tuple(
-        max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, target))
+    work = work_grid(tuple(info["shape"]), spacing, target_spacing if target_spacing else spacing)
     image = np.asarray(store.image(subject)[...], dtype=np.float32)
     regions = store.regions(subject)
     roi = (np.asarray(regions[...]) > 0) if regions is not None else image != 0

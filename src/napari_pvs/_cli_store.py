@@ -5,27 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._errors import PVSInputError
-
 __all__ = ["add_store_parser", "export_store", "import_folder"]
 
 
 def import_folder(store, folder: str | Path, progress=print) -> int:
     """Import every subject of a BIDS-like / phantom folder; returns the count."""
-    import numpy as np
-
     from .dataset import read_cohort
     from .io import load_volume
+    from .pipeline import load_roi
 
     n = 0
     for s in read_cohort(folder):
         vol = load_volume(s.image)
-        regions = None
-        if s.regions is not None:
-            reg = load_volume(s.regions, as_labels=True)
-            if reg.shape != vol.shape or not np.allclose(reg.affine, vol.affine, atol=1e-3):
-                raise PVSInputError(f"{s.regions} is not on the grid of {s.image}")
-            regions = reg.data
+        regions = None if s.regions is None else load_roi(s.regions, vol)
         store.add_subject(s.subject, vol, site=s.site, modality=s.modality, regions=regions)
         if s.labels is not None:
             lab = load_volume(s.labels, as_labels=True)

@@ -133,6 +133,15 @@ def _check_inputs(image, spacing, roi, in_channels):
     return image, sp, roi
 
 
+def work_grid(shape, spacing, target) -> tuple[int, ...]:
+    """Grid shape at spacing ``target``; ``shape`` itself when within 1 % of ``spacing``."""
+    spacing = np.asarray(spacing, dtype=float)
+    target = np.broadcast_to(np.asarray(target, dtype=float), (3,))
+    if np.all(np.abs(target / spacing - 1) <= 0.01):
+        return tuple(int(n) for n in shape)
+    return tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, target))
+
+
 def _preprocess(image, sp, roi, pre):
     """Resample and normalise; returns ``(img, mask, work_shape, transpose or None)``.
 
@@ -149,11 +158,7 @@ def _preprocess(image, sp, roi, pre):
         image = image.transpose((0, *[a + 1 for a in order]))
         sp = sp[list(order)]
         roi = None if roi is None else roi.transpose(order)
-    shape = image.shape[1:]
-    if np.all(np.abs(target / sp - 1) <= 0.01):
-        work_shape = tuple(shape)
-    else:
-        work_shape = tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(shape, sp, target))
+    work_shape = work_grid(image.shape[1:], sp, target)
     mask = None if roi is None else _resize(roi.astype(np.float32), work_shape, "nearest") > 0.5
     if order is None:
         return _zscore(_resize(image, work_shape, "trilinear"), mask), mask, work_shape, None
