@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ._errors import PVSInputError
 
-__all__ = ["load_roi", "modality_from_name", "predict_file"]
+__all__ = ["ArrayPrediction", "load_model", "load_roi", "modality_from_name", "predict_array", "predict_file"]
 
 
 def modality_from_name(path: str | os.PathLike[str], given: str | None = None) -> str:
@@ -109,3 +112,116 @@ def predict_file(
         outs["clusters"] = table.to_csv(outdir / f"{stem}_clusters.csv")
     outs["labels"] = save_labels(outdir / f"{stem}_pvs.nii.gz", labels, like=vol)
     return outs
+
+
+@dataclass
+class ArrayPrediction:
+    """Result of :func:`predict_array`: the maps on the source grid and their clusters.
+
+    ``probability`` and ``uncertainty`` are None for the Frangi baseline, which gives
+    ``vesselness`` instead.
+    """
+
+    labels: np.ndarray
+    clusters: np.ndarray
+    table: Any  # napari_pvs.clusters.ClusterTable
+    model: str
+    probability: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    vesselness: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+def load_model(model: str, registry=None, device: str = "cpu"):
+    """``(network, metadata, cache key)`` of a registry id or a checkpoint file."""
+    from .model import checkpoint_hash, load_checkpoint
+
+    path = Path(model)
+    if not path.is_file():
+        if registry is None:
+            raise PVSInputError(f"model {model!r} is not a checkpoint file, and no store registry "
+                                "was given to look it up in")
+        path = registry.path(model)
+    net, meta = load_checkpoint(path, device)
+    return net, meta, checkpoint_hash(path)
+
+
+def predict_array(
+    image: np.ndarray,
+    spacing,
+    model: str = "baseline",
+    *,
+    affine: np.ndarray | None = None,
+    roi: np.ndarray | None = None,
+    modality: str = "T2w",
+    tta: int | None = None,
+    device: str | None = None,
+    backend: str = "auto",
+    registry=None,
+    cancel=None,
+) -> Generator[Any, None, ArrayPrediction]:
+    """Segment an in-memory volume and tabulate its clusters; a generator.
+
+    Parameters
+    ----------
+    image : ndarray, (X, Y, Z)
+    spacing : tuple of 3 floats
+        Voxel size in mm.
+    model : str
+        ``"baseline"`` (Frangi), a model id of ``registry``, or a checkpoint file.
+    affine : ndarray (4, 4), optional
+        For the table's world centroids.
+    roi : ndarray, optional
+        Region map or mask on the image grid (integers; 1 WM, 2 BG name the regions).
+    tta, device, backend, cancel :
+        As in :func:`napari_pvs.inference.predict_volume` (``tta`` defaults to the
+        checkpoint's setting, else 1).
+
+    Yields
+    ------
+    napari_pvs.inference.Progress
+
+    Returns
+    -------
+    ArrayPrediction
+    """
+    from .clusters import cluster_table, label_clusters
+    from .inference import PredictionCancelled, Progress, predict_volume
+
+    t0 = time.perf_counter()
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise PVSInputError(f"need a 3D image, got shape {image.shape}; pick one volume of a 4D series")
+    regions = None
+    if roi is not None:
+        regions = np.asarray(roi)
+        if regions.shape != image.shape:
+            raise PVSInputError(f"ROI shape {regions.shape} does not match image shape {image.shape}; "
+                                "resample the mask to the image grid")
+    mask = None if regions is None else regions > 0
+    out: dict[str, Any] = {}
+    if model == "baseline":
+        from .baseline import segment_frangi
+
+        yield Progress(0, 1, "Frangi vesselness")
+        result = segment_frangi(image, spacing, roi=mask, modality=modality)
+        labels, out["vesselness"] = result.labels, result.vesselness
+        yield Progress(1, 1, "Frangi vesselness done")
+    else:
+        net, meta, key = load_model(model, registry)
+        pre = meta.get("preprocessing", {})
+        pred = yield from predict_volume(image, spacing, net, meta, roi=mask,
+                                         tta=int(tta or pre.get("tta") or 1), device=device,
+                                         backend=backend, overlap=float(pre.get("overlap", 0.5)),
+                                         cache_key=key, cancel=cancel)
+        labels, out["probability"], out["uncertainty"] = pred.labels, pred.probability, pred.uncertainty
+        model = meta.get("id") or model
+    if cancel is not None and cancel.is_set():
+        raise PredictionCancelled("prediction cancelled")
+    clusters, _ = label_clusters(labels)
+    table = cluster_table(clusters, probability=out.get("probability"),
+                          uncertainty=out.get("uncertainty"),
+                          regions=None if regions is None or regions.max() > 2 else regions,
+                          affine=affine, spacing=spacing)
+    return ArrayPrediction(labels=np.asarray(labels, np.uint8), clusters=clusters, table=table,
+                           model=str(model), seconds=time.perf_counter() - t0, **out)

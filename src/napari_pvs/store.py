@@ -347,8 +347,12 @@ class CorrectionsStore:
 
     # ------------------------------------------------------------------ predictions
     def save_prediction(self, subject: str, model_id: str, *, probability: np.ndarray,
-                        uncertainty: np.ndarray, labels: np.ndarray) -> None:
-        """Store a model's maps for a subject (replacing that model's earlier maps)."""
+                        uncertainty: np.ndarray, labels: np.ndarray,
+                        stats: dict | None = None) -> None:
+        """Store a model's maps for a subject (replacing that model's earlier maps).
+
+        ``stats`` (JSON numbers, e.g. the mean uncertainty) go to the group's attributes.
+        """
         import zarr
 
         self._require_writable()
@@ -362,7 +366,7 @@ class CorrectionsStore:
         base = self.path / "subjects" / subject / "predictions"
         tmp = base / f".tmp-{model_id}-{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(str(tmp), mode="w")
-        group.attrs.update({"model_id": model_id, "time": _now()})
+        group.attrs.update({"model_id": model_id, "time": _now(), "stats": dict(stats or {})})
         group.create_array("probability", data=np.asarray(probability, np.float32), chunks=_CHUNKS)
         group.create_array("uncertainty", data=np.asarray(uncertainty, np.float32), chunks=_CHUNKS)
         group.create_array("labels", data=np.asarray(labels, np.uint8), chunks=_CHUNKS)

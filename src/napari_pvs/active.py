@@ -1,0 +1,127 @@
+"""Active learning: rank a store's subjects by the latest model's uncertainty (no Qt).
+
+:func:`predict_subjects` runs a registered model over store subjects and saves each
+prediction with its uncertainty statistics; :func:`rank_subjects` orders the subjects
+so that the one to correct next comes first: subjects not yet corrected before
+corrected ones, then by decreasing uncertainty.
+
+Two uncertainty scores are kept per prediction:
+
+- ``image``: the mean voxel uncertainty inside the subject's region map (WM + BG),
+  or over the whole image without one;
+- ``clusters``: the mean over predicted clusters of their mean uncertainty (0 when
+  the model found no cluster).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+
+from ._errors import PVSInputError
+
+__all__ = ["SCORES", "predict_subjects", "prediction_stats", "rank_subjects"]
+
+SCORES = ("clusters", "image")
+
+
+def prediction_stats(uncertainty: np.ndarray, labels: np.ndarray,
+                     regions: np.ndarray | None = None) -> dict[str, float]:
+    """The uncertainty scores of one prediction (see the module docstring)."""
+    from .clusters import cluster_table, label_clusters
+
+    unc = np.asarray(uncertainty, dtype=np.float32)
+    inside = unc[np.asarray(regions) > 0] if regions is not None else unc
+    clusters, n = label_clusters(labels)
+    table = cluster_table(clusters, uncertainty=unc)
+    per = table.columns["unc_mean"]
+    return {"image": float(inside.mean()) if inside.size else 0.0,
+            "clusters": float(per.mean()) if n else 0.0, "n_clusters": int(n)}
+
+
+def predict_subjects(store, model_id: str, subjects: list[str] | None = None, *,
+                     skip_done: bool = True, tta: int | None = None, device: str | None = None,
+                     backend: str = "auto", cancel=None) -> Generator[Any, None, list[str]]:
+    """Predict store subjects with a registered model and save the maps; a generator.
+
+    ``store`` must be writable.  Subjects that already hold this model's prediction
+    are skipped unless ``skip_done`` is False.  Yields :class:`~napari_pvs.inference.Progress`
+    (one step per subject); returns the subjects predicted.
+    """
+    from .inference import Progress, run
+    from .pipeline import predict_array
+
+    todo = [s for s in (subjects or store.subjects())
+            if not (skip_done and model_id in store.predictions(s))]
+    done = []
+    for k, sid in enumerate(todo):
+        yield Progress(k, len(todo), f"{sid}: predicting with {model_id}")
+        info = store.info(sid)
+        image = np.asarray(store.image(sid)[...])
+        regions = store.regions(sid)
+        regions = None if regions is None else np.asarray(regions[...])
+        gen = predict_array(image, info["spacing"], model_id, affine=np.asarray(info["affine"]),
+                            roi=regions, modality=info.get("modality", "T2w"), tta=tta,
+                            device=device, backend=backend, registry=store.models, cancel=cancel)
+        pred = run(gen)
+        store.save_prediction(sid, model_id, probability=pred.probability,
+                              uncertainty=pred.uncertainty, labels=pred.labels,
+                              stats=prediction_stats(pred.uncertainty, pred.labels, regions))
+        done.append(sid)
+    yield Progress(len(todo), len(todo), f"{len(done)} subject(s) predicted with {model_id}")
+    return done
+
+
+def _stats(store, sid: str, model_id: str) -> dict[str, float]:
+    group = store.prediction(sid, model_id)
+    stats = dict(group.attrs.get("stats") or {})
+    if not all(k in stats for k in SCORES):  # saved without statistics: compute them now
+        regions = store.regions(sid)
+        stats = prediction_stats(group["uncertainty"][...], group["labels"][...],
+                                 None if regions is None else regions[...])
+    return stats
+
+
+def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> list[dict[str, Any]]:
+    """Store subjects, the one to correct next first.
+
+    Parameters
+    ----------
+    store : CorrectionsStore
+    model_id : str, optional
+        Whose uncertainty ranks the subjects (default: the newest registered model).
+    by : {"clusters", "image"}
+        Which uncertainty score ranks them.
+
+    Returns
+    -------
+    list of dict
+        One row per subject: ``subject``, ``site``, ``status``, ``versions``,
+        ``model_id``, ``uncertainty`` (the chosen score; NaN when the subject has no
+        prediction of the model), ``image``, ``clusters``, ``n_clusters``.  Subjects not yet
+        corrected come first, then by decreasing uncertainty, unpredicted ones last.
+    """
+    if by not in SCORES:
+        raise PVSInputError(f"unknown uncertainty score {by!r}; choose one of {SCORES}")
+    if model_id is None:
+        latest = store.models.latest()
+        model_id = latest["id"] if latest else None
+    rows = []
+    for sid in store.subjects():
+        info = store.info(sid)
+        row = {"subject": sid, "site": info.get("site", "unknown"), "status": info["status"],
+               "versions": len(store.version_numbers(sid)), "model_id": model_id,
+               "uncertainty": math.nan, "image": math.nan, "clusters": math.nan, "n_clusters": 0}
+        if model_id is not None and model_id in store.predictions(sid):
+            row.update(_stats(store, sid, model_id))
+            row["uncertainty"] = row[by]
+        rows.append(row)
+
+    def key(r):
+        u = r["uncertainty"]
+        return (r["status"] == "corrected", math.isnan(u), -(0.0 if math.isnan(u) else u), r["subject"])
+
+    return sorted(rows, key=key)
