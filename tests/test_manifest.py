@@ -25,6 +25,8 @@ def test_manifest_is_found_through_the_entry_point_and_validates():
     assert {r.command for r in mf.contributions.readers} == {"napari-pvs.read_nifti",
                                                              "napari-pvs.read_store"}
     assert {s.key for s in mf.contributions.sample_data} == {"phantom_t2w", "phantom_t1w"}
+    assert {w.display_name for w in mf.contributions.widgets} == {
+        "Predict", "Review clusters", "Retrain", "Active-learning queue"}
 
 
 @pytest.mark.parametrize("command", _manifest().contributions.commands, ids=lambda c: c.id)
@@ -39,7 +41,8 @@ def test_core_and_training_import_without_qt():
         "napari_pvs.metrics, napari_pvs.dataset, napari_pvs.cli, napari_pvs._reader, napari_pvs._writer, "
         "napari_pvs.model, napari_pvs.inference, napari_pvs.nnunet, napari_pvs.store, "
         "napari_pvs.pipeline, napari_pvs._backends, napari_pvs._store_reader, "
-        "napari_pvs.training.loop\n"
+        "napari_pvs.training.loop, napari_pvs.review, napari_pvs.active, napari_pvs.training.job, "
+        "napari_pvs.training.worker\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'torch')]\n"
         "print(','.join(bad))"

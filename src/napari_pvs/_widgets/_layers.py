@@ -1,0 +1,180 @@
+"""Layer plumbing shared by the widgets: geometry, prediction layers, store subjects.
+
+Conventions for layer ``metadata`` (the NIfTI reader and the store reader set the
+first ones):
+
+- ``nifti_affine``: the voxel-to-world matrix of the source volume;
+- ``store``, ``subject``, ``site``: the store subject a layer belongs to;
+- ``modality``: "T2w" or "T1w";
+- ``prediction``: on a predicted labels layer, ``{"model", "image", "probability",
+  "uncertainty", "vesselness", "clusters", "regions"}`` (model id and layer names).
+"""
+
+from __future__ import annotations
+
+import getpass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_prediction_layers", "geometry", "open_store_subject", "user"]
+
+
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (containers): still record something
+        return "napari-pvs user"
+
+
+def geometry(layer) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``(4x4 voxel-to-world affine, voxel spacing in mm)`` of a 3D layer."""
+    meta = layer.metadata or {}
+    if meta.get("nifti_affine") is not None:
+        affine = np.asarray(meta["nifti_affine"], dtype=float)
+    else:  # napari applies scale and translate, then its affine
+        inner = np.diag([*np.asarray(layer.scale, float)[-3:], 1.0])
+        inner[:3, 3] = np.asarray(layer.translate, float)[-3:]
+        affine = np.asarray(layer.affine.affine_matrix, float)[-4:, -4:] @ inner
+    spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return affine, spacing
+
+
+def _geo_kwargs(layer) -> dict[str, Any]:
+    return {"scale": layer.scale, "translate": layer.translate, "affine": layer.affine}
+
+
+def modality(layer) -> str:
+    meta = layer.metadata or {}
+    if meta.get("modality") in ("T1w", "T2w"):
+        return meta["modality"]
+    phantom = meta.get("phantom") or {}
+    if phantom.get("modality") in ("T1w", "T2w"):
+        return phantom["modality"]
+    return "T1w" if "T1w" in layer.name or "t1" in layer.name.lower() else "T2w"
+
+
+def _cluster_colours(table, uncertain: bool) -> tuple[dict, tuple[float, float]]:
+    """Cluster id -> RGBA from the plasma colour map of each cluster's uncertainty
+    (or, without uncertainty, of 1 - its mean probability / its size)."""
+    from matplotlib import colormaps
+
+    cols = table.columns
+    if uncertain:
+        value = np.nan_to_num(cols["unc_mean"], nan=0.0)
+    elif not np.all(np.isnan(cols["prob_mean"])):
+        value = 1.0 - np.nan_to_num(cols["prob_mean"], nan=1.0)
+    else:
+        value = np.log1p(cols["voxels"].astype(float))
+    lo, hi = (float(value.min()), float(value.max())) if value.size else (0.0, 1.0)
+    norm = (value - lo) / (hi - lo) if hi > lo else np.zeros_like(value)
+    rgba = colormaps["plasma"](0.15 + 0.85 * norm)
+    colours = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+    colours.update({int(c): tuple(float(v) for v in rgba[k]) for k, c in enumerate(cols["id"])})
+    return colours, (lo, hi)
+
+
+def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> Any:
+    """Add a prediction's layers next to ``image_layer``; returns the editable labels layer.
+
+    PVS labels (editable, visible), probability / uncertainty (or the Frangi
+    vesselness), colour-mapped and hidden, and the clusters coloured by uncertainty.
+    """
+    import pandas as pd
+    from napari.utils.colormaps import DirectLabelColormap
+
+    base = f"{image_layer.name} [{pred.model}]"
+    geo = _geo_kwargs(image_layer)
+    src = {k: v for k, v in (image_layer.metadata or {}).items()
+           if k in ("nifti_affine", "store", "subject", "site", "modality", "spacing", "shape")}
+    names = {"model": pred.model, "image": image_layer.name,
+             "regions": None if regions_layer is None else regions_layer.name}
+    for key, cmap in (("probability", "magma"), ("uncertainty", "viridis"), ("vesselness", "inferno")):
+        data = getattr(pred, key)
+        if data is None:
+            names[key] = None
+            continue
+        hi = 1.0 if key == "probability" else float(np.percentile(data[data > 0], 99.5)) if (data > 0).any() else 1.0
+        layer = viewer.add_image(data, name=f"{base} {key}", colormap=cmap, visible=False,
+                                 contrast_limits=(0.0, max(hi, 1e-6)), blending="additive",
+                                 metadata=dict(src), **geo)
+        names[key] = layer.name
+    colours, (lo, hi) = _cluster_colours(pred.table, pred.uncertainty is not None)
+    features = pd.DataFrame({k: pred.table.columns[k] for k in
+                             ("id", "voxels", "unc_mean", "prob_mean", "region", "length_mm")})
+    features.insert(0, "index", features["id"])
+    features = pd.concat([pd.DataFrame({"index": [0]}), features], ignore_index=True)
+    clusters = viewer.add_labels(pred.clusters, name=f"{base} clusters", opacity=0.9,
+                                 colormap=DirectLabelColormap(color_dict=colours),
+                                 features=features,
+                                 metadata={**src, "colour_range": [lo, hi]}, **geo)
+    names["clusters"] = clusters.name
+    labels = viewer.add_labels(pred.labels, name=f"{base} PVS", opacity=0.6,
+                               metadata={**src, "prediction": names}, **geo)
+    # the editable labels on top; the clusters show through where they are not drawn
+    viewer.layers.move(viewer.layers.index(clusters), len(viewer.layers) - 2)
+    viewer.layers.selection.active = labels
+    return labels
+
+
+def open_store_subject(viewer, store, subject: str, model_id: str | None = None):
+    """Add a store subject's image, labels to correct and prediction; returns the labels layer.
+
+    The labels are the latest corrected version, else the model's predicted labels,
+    else empty; they are a writable copy in memory (the store's versions are immutable).
+    """
+    from ..io import Volume
+
+    info = store.info(subject)
+    affine = np.asarray(info["affine"], dtype=float)
+    scale, napari_affine = Volume(None, affine, tuple(info["spacing"])).napari_transform()
+    geo = {"scale": scale, "affine": napari_affine}
+    meta = {"store": str(store.path), "subject": subject, "site": info.get("site"),
+            "modality": info.get("modality", "T2w"), "nifti_affine": affine.tolist()}
+    image = np.asarray(store.image(subject)[...])
+    from .._reader import _contrast_limits
+
+    img_layer = viewer.add_image(image, name=f"{subject} image", colormap="gray",
+                                 contrast_limits=_contrast_limits(image), metadata=dict(meta), **geo)
+    regions = store.regions(subject)
+    reg_layer = None
+    if regions is not None:
+        reg_layer = viewer.add_labels(np.asarray(regions[...]), name=f"{subject} regions (1 WM, 2 BG)",
+                                      visible=False, opacity=0.3, metadata=dict(meta), **geo)
+    names: dict[str, Any] = {"model": model_id, "image": img_layer.name,
+                             "regions": None if reg_layer is None else reg_layer.name,
+                             "probability": None, "uncertainty": None, "vesselness": None,
+                             "clusters": None}
+    pred = store.prediction(subject, model_id) if model_id in store.predictions(subject) else None
+    if pred is not None:
+        for key, cmap in (("probability", "magma"), ("uncertainty", "viridis")):
+            data = np.asarray(pred[key][...])
+            hi = 1.0 if key == "probability" else float(max(np.percentile(data, 99.9), 1e-6))
+            layer = viewer.add_image(data, name=f"{subject} [{model_id}] {key}", colormap=cmap,
+                                     visible=False, contrast_limits=(0.0, hi), blending="additive",
+                                     metadata=dict(meta), **geo)
+            names[key] = layer.name
+    version = info.get("latest")
+    if version is not None:
+        labels = np.array(store.labels(subject, version)[...], dtype=np.uint8)
+        name = f"{subject} labels v{version}"
+    elif pred is not None:
+        labels = np.array(pred["labels"][...], dtype=np.uint8)
+        name = f"{subject} [{model_id}] PVS"
+    else:
+        labels = np.zeros(tuple(info["shape"]), np.uint8)
+        name = f"{subject} labels (new)"
+    layer = viewer.add_labels(labels, name=name, opacity=0.6,
+                              metadata={**meta, "version": version, "prediction": names}, **geo)
+    viewer.layers.selection.active = layer
+    return layer
+
+
+def reset_ordered(combo) -> None:
+    """Re-read a magicgui ComboBox's choices in their given order (magicgui appends new
+    ones at the end), keeping the current value when it is still a choice."""
+    value = combo.value
+    combo.native.clear()
+    combo.reset_choices()
+    if value in combo.choices:
+        combo.value = value
