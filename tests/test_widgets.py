@@ -168,6 +168,12 @@ def test_review_rejects_a_planted_false_positive_with_its_key(make_napari_viewer
     rw.sort.value = "size"
     sizes = [int(s.row(c)["voxels"]) for c in rw.order()]
     assert sizes == sorted(sizes, reverse=True)
+    rw.table.horizontalHeader().sectionClicked.emit(2)  # a click on "voxels" reverses the order
+    assert [int(s.row(c)["voxels"]) for c in rw.order()] == sorted(sizes)
+    rw.table.horizontalHeader().sectionClicked.emit(3)  # "uncertainty": NaN for the baseline
+    assert len(rw.order()) == s.n
+    rw.sort.value = "priority"
+    rw.sort.value = "size"
     rw.go_to(cid)
     world = labels.data_to_world([i, j, k])
     np.testing.assert_allclose(viewer.dims.point, world, atol=1.0)  # the planted blob's slice
@@ -292,3 +298,125 @@ def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, q
 
 def _camera(viewer):
     return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+
+
+def test_end_to_end_predict_review_save_retrain_repredict(make_napari_viewer, qtbot, tmp_path):
+    """Sample phantom -> predict -> reject a planted false positive -> save -> retrain a tiny
+    model in a child process -> the new model is registered -> re-predict with it."""
+    from napari_pvs._widgets.predict import PredictWidget
+    from napari_pvs._widgets.retrain import NEW, RetrainWidget
+    from napari_pvs._widgets.review import ReviewWidget
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-pvs", "phantom_t2w")  # through the plugin's manifest
+    image = viewer.layers["phantom T2w"]
+    pw, rw, tw = PredictWidget(viewer), ReviewWidget(viewer), RetrainWidget(viewer)
+    for w in (pw, rw, tw):
+        qtbot.addWidget(w)
+    assert pw.roi.value is viewer.layers["regions (1 WM, 2 BG)"]
+    pw.run()
+    qtbot.waitUntil(lambda: pw.worker is None, timeout=180_000)
+    labels = viewer.layers["phantom T2w [baseline] PVS"]
+    assert rw.layer is labels  # the review widget follows the new prediction
+    truth = viewer.layers["PVS truth"].data
+    wm = np.argwhere((viewer.layers["regions (1 WM, 2 BG)"].data == 1))
+    i, j, k = next(tuple(int(v) for v in p) for p in wm[::97]
+                   if not (labels.data[p[0] - 3:p[0] + 4, p[1] - 3:p[1] + 4, p[2] - 3:p[2] + 4].any()
+                           or truth[p[0] - 3:p[0] + 4, p[1] - 3:p[1] + 4, p[2] - 3:p[2] + 4].any()))
+    labels.data[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2] = 1  # a false positive of the model
+    rw.set_layer(labels)
+    cid = int(rw.session.clusters[i, j, k])
+    rw.go_to(cid)
+    rw.reject()
+    assert labels.data[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].sum() == 0
+    rw.store.value = str(tmp_path / "e2e.pvs.zarr")
+    rw.subject.value = "sample01"
+    # retrain saves the pending correction first, then trains in a child process
+    assert tw.init.value == NEW and tw.mode.value == "subprocess"
+    tw.iterations.value = 4
+    tw.patch.value = 48
+    assert str(tw.store.value) == str(tmp_path / "e2e.pvs.zarr")
+    worker = tw.retrain()
+    assert worker is not None and not rw.has_unsaved()
+    with CorrectionsStore.open(tmp_path / "e2e.pvs.zarr") as store:
+        saved = np.asarray(store.labels("sample01")[...])
+        assert saved[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].sum() == 0
+        assert store.info("sample01")["status"] == "corrected"
+    qtbot.waitUntil(lambda: tw.worker is None, timeout=300_000)
+    assert tw.model_id is not None and tw.history["it"] == [1, 2, 3, 4]
+    with CorrectionsStore.open(tmp_path / "e2e.pvs.zarr") as store:
+        meta = {m["id"]: m for m in store.models.list()}[tw.model_id]
+        assert meta["provenance"]["data_versions"] == {"sample01": 1}
+    assert pw.model.value == tw.model_id  # the predict widget offers the new model
+    assert tw.repredict_button.enabled
+    tw.repredict()
+    name = f"phantom T2w [{tw.model_id}] PVS"
+    qtbot.waitUntil(lambda: name in viewer.layers, timeout=300_000)
+    assert f"phantom T2w [{tw.model_id}] uncertainty" in viewer.layers
+    with CorrectionsStore.open(tmp_path / "e2e.pvs.zarr") as store:
+        assert store.predictions("sample01") == [tw.model_id]  # ready for the queue
+    rw.unbind_keys()
+
+
+@pytest.fixture
+def corrected_store(tmp_path):
+    from napari_pvs.phantom import make_phantom
+
+    path = tmp_path / "r.pvs.zarr"
+    with CorrectionsStore.create(path) as store:
+        for k in range(2):
+            ph = make_phantom(seed=k, size_mm=48.0, subject=f"r{k}")
+            store.add_subject(f"r{k}", Volume(ph.image, ph.affine, ph.spacing), site="A",
+                              regions=ph.regions)
+            store.commit_labels(f"r{k}", ph.labels, author="truth")
+    return path
+
+
+@pytest.mark.parametrize("mode", ["subprocess", "thread"])
+def test_retrain_widget_trains_plots_and_registers(make_napari_viewer, qtbot, corrected_store, mode):
+    from napari_pvs._widgets._state import state_for
+    from napari_pvs._widgets.retrain import RetrainWidget
+
+    viewer = make_napari_viewer()
+    w = RetrainWidget(viewer)
+    qtbot.addWidget(w)
+    registered = []
+    state_for(viewer).model_registered.connect(registered.append)
+    w.store.value = str(corrected_store)
+    w.iterations.value = 4
+    w.patch.value = 32
+    w.mode.value = mode
+    assert w.retrain() is not None and not w.retrain_button.enabled
+    qtbot.waitUntil(lambda: w.worker is None, timeout=240_000)
+    assert registered == [w.model_id] and w.bar.value() == 4
+    assert len(w.ax.lines) == 1 and list(w.ax.lines[0].get_xdata()) == [1, 2, 3, 4]
+    with CorrectionsStore.open(corrected_store) as store:
+        assert w.model_id in [m["id"] for m in store.models.list()]
+    assert w.init.value == w.model_id  # the next run fine-tunes the new model
+
+
+def test_retrain_cancel_and_failure_are_reported(make_napari_viewer, qtbot, corrected_store,
+                                                 tmp_path, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    from napari_pvs._widgets.retrain import RetrainWidget
+
+    errors = []
+    monkeypatch.setattr(notifications, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    w = RetrainWidget(viewer)
+    qtbot.addWidget(w)
+    w.store.value = str(corrected_store)
+    w.iterations.value = 500
+    w.patch.value = 32
+    w.retrain()
+    qtbot.waitUntil(lambda: len(w.history["it"]) >= 2, timeout=120_000)
+    w.cancel()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    assert w.status.value == "cancelled" and w.model_id is None and errors == []
+    with CorrectionsStore.open(corrected_store) as store:
+        assert store.models.list() == []
+    # a store folder that is not a store: a clear error, no worker
+    (tmp_path / "empty.pvs.zarr").mkdir()
+    w.store.value = str(tmp_path / "empty.pvs.zarr")
+    assert w.retrain() is None and "not a corrections store" in errors[-1]

@@ -23,11 +23,14 @@ class ViewerState:
         A model id was added to the current store's registry.
     subject_opened(object)
         Layers of a store subject were added (the editable labels layer is passed).
+    predicted(object)
+        A prediction's layers were added (its editable labels layer is passed).
     """
 
     store_changed = Signal(str)
     model_registered = Signal(str)
     subject_opened = Signal(object)
+    predicted = Signal(object)
 
     def __init__(self) -> None:
         self._store: str | None = None

@@ -58,10 +58,10 @@ def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: in
     ``progress(Progress)``, ``done(labels_layer)``, ``failed(exception)`` and
     ``finished()`` are called on the GUI thread.
     """
-    from napari.qt.threading import create_worker
     from napari.utils.notifications import show_error, show_info
 
     from .._errors import PVSInputError
+    from ._worker import start_worker
 
     image = np.asarray(image_layer.data)
     if image.ndim != 3:
@@ -77,15 +77,11 @@ def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: in
                                 "this image")
     meta = image_layer.metadata or {}
     subject = meta.get("subject") if meta.get("store") in (None, store) else None
-    worker = create_worker(predict_job, image, spacing, model, affine=affine, roi=roi,
-                           modality=modality(image_layer), tta=tta,
-                           device=None if device == "auto" else device, store_path=store,
-                           subject=subject, cancel=cancel, _start_thread=False)
-
     def _returned(pred):
         layer = add_prediction_layers(viewer, image_layer, pred, regions_layer=roi_layer)
         show_info(f"{image_layer.name}: {len(pred.table)} PVS clusters with {pred.model} "
                   f"in {pred.seconds:.1f} s")
+        state_for(viewer).predicted.emit(layer)
         if done is not None:
             done(layer)
 
@@ -99,14 +95,11 @@ def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: in
         if failed is not None:
             failed(exc)
 
-    if progress is not None:
-        worker.yielded.connect(progress)
-    worker.returned.connect(_returned)
-    worker.errored.connect(_errored)
-    if finished is not None:
-        worker.finished.connect(finished)
-    worker.start()
-    return worker
+    return start_worker(predict_job, image, spacing, model, affine=affine, roi=roi,
+                        modality=modality(image_layer), tta=tta,
+                        device=None if device == "auto" else device, store_path=store,
+                        subject=subject, cancel=cancel, yielded=progress, returned=_returned,
+                        errored=_errored, finished=finished)
 
 
 class PredictWidget(QWidget):
@@ -233,9 +226,7 @@ class PredictWidget(QWidget):
     def cancel(self) -> None:
         if self._cancel is not None:
             self._cancel.set()
-        if self.worker is not None:
-            self.worker.quit()
-        self.status.value = "cancelling ..."
+        self.status.value = "cancelling ..."  # the worker stops within one window batch
 
     def _finished(self) -> None:
         self.worker = None

@@ -145,10 +145,10 @@ class QueueWidget(QWidget):
 
     def predict_missing(self):
         """Predict every subject lacking the latest model's prediction; returns the worker."""
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error, show_info
 
         from ..active import predict_subjects
+        from ._worker import start_worker
 
         store = self._open_store()
         latest = None if store is None else store.models.latest()
@@ -163,16 +163,12 @@ class QueueWidget(QWidget):
             with CorrectionsStore.open(path, writable=True, wait=10) as st:
                 return (yield from predict_subjects(st, latest["id"]))
 
-        self.worker = create_worker(job, _start_thread=False)
-        self.worker.yielded.connect(lambda p: (self.bar.setRange(0, max(p.total, 1)),
-                                               self.bar.setValue(p.done)))
-        self.worker.returned.connect(lambda done: (show_info(f"predicted {len(done)} subject(s)"),
-                                                   self.refresh()))
-        self.worker.errored.connect(lambda exc: show_error(f"prediction failed: {exc}"))
-        self.worker.finished.connect(self._finished)
         self.bar.setVisible(True)
         self.predict_button.enabled = False
-        self.worker.start()
+        self.worker = start_worker(
+            job, yielded=lambda p: (self.bar.setRange(0, max(p.total, 1)), self.bar.setValue(p.done)),
+            returned=lambda done: (show_info(f"predicted {len(done)} subject(s)"), self.refresh()),
+            errored=lambda exc: show_error(f"prediction failed: {exc}"), finished=self._finished)
         return self.worker
 
     def _finished(self) -> None:

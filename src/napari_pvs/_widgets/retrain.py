@@ -138,37 +138,37 @@ class RetrainWidget(QWidget):
 
     def retrain(self):
         """Save pending corrections, then start training; returns the worker or None."""
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         from ..training.job import TrainingJob
+        from ._worker import start_worker
 
         if self.worker is not None:
             return self.worker
         store = str(self.store.value)
-        if store in ("", ".") or not (Path(store) / "zarr.json").is_file():
-            show_error(f"{store or 'no store'}: choose a corrections store (*.pvs.zarr) to train on")
+        if store in ("", "."):
+            show_error("choose a corrections store (*.pvs.zarr) to train on")
             return None
         self.state.store = store
-        if not self.state.save_pending():
+        if not self.state.save_pending():  # this may create the store
             show_error("retraining stopped: the pending corrections could not be saved")
+            return None
+        if not (Path(store) / "zarr.json").is_file():
+            show_error(f"{store} is not a corrections store: review and save corrections first, "
+                       "or create one with `napari-pvs store init`")
             return None
         init = None if self.init.value in (None, NEW) else self.init.value
         self.job = TrainingJob(store, init=init, config=self.config(), mode=self.mode.value)
         self.history = {k: [] for k in self.history}
         self.model_id = None
-        self.worker = create_worker(self.job.events, _start_thread=False)
-        self.worker.yielded.connect(self._on_event)
-        self.worker.returned.connect(self._on_done)
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
         self.bar.setRange(0, int(self.iterations.value))
         self.bar.setValue(0)
         self.retrain_button.enabled = False
         self.repredict_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = f"starting ({self.mode.value}) ..."
-        self.worker.start()
+        self.worker = start_worker(self.job.events, yielded=self._on_event, returned=self._on_done,
+                                   errored=self._on_error, finished=self._on_finished)
         return self.worker
 
     def _on_event(self, ev) -> None:

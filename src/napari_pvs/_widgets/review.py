@@ -37,20 +37,6 @@ COLUMNS = [("cluster", "id"), ("status", None), ("voxels", "voxels"), ("uncertai
 STATUS_COLOUR = {"accepted": "#2e7d32", "rejected": "#c62828"}
 
 
-class _Item(QTableWidgetItem):
-    """A table cell that sorts by its number, not its text."""
-
-    def __init__(self, text: str, key):
-        super().__init__(text)
-        self.key = key
-
-    def __lt__(self, other):
-        a, b = self.key, getattr(other, "key", None)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            return (np.nan_to_num(a, nan=-np.inf)) < (np.nan_to_num(b, nan=-np.inf))
-        return str(a) < str(b)
-
-
 def _fmt(v) -> str:
     if isinstance(v, float):
         return "" if np.isnan(v) else f"{v:.3f}"
@@ -109,7 +95,8 @@ class ReviewWidget(QWidget):
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        self.table.setSortingEnabled(True)
+        self.table.horizontalHeader().sectionClicked.connect(self._on_header)
+        self._descending = True
         self.table.setMinimumHeight(220)
         self.save_form = Container(widgets=[self.store, self.subject, self.save_button,
                                             self.refresh_button])
@@ -125,7 +112,7 @@ class ReviewWidget(QWidget):
         b["undo"].clicked.connect(self.undo)
         self.save_button.clicked.connect(self.save)
         self.refresh_button.clicked.connect(lambda: self.set_layer(self.layer, keep_edits=True))
-        self.sort.changed.connect(lambda _: self._fill_table())
+        self.sort.changed.connect(self._on_sort_choice)
         self.labels.changed.connect(self._on_labels_choice)
         self.table.itemSelectionChanged.connect(self._on_row)
         self.store.changed.connect(lambda v: setattr(self.state, "store", str(v) if str(v) not in
@@ -134,7 +121,8 @@ class ReviewWidget(QWidget):
             ev.connect(self._refresh_choices)
         self.state.store_changed.connect(self._on_store)
         self.state.add_saver(self.save, self.has_unsaved)
-        self.state.subject_opened.connect(self.set_layer)
+        self.state.subject_opened.connect(self._follow)
+        self.state.predicted.connect(self._follow)
         self._bind_keys()
         self._guard = _CloseGuard(self)
         napari_viewer.window._qt_window.installEventFilter(self._guard)
@@ -179,6 +167,16 @@ class ReviewWidget(QWidget):
     def _on_labels_choice(self, layer) -> None:
         if layer is not self.layer:
             self.set_layer(layer)
+
+    def _follow(self, layer) -> None:
+        """Review a newly added prediction / subject, unless that would drop unsaved work."""
+        from napari.utils.notifications import show_info
+
+        if self.has_unsaved():
+            show_info(f"review stays on {self.layer.name!r} (unsaved corrections); save them, "
+                      f"then choose {layer.name!r}")
+            return
+        self.set_layer(layer)
 
     def set_layer(self, layer, keep_edits: bool = False) -> None:
         """Review ``layer`` (a 3D Labels layer); with ``keep_edits`` the pending events stay."""
@@ -237,20 +235,19 @@ class ReviewWidget(QWidget):
     # ------------------------------------------------------------------ table
     def _fill_table(self) -> None:
         t = self.table
-        t.setSortingEnabled(False)
         t.blockSignals(True)
         t.setRowCount(0)
         self._status_items = {}
         if self.session is not None:
             s = self.session
-            key = SORT[self.sort.value]
-            ids = s.order(key, descending=key != "region")
+            key = self._sort_key()
+            ids = s.order(key, descending=self._descending)
             t.setRowCount(len(ids))
             for r, cid in enumerate(ids):
                 row = s.row(cid)
                 for c, (_, col) in enumerate(COLUMNS):
                     value = s.decisions.get(cid, "") if col is None else row[col]
-                    item = _Item(_fmt(value), value)
+                    item = QTableWidgetItem(_fmt(value))
                     if c == 0:
                         item.setData(Qt.UserRole, int(cid))
                     if col is None:
@@ -259,6 +256,23 @@ class ReviewWidget(QWidget):
                 self._paint_status(cid)
         t.blockSignals(False)
         self._update_counter()
+
+    def _sort_key(self) -> str:
+        return getattr(self, "_header_key", None) or SORT[self.sort.value]
+
+    def _on_sort_choice(self, value) -> None:
+        self._header_key = None
+        self._descending = value != "region"
+        self._fill_table()
+
+    def _on_header(self, column: int) -> None:
+        """A click on a column header sorts by it; a second click reverses the order."""
+        key = COLUMNS[column][1]
+        if key is None:
+            return
+        self._descending = not self._descending if key == self._sort_key() else key != "region"
+        self._header_key = key
+        self._fill_table()
 
     def order(self) -> list[int]:
         """Cluster ids in the table's current (visual) order."""
@@ -272,7 +286,6 @@ class ReviewWidget(QWidget):
             return
         status = self.session.decisions.get(cid, "")
         item.setText(status)
-        item.key = status
         item.setForeground(QColor(STATUS_COLOUR.get(status, "#dddddd")))
 
     def _update_counter(self) -> None:
@@ -426,6 +439,9 @@ class ReviewWidget(QWidget):
         meta = dict(self.layer.metadata or {})
         meta.update({"store": str(path), "subject": subject, "version": version})
         self.layer.metadata = meta
+        image = self._image_layer()
+        if image is not None and image.data.shape == self.layer.data.shape:
+            image.metadata = {**(image.metadata or {}), "store": str(path), "subject": subject}
         self.state.store = str(path)
         self._update_counter()
         show_info(f"saved {subject} v{version}: {summary['clusters_rejected']} clusters rejected, "
