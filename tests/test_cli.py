@@ -115,7 +115,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 @pytest.mark.gui
 @pytest.mark.slow
-def test_demo_opens_napari_and_screenshots(tmp_path):
+def test_demo_opens_napari_with_the_prediction_under_review(tmp_path):
     shot = tmp_path / "demo.png"
     env = {k: v for k, v in __import__("os").environ.items() if k != "QT_QPA_PLATFORM"}
     r = subprocess.run(["napari-pvs", "demo", "--out", str(tmp_path), "--sites", "1",
@@ -124,12 +124,18 @@ def test_demo_opens_napari_and_screenshots(tmp_path):
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
+    from napari_pvs.store import CorrectionsStore
+
     img = np.asarray(Image.open(shot))
-    assert img.shape[0] > 200 and img.shape[1] > 300
-    # the truth is drawn magenta and the prediction cyan over a grey image
-    rgb = img[:, img.shape[1] // 3 :, :3].astype(int)  # the canvas, not the layer controls
-    assert np.any((rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] > 200))
-    assert np.any((rgb[..., 0] < 80) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200))
+    assert img.shape[0] >= 900 and img.shape[1] >= 1400  # the window with its docked widgets
+    rgb = img[..., :3].astype(int)
+    # the current cluster is ringed in yellow on the canvas
+    assert np.any((rgb[..., 0] > 220) & (rgb[..., 1] > 220) & (rgb[..., 2] < 60))
+    # the review widget's table is on the right: many rows of text
+    right = rgb[:, int(img.shape[1] * 0.72):].mean(axis=2)
+    assert right.std() > 15
+    with CorrectionsStore.open(tmp_path / "demo.pvs.zarr") as store:  # Save goes here
+        assert store.subjects() == ["siteA01"] and store.regions("siteA01") is not None
 
 
 def test_site_from_the_bids_acq_entity_when_participants_tsv_lacks_it(tmp_path):

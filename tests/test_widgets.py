@@ -420,3 +420,34 @@ def test_retrain_cancel_and_failure_are_reported(make_napari_viewer, qtbot, corr
     (tmp_path / "empty.pvs.zarr").mkdir()
     w.store.value = str(tmp_path / "empty.pvs.zarr")
     assert w.retrain() is None and "not a corrections store" in errors[-1]
+
+
+@pytest.mark.parametrize("name", ["predict", "review", "retrain", "queue"])
+def test_screenshot_of_each_widget_docked_in_napari_is_not_blank(make_napari_viewer, qtbot, name,
+                                                                 tmp_path):
+    import importlib
+
+    from qtpy.QtWidgets import QApplication
+
+    classes = {"predict": "PredictWidget", "review": "ReviewWidget", "retrain": "RetrainWidget",
+               "queue": "QueueWidget"}
+    viewer = make_napari_viewer(show=True)
+    _phantom_viewer(viewer)
+    cls = getattr(importlib.import_module(f"napari_pvs._widgets.{name}"), classes[name])
+    widget = cls(viewer)
+    viewer.window.add_dock_widget(widget, name=name, area="right")
+    for _ in range(5):
+        QApplication.processEvents()
+    shot = viewer.screenshot(str(tmp_path / f"{name}_window.png"), canvas_only=False)
+    assert shot.ndim == 3 and shot.shape[0] > 300 and shot.shape[1] > 400
+    assert (tmp_path / f"{name}_window.png").stat().st_size > 10_000
+    grab = widget.grab()
+    assert grab.width() > 150 and grab.height() > 100
+    assert grab.save(str(tmp_path / f"{name}.png"))
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(tmp_path / f"{name}.png").convert("L"), dtype=float)
+    assert pixels.std() > 10  # text and controls, not a flat panel
+    assert len(np.unique(pixels)) > 20
+    if name == "review":
+        widget.unbind_keys()

@@ -218,49 +218,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     (out / "scores.json").write_text(json.dumps(rows, indent=1))
     print(f"scores: {out / 'scores.json'}; predictions: {out / 'predictions'}")
     if args.viewer and _display_available():
-        _show(subjects[0], out / "predictions", args.screenshot)
+        from ._widgets._demo import show_demo
+
+        show_demo(subjects, out, out / "predictions", args.screenshot)
     elif args.viewer:
         print("no display found: skipping the napari viewer (open the files with "
               "`napari <file.nii.gz>` on a desktop)")
     return 0
-
-
-def _show(files, pred_dir: Path, screenshot: str | None = None) -> None:
-    import napari
-
-    from ._reader import layer_data_from_volume
-    from .io import load_volume, strip_nifti_suffix
-
-    viewer = napari.Viewer(title=f"napari-pvs demo: sub-{files.subject}")
-    image = load_volume(files.image)
-    data, kw, _ = layer_data_from_volume(image)
-    viewer.add_image(data, **kw)
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colours = {"regions": "yellow", "PVS truth": "magenta", "PVS baseline": "cyan"}
-    for path, name in ((files.regions, "regions"), (files.labels, "PVS truth"),
-                       (pred_dir / f"{strip_nifti_suffix(files.image.name)}_pvs.nii.gz",
-                        "PVS baseline")):
-        vol = load_volume(path, as_labels=True)
-        data, kw, _ = layer_data_from_volume(vol, name=name, labels=vol.data)
-        kw["colormap"] = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
-                                                         1: colours[name], 2: "orange"})
-        layer = viewer.add_labels(data, **kw)
-        layer.visible = name != "regions"
-        if name == "PVS truth":
-            layer.contour = 1  # outline the truth, fill the prediction
-    # axial slices shown radiologically: anterior up, right on the viewer's right
-    viewer.dims.order = (2, 1, 0)
-    viewer.camera.orientation2d = ("up", "right")
-    zr = viewer.dims.range[2]
-    viewer.dims.set_point(2, (zr.start + zr.stop) / 2 - 5)
-    viewer.reset_view()
-    if screenshot:
-        viewer.screenshot(screenshot, canvas_only=False, flash=False)
-        print(f"screenshot: {screenshot}")
-        viewer.close()
-        return
-    napari.run()
 
 
 def _parser() -> argparse.ArgumentParser:

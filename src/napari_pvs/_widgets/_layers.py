@@ -99,6 +99,8 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
                                  contrast_limits=(0.0, max(hi, 1e-6)), blending="additive",
                                  metadata=dict(src), **geo)
         names[key] = layer.name
+    labels = viewer.add_labels(pred.labels, name=f"{base} PVS", opacity=0.7,
+                               metadata={**src, "prediction": names}, **geo)
     colours, (lo, hi) = _cluster_colours(pred.table, pred.uncertainty is not None)
     features = pd.DataFrame({k: pred.table.columns[k] for k in
                              ("id", "voxels", "unc_mean", "prob_mean", "region", "length_mm")})
@@ -109,10 +111,9 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
                                  features=features,
                                  metadata={**src, "colour_range": [lo, hi]}, **geo)
     names["clusters"] = clusters.name
-    labels = viewer.add_labels(pred.labels, name=f"{base} PVS", opacity=0.6,
-                               metadata={**src, "prediction": names}, **geo)
-    # the editable labels on top; the clusters show through where they are not drawn
-    viewer.layers.move(viewer.layers.index(clusters), len(viewer.layers) - 2)
+    labels.metadata = {**src, "prediction": names}
+    # the clusters, coloured by uncertainty, lie over the editable labels: voxels painted
+    # by hand show in the labels' own colour, rejected clusters vanish from both
     viewer.layers.selection.active = labels
     return labels
 

@@ -317,7 +317,7 @@ class ReviewWidget(QWidget):
         self.current = int(cid)
         self.viewer.dims.set_point(range(len(world)), tuple(world))
         camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
-        camera.center = tuple(world)
+        camera.center = tuple(world[list(self.viewer.dims.displayed)])  # in displayed-axis order
         self._ring(world, max(6.0, 1.5 * float(row["length_mm"])))
         if select:
             for r in range(self.table.rowCount()):
