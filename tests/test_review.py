@@ -19,7 +19,7 @@ def _labels():
 
 def _ids(s):
     """Cluster id by its size."""
-    return {int(v): int(c) for c, v in zip(s.table.columns["id"], s.table.columns["voxels"])}
+    return {int(v): int(c) for c, v in zip(s.table.columns["id"], s.table.columns["voxels"], strict=True)}
 
 
 def test_reject_erases_exactly_the_cluster_and_undo_restores_it():

@@ -309,17 +309,17 @@ def test_end_to_end_predict_review_save_retrain_repredict(make_napari_viewer, qt
 
     viewer = make_napari_viewer()
     viewer.open_sample("napari-pvs", "phantom_t2w")  # through the plugin's manifest
-    image = viewer.layers["phantom T2w"]
     pw, rw, tw = PredictWidget(viewer), ReviewWidget(viewer), RetrainWidget(viewer)
     for w in (pw, rw, tw):
         qtbot.addWidget(w)
+    assert pw.image.value is viewer.layers["phantom T2w"]
     assert pw.roi.value is viewer.layers["regions (1 WM, 2 BG)"]
     pw.run()
     qtbot.waitUntil(lambda: pw.worker is None, timeout=180_000)
     labels = viewer.layers["phantom T2w [baseline] PVS"]
     assert rw.layer is labels  # the review widget follows the new prediction
     truth = viewer.layers["PVS truth"].data
-    wm = np.argwhere((viewer.layers["regions (1 WM, 2 BG)"].data == 1))
+    wm = np.argwhere(viewer.layers["regions (1 WM, 2 BG)"].data == 1)
     i, j, k = next(tuple(int(v) for v in p) for p in wm[::97]
                    if not (labels.data[p[0] - 3:p[0] + 4, p[1] - 3:p[1] + 4, p[2] - 3:p[2] + 4].any()
                            or truth[p[0] - 3:p[0] + 4, p[1] - 3:p[1] + 4, p[2] - 3:p[2] + 4].any()))

@@ -232,7 +232,8 @@ class PredictWidget(QWidget):
         self.worker = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
-        self.bar.setRange(0, 1)
-        self.bar.setValue(0)
+        if self.bar.maximum() == 0:  # still the busy indicator: nothing was reported
+            self.bar.setRange(0, 1)
+            self.bar.setValue(0)
         if self.status.value.startswith(("predicting", "cancelling", "window", "Frangi")):
             self.status.value = ""

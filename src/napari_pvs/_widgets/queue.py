@@ -14,8 +14,15 @@ from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QAbstractItemView, QHeaderView, QProgressBar, QTableWidget,
-                            QTableWidgetItem, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QProgressBar,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ._state import state_for
 
