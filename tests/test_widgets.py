@@ -254,6 +254,13 @@ def test_closing_with_unsaved_corrections_asks_first(make_napari_viewer, qtbot, 
     with CorrectionsStore.open(tmp_path / "c.pvs.zarr") as store:
         assert store.latest_version("w01") == 1
     rw.reject()
+    # choosing another labels layer over unsaved decisions asks too; Cancel stays
+    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Cancel))
+    truthlike = viewer.add_labels(np.zeros_like(labels.data), name="other labels",
+                                  scale=labels.scale, affine=labels.affine)
+    rw.labels.reset_choices()
+    rw.labels.value = truthlike
+    assert rw.layer is labels and rw.labels.value is labels and rw.has_unsaved()
     monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Discard))
     assert rw._guard.eventFilter(window, QCloseEvent()) is False
     rw.session.dirty = False

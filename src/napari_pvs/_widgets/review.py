@@ -173,8 +173,12 @@ class ReviewWidget(QWidget):
             self.store.value = path
 
     def _on_labels_choice(self, layer) -> None:
-        if layer is not self.layer:
-            self.set_layer(layer)
+        if layer is self.layer:
+            return
+        if self.has_unsaved() and self.layer in self.viewer.layers and not self.confirm_close():
+            self.labels.value = self.layer  # stay: the decisions would be lost otherwise
+            return
+        self.set_layer(layer)
 
     def _follow(self, layer) -> None:
         """Review a newly added prediction / subject, unless that would drop unsaved work."""
@@ -477,7 +481,8 @@ class ReviewWidget(QWidget):
                           regions=None if regions is None else regions.astype(np.uint8))
 
     def confirm_close(self) -> bool:
-        """Ask what to do with unsaved corrections; True lets the window close."""
+        """Ask what to do with unsaved corrections; True lets the window close (or the
+        review move to another layer)."""
         answer = QMessageBox.question(
             self, "napari-pvs: unsaved corrections",
             f"{self.edits.value}.\nSave them to the store before closing?",
