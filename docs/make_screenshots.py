@@ -6,8 +6,9 @@ A small phantom cohort goes into a store (three subjects corrected, one not); th
 in one napari window with the four widgets docked:
 
 1. predict.png: the Frangi baseline predicted on the uncorrected subject;
-2. retrain.png: "Retrain on corrections" (MedNeXt-XS from scratch, --iterations) with
-   its live loss / validation-Dice plot;
+2. retrain.png: "Retrain on corrections", fine-tuning the store's earlier model (the
+   small MedNeXt of ``benchmarks/data``) for --iterations, with its live loss /
+   validation-Dice plot;
 3. review.png: "Re-predict" with the new model, clusters coloured by uncertainty,
    a few clusters accepted and rejected;
 4. queue.png: the active-learning queue after "Predict missing".
@@ -33,7 +34,7 @@ def _wait(app, predicate, timeout=1800):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "screenshots"))
-    ap.add_argument("--iterations", type=int, default=150)
+    ap.add_argument("--iterations", type=int, default=100)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,12 @@ def main() -> None:
         for s in cohort[1:]:
             store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data,
                                 author="earlier corrections")
+        # the lab's earlier model: the small MedNeXt the inference benchmark uses
+        from napari_pvs.model import load_checkpoint
+
+        net, meta = load_checkpoint(Path(__file__).parents[1] / "benchmarks" / "data" /
+                                    "xs_phantom.safetensors")
+        store.models.register(net, meta)
     viewer = napari.Viewer(title="napari-pvs")
     app = QApplication.instance()
     viewer.window._qt_window.resize(1500, 950)
@@ -92,8 +99,7 @@ def main() -> None:
     _wait(app, lambda: pw.worker is None)
     shot("Predict", "predict.png")
 
-    tw.iterations.value = args.iterations
-    tw.init.value = "new network (from scratch)"
+    tw.iterations.value = args.iterations  # fine-tune the earlier model (the default)
     tw.retrain()
     _wait(app, lambda: tw.worker is None)
     tw._plot(force=True)

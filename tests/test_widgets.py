@@ -400,6 +400,9 @@ def test_retrain_widget_trains_plots_and_registers(make_napari_viewer, qtbot, co
     with CorrectionsStore.open(corrected_store) as store:
         assert w.model_id in [m["id"] for m in store.models.list()]
     assert w.init.value == w.model_id  # the next run fine-tunes the new model
+    assert w.config().lr == pytest.approx(3e-4)  # at the fine-tuning learning rate
+    w.init.value = "new network (from scratch)"
+    assert w.config().lr == pytest.approx(3e-3)
 
 
 def test_retrain_cancel_and_failure_are_reported(make_napari_viewer, qtbot, corrected_store,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton,
+                              SpinBox)
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
 from ._state import state_for
@@ -22,6 +23,7 @@ from ._state import state_for
 __all__ = ["RetrainWidget"]
 
 NEW = "new network (from scratch)"
+LR_FINETUNE, LR_NEW = 3e-4, 3e-3
 
 
 class RetrainWidget(QWidget):
@@ -39,6 +41,10 @@ class RetrainWidget(QWidget):
         self.init = ComboBox(label="start from", choices=self._inits)
         self.iterations = SpinBox(label="iterations", min=1, max=100000, value=200)
         self.patch = SpinBox(label="patch (voxels)", min=32, max=256, step=16, value=48)
+        self.lr = FloatSpinBox(label="learning rate", min=1e-6, max=1e-1, step=1e-4, value=LR_NEW,
+                               tooltip=f"{LR_FINETUNE:g} to fine-tune a model (the paper's), "
+                                       f"{LR_NEW:g} for a new network")
+        self.lr.native.setDecimals(5)
         self.mode = ComboBox(label="run in", choices=["subprocess", "thread"], value="subprocess",
                              tooltip="a child process keeps napari responsive and survives crashes")
         self.retrain_button = PushButton(text="Retrain on corrections")
@@ -46,7 +52,7 @@ class RetrainWidget(QWidget):
         self.repredict_button = PushButton(text="Re-predict", enabled=False)
         self.status = Label(value="")
         self.form = Container(widgets=[
-            self.store, self.init, self.iterations, self.patch, self.mode,
+            self.store, self.init, self.iterations, self.patch, self.lr, self.mode,
             Container(widgets=[self.retrain_button, self.cancel_button], layout="horizontal",
                       labels=False),
             self.status, self.repredict_button])
@@ -67,6 +73,8 @@ class RetrainWidget(QWidget):
         lay.addWidget(self.form.native)
         lay.addWidget(self.bar)
         lay.addWidget(self.canvas, 1)
+        self.init.changed.connect(self._default_lr)
+        self._default_lr(self.init.value)
         self.retrain_button.clicked.connect(self.retrain)
         self.cancel_button.clicked.connect(self.cancel)
         self.repredict_button.clicked.connect(self.repredict)
@@ -82,6 +90,9 @@ class RetrainWidget(QWidget):
 
             ids = [m["id"] for m in ModelRegistry(Path(self.state.store) / "models").list()][::-1]
         return [*ids, NEW]  # the newest model first: fine-tune it by default
+
+    def _default_lr(self, init) -> None:
+        self.lr.value = LR_NEW if init in (None, NEW) else LR_FINETUNE
 
     def _on_store_edit(self, value) -> None:
         value = str(value)
@@ -134,7 +145,7 @@ class RetrainWidget(QWidget):
 
         n = int(self.iterations.value)
         return FinetuneConfig(iterations=n, iterations_per_epoch=max(1, min(50, n)),
-                              patch=(int(self.patch.value),) * 3)
+                              patch=(int(self.patch.value),) * 3, lr=float(self.lr.value))
 
     def retrain(self):
         """Save pending corrections, then start training; returns the worker or None."""
