@@ -2,7 +2,8 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--out docs/screenshots]
 
-A small phantom cohort goes into a store (three subjects corrected, one not); then,
+A small phantom cohort goes into a store (2 sites x 3 subjects, three of them
+corrected); then,
 in one napari window with the four widgets docked:
 
 1. predict.png: the Frangi baseline predicted on the uncorrected subject;
@@ -54,10 +55,10 @@ def main() -> None:
     from napari_pvs.store import CorrectionsStore
 
     tmp = Path(tempfile.mkdtemp(prefix="pvs-shots-"))
-    cohort = write_phantom_cohort(tmp / "cohort", n_sites=2, per_site=2, size_mm=112, seed=3)
+    cohort = write_phantom_cohort(tmp / "cohort", n_sites=2, per_site=3, size_mm=112, seed=3)
     store_path = demo_store(cohort, tmp / "lab.pvs.zarr")
     with CorrectionsStore.open(store_path, writable=True) as store:
-        for s in cohort[1:]:
+        for s in cohort[1:4]:
             store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data,
                                 author="earlier corrections")
         # the lab's earlier model: the small MedNeXt the inference benchmark uses
