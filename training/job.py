@@ -5,10 +5,11 @@ retrain widget.  ``job.events()`` is a generator of
 :class:`~napari_pvs.training.finetune.FinetuneEvent` that returns the new model id;
 ``job.cancel()`` may be called from any thread.
 
-- ``mode="subprocess"`` (the default; see ``benchmarks/bench_retrain_ui.py`` for why)
-  runs ``python -m napari_pvs.training.worker`` and reads its JSON-line events.  A
-  crash of the child (a segfault, the OOM killer) becomes a :class:`TrainingFailed`
-  with the child's last error output; napari keeps running.
+- ``mode="subprocess"`` (the default) runs ``python -m napari_pvs.training.worker``
+  and reads its JSON-line events.  A crash of the child (a segfault, the OOM killer)
+  becomes a :class:`TrainingFailed` with the child's last error output; napari keeps
+  running.  ``benchmarks/bench_retrain_ui.py`` found no difference in GUI
+  responsiveness between the two modes, so this isolation decides the default.
 - ``mode="thread"`` runs ``finetune`` in the calling thread.
 
 Either way the store is opened writable only by the training itself, so nothing else
