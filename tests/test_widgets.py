@@ -301,6 +301,19 @@ def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, q
     assert not viewer.layers["q1 [m1] uncertainty"].visible
     np.testing.assert_allclose(viewer.layers["q1 image"].data_to_world([0, 0, 0]),
                                make_phantom(seed=1, size_mm=40.0).affine[:3, 3], atol=1e-4)
+    # a new subject without the model's prediction: "Predict missing" fills it in
+    with CorrectionsStore.open(path, writable=True) as store:
+        ph = make_phantom(seed=5, size_mm=40.0, subject="q3")
+        store.add_subject("q3", Volume(ph.image, ph.affine, ph.spacing), site="B", regions=ph.regions)
+    # not corrected but not predicted: after the predicted ones, before the corrected one
+    assert [r["subject"] for r in w.refresh()] == ["q1", "q0", "q3", "q2"]
+    assert w.table.item(2, 4).text() == "not predicted"
+    w.predict_missing()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+    row = next(r for r in w.rows if r["subject"] == "q3")
+    assert row["status"] == "predicted" and row["uncertainty"] == row["uncertainty"]  # not NaN
+    with CorrectionsStore.open(path) as store:
+        assert store.predictions("q3") == ["m1"]
 
 
 def _camera(viewer):
