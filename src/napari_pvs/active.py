@@ -23,23 +23,37 @@ import numpy as np
 
 from ._errors import PVSInputError
 
-__all__ = ["SCORES", "predict_subjects", "prediction_stats", "rank_subjects"]
+__all__ = ["SCORES", "predict_subjects", "prediction_stats", "rank_subjects", "save_prediction"]
 
 SCORES = ("clusters", "image")
 
 
 def prediction_stats(uncertainty: np.ndarray, labels: np.ndarray,
-                     regions: np.ndarray | None = None) -> dict[str, float]:
-    """The uncertainty scores of one prediction (see the module docstring)."""
+                     regions: np.ndarray | None = None, table=None) -> dict[str, float]:
+    """The uncertainty scores of one prediction (see the module docstring).
+
+    ``table``, the prediction's cluster table with its ``unc_mean`` column, saves
+    labelling the clusters again.
+    """
     from .clusters import cluster_table, label_clusters
 
     unc = np.asarray(uncertainty, dtype=np.float32)
     inside = unc[np.asarray(regions) > 0] if regions is not None else unc
-    clusters, n = label_clusters(labels)
-    table = cluster_table(clusters, uncertainty=unc)
+    if table is None:
+        clusters, _ = label_clusters(labels)
+        table = cluster_table(clusters, uncertainty=unc)
     per = table.columns["unc_mean"]
     return {"image": float(inside.mean()) if inside.size else 0.0,
-            "clusters": float(per.mean()) if n else 0.0, "n_clusters": int(n)}
+            "clusters": float(per.mean()) if len(per) else 0.0, "n_clusters": int(len(per))}
+
+
+def save_prediction(store, subject: str, model_id: str, pred, regions=None) -> dict[str, float]:
+    """Save a MedNeXt :class:`~napari_pvs.pipeline.ArrayPrediction` of a store subject
+    with its uncertainty scores (``store`` writable); returns the scores."""
+    stats = prediction_stats(pred.uncertainty, pred.labels, regions, table=pred.table)
+    store.save_prediction(subject, model_id, probability=pred.probability,
+                          uncertainty=pred.uncertainty, labels=pred.labels, stats=stats)
+    return stats
 
 
 def predict_subjects(store, model_id: str, subjects: list[str] | None = None, *,
@@ -66,10 +80,7 @@ def predict_subjects(store, model_id: str, subjects: list[str] | None = None, *,
         gen = predict_array(image, info["spacing"], model_id, affine=np.asarray(info["affine"]),
                             roi=regions, modality=info.get("modality", "T2w"), tta=tta,
                             device=device, backend=backend, registry=store.models, cancel=cancel)
-        pred = run(gen)
-        store.save_prediction(sid, model_id, probability=pred.probability,
-                              uncertainty=pred.uncertainty, labels=pred.labels,
-                              stats=prediction_stats(pred.uncertainty, pred.labels, regions))
+        save_prediction(store, sid, model_id, run(gen), regions)
         done.append(sid)
     yield Progress(len(todo), len(todo), f"{len(done)} subject(s) predicted with {model_id}")
     return done

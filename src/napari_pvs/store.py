@@ -61,6 +61,13 @@ class StoreLockedError(PVSInputError):
     """Another process holds the store's write lock."""
 
 
+def model_registry(path: str | os.PathLike[str]):
+    """The model registry of the store folder ``path``, without opening (or locking) it."""
+    from .model import ModelRegistry
+
+    return ModelRegistry(Path(path) / "models")
+
+
 def check_subject_id(subject: str) -> str:
     """Return ``subject`` if it is a safe id: letters, digits, ``.``, ``_``, ``-``; no ``..``."""
     if not isinstance(subject, str) or not _ID.match(subject) or ".." in subject:
@@ -423,6 +430,4 @@ class CorrectionsStore:
     @property
     def models(self):
         """The store's model registry."""
-        from .model import ModelRegistry
-
-        return ModelRegistry(self.path / "models")
+        return model_registry(self.path)

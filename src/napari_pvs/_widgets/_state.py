@@ -47,12 +47,17 @@ class ViewerState:
             self._store = path
             self.store_changed.emit(path or "")
 
+    def model_ids(self) -> list[str]:
+        """Ids of the current store's registered models, the newest first."""
+        if not self.store:
+            return []
+        from ..store import model_registry
+
+        return [m["id"] for m in model_registry(self.store).list()][::-1]
+
     def add_saver(self, method: Callable[[], bool], pending: Callable[[], bool]) -> None:
         """Register a widget's ``save`` (returns success) and its ``has_unsaved`` test."""
         self._savers.append((weakref.WeakMethod(method), weakref.WeakMethod(pending)))
-
-    def unsaved(self) -> bool:
-        return any(p() is not None and p()() for _, p in self._savers)
 
     def save_pending(self) -> bool:
         """Save every widget's unsaved corrections; False when one of them failed."""

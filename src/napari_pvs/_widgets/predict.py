@@ -30,33 +30,27 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 def predict_job(image, spacing, model, *, affine, roi, modality, tta, device, store_path,
                 subject, cancel):
     """The worker's generator: predict, then save a MedNeXt prediction to the store."""
-    from ..active import prediction_stats
+    from ..active import save_prediction
     from ..pipeline import predict_array
-    from ..store import CorrectionsStore
+    from ..store import CorrectionsStore, model_registry
 
-    registry = None
-    if store_path:
-        from ..model import ModelRegistry
-
-        registry = ModelRegistry(Path(store_path) / "models")
+    registry = model_registry(store_path) if store_path else None
     pred = yield from predict_array(image, spacing, model, affine=affine, roi=roi, modality=modality,
                                     tta=tta, device=device, registry=registry, cancel=cancel)
     if store_path and subject and pred.probability is not None:
         with CorrectionsStore.open(store_path, writable=True, wait=10) as store:
             if subject in store.subjects():
-                store.save_prediction(subject, pred.model, probability=pred.probability,
-                                      uncertainty=pred.uncertainty, labels=pred.labels,
-                                      stats=prediction_stats(pred.uncertainty, pred.labels, roi))
+                save_prediction(store, subject, pred.model, pred, roi)
     return pred
 
 
 def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: int = 1,
                      device: str = "auto", store: str | None = None, cancel=None,
-                     progress=None, done=None, failed=None, finished=None):
+                     progress=None, done=None, finished=None):
     """Read the inputs on the GUI thread and start a prediction worker; returns it.
 
-    ``progress(Progress)``, ``done(labels_layer)``, ``failed(exception)`` and
-    ``finished()`` are called on the GUI thread.
+    ``progress(Progress)``, ``done(labels_layer)`` and ``finished()`` are called on the
+    GUI thread; failures are napari notifications.
     """
     from napari.utils.notifications import show_error, show_info
 
@@ -77,6 +71,7 @@ def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: in
                                 "this image")
     meta = image_layer.metadata or {}
     subject = meta.get("subject") if meta.get("store") in (None, store) else None
+
     def _returned(pred):
         layer = add_prediction_layers(viewer, image_layer, pred, regions_layer=roi_layer)
         show_info(f"{image_layer.name}: {len(pred.table)} PVS clusters with {pred.model} "
@@ -92,8 +87,6 @@ def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: in
             show_info(f"{image_layer.name}: prediction cancelled")
         else:
             show_error(f"prediction of {image_layer.name!r} failed: {exc}")
-        if failed is not None:
-            failed(exc)
 
     return start_worker(predict_job, image, spacing, model, affine=affine, roi=roi,
                         modality=modality(image_layer), tta=tta,
@@ -156,12 +149,7 @@ class PredictWidget(QWidget):
                                    if isinstance(lay, Labels) and lay.ndim == 3 and "[" not in lay.name]
 
     def _models(self, _=None) -> list:
-        ids = []
-        if self.state.store:
-            from ..model import ModelRegistry
-
-            ids = [m["id"] for m in ModelRegistry(Path(self.state.store) / "models").list()][::-1]
-        return [BASELINE, *ids, FILE]
+        return [BASELINE, *self.state.model_ids(), FILE]
 
     def _refresh(self, *_):
         self.form.reset_choices()

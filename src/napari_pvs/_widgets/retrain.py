@@ -16,8 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton,
-                              SpinBox)
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
 
 from ._state import state_for
@@ -86,12 +85,7 @@ class RetrainWidget(QWidget):
 
     # ------------------------------------------------------------------ choices
     def _inits(self, _=None) -> list:
-        ids = []
-        if self.state.store:
-            from ..model import ModelRegistry
-
-            ids = [m["id"] for m in ModelRegistry(Path(self.state.store) / "models").list()][::-1]
-        return [*ids, NEW]  # the newest model first: fine-tune it by default
+        return [*self.state.model_ids(), NEW]  # the newest model first: fine-tune it by default
 
     def _default_lr(self, init) -> None:
         self.lr.value = LR_NEW if init in (None, NEW) else LR_FINETUNE
