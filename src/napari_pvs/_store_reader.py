@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["get_store_reader", "read_store"]
+__all__ = ["get_store_reader", "read_store", "subject_layer_kwargs"]
 
 
 def _is_store(path: Any) -> bool:
@@ -26,6 +26,21 @@ def _is_store(path: Any) -> bool:
 def get_store_reader(path):
     """Return :func:`read_store` for a ``*.pvs.zarr`` folder, else None."""
     return read_store if _is_store(path) else None
+
+
+def subject_layer_kwargs(store, subject: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(geometry, metadata)`` layer kwargs of a store subject: ``scale`` and ``affine``
+    that put its voxels in world millimetres, and the store / subject / geometry
+    metadata the widgets read."""
+    from .io import Volume
+
+    info = store.info(subject)
+    affine = np.asarray(info["affine"], dtype=float)
+    scale, napari_affine = Volume(None, affine, tuple(info["spacing"])).napari_transform()
+    meta = {"store": str(store.path), "subject": subject, "nifti_affine": affine.tolist(),
+            "image_sha256": info.get("image_sha256"), "site": info.get("site"),
+            "modality": info.get("modality", "T2w")}
+    return {"scale": scale, "affine": napari_affine}, meta
 
 
 def read_store(path) -> list[tuple] | None:
@@ -43,12 +58,8 @@ def read_store(path) -> list[tuple] | None:
     layers = []
     for k, sid in enumerate(store.subjects()):
         info = store.info(sid)
-        affine = np.asarray(info["affine"], dtype=float)
-        spacing = np.asarray(info["spacing"], dtype=float)
-        geo = {"scale": tuple(spacing), "affine": affine @ np.diag([*(1.0 / spacing), 1.0]),
-               "visible": k == 0}
-        meta = {"store": str(store.path), "subject": sid, "nifti_affine": info["affine"],
-                "image_sha256": info.get("image_sha256"), "site": info.get("site")}
+        geo, meta = subject_layer_kwargs(store, sid)
+        geo["visible"] = k == 0
         image = store.image(sid)
         layers.append((image, {"name": f"{sid} image", "colormap": "gray",
                                "metadata": meta, **geo}, "image"))

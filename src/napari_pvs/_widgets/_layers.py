@@ -74,6 +74,21 @@ def _cluster_colours(table, uncertain: bool) -> tuple[dict, tuple[float, float]]
     return colours, (lo, hi)
 
 
+MAP_COLOURS = {"probability": "magma", "uncertainty": "viridis", "vesselness": "inferno"}
+
+
+def _add_map(viewer, key: str, data: np.ndarray, name: str, metadata: dict, geo: dict):
+    """A prediction map as a hidden, colour-mapped, additive image layer: probability on
+    [0, 1], other maps up to the 99.5th percentile of their positive values."""
+    data = np.asarray(data)
+    hi = 1.0
+    if key != "probability" and (data > 0).any():
+        hi = float(np.percentile(data[data > 0], 99.5))
+    return viewer.add_image(data, name=name, colormap=MAP_COLOURS[key], visible=False,
+                            contrast_limits=(0.0, max(hi, 1e-6)), blending="additive",
+                            metadata=dict(metadata), **geo)
+
+
 def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> Any:
     """Add a prediction's layers next to ``image_layer``; returns the editable labels layer.
 
@@ -89,18 +104,11 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
            if k in ("nifti_affine", "store", "subject", "site", "modality", "spacing", "shape")}
     names = {"model": pred.model, "image": image_layer.name,
              "regions": None if regions_layer is None else regions_layer.name}
-    for key, cmap in (("probability", "magma"), ("uncertainty", "viridis"), ("vesselness", "inferno")):
+    for key in MAP_COLOURS:
         data = getattr(pred, key)
-        if data is None:
-            names[key] = None
-            continue
-        hi = 1.0 if key == "probability" else float(np.percentile(data[data > 0], 99.5)) if (data > 0).any() else 1.0
-        layer = viewer.add_image(data, name=f"{base} {key}", colormap=cmap, visible=False,
-                                 contrast_limits=(0.0, max(hi, 1e-6)), blending="additive",
-                                 metadata=dict(src), **geo)
-        names[key] = layer.name
-    labels = viewer.add_labels(pred.labels, name=f"{base} PVS", opacity=0.7,
-                               metadata={**src, "prediction": names}, **geo)
+        names[key] = None if data is None else _add_map(viewer, key, data, f"{base} {key}", src,
+                                                         geo).name
+    labels = viewer.add_labels(pred.labels, name=f"{base} PVS", opacity=0.7, **geo)
     colours, (lo, hi) = _cluster_colours(pred.table, pred.uncertainty is not None)
     features = pd.DataFrame({k: pred.table.columns[k] for k in
                              ("id", "voxels", "unc_mean", "prob_mean", "region", "length_mm")})
@@ -124,16 +132,12 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None)
     The labels are the latest corrected version, else the model's predicted labels,
     else empty; they are a writable copy in memory (the store's versions are immutable).
     """
-    from ..io import Volume
+    from .._reader import _contrast_limits
+    from .._store_reader import subject_layer_kwargs
 
     info = store.info(subject)
-    affine = np.asarray(info["affine"], dtype=float)
-    scale, napari_affine = Volume(None, affine, tuple(info["spacing"])).napari_transform()
-    geo = {"scale": scale, "affine": napari_affine}
-    meta = {"store": str(store.path), "subject": subject, "site": info.get("site"),
-            "modality": info.get("modality", "T2w"), "nifti_affine": affine.tolist()}
+    geo, meta = subject_layer_kwargs(store, subject)
     image = np.asarray(store.image(subject)[...])
-    from .._reader import _contrast_limits
 
     img_layer = viewer.add_image(image, name=f"{subject} image", colormap="gray",
                                  contrast_limits=_contrast_limits(image), metadata=dict(meta), **geo)
@@ -148,13 +152,9 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None)
                              "clusters": None}
     pred = store.prediction(subject, model_id) if model_id in store.predictions(subject) else None
     if pred is not None:
-        for key, cmap in (("probability", "magma"), ("uncertainty", "viridis")):
-            data = np.asarray(pred[key][...])
-            hi = 1.0 if key == "probability" else float(max(np.percentile(data, 99.9), 1e-6))
-            layer = viewer.add_image(data, name=f"{subject} [{model_id}] {key}", colormap=cmap,
-                                     visible=False, contrast_limits=(0.0, hi), blending="additive",
-                                     metadata=dict(meta), **geo)
-            names[key] = layer.name
+        for key in ("probability", "uncertainty"):
+            names[key] = _add_map(viewer, key, pred[key][...], f"{subject} [{model_id}] {key}",
+                                  meta, geo).name
     version = info.get("latest")
     if version is not None:
         labels = np.array(store.labels(subject, version)[...], dtype=np.uint8)
