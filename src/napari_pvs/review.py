@@ -26,9 +26,6 @@ from .clusters import ClusterTable, cluster_table, label_clusters
 
 __all__ = ["Decision", "ReviewSession"]
 
-DECISIONS = ("accepted", "rejected")
-
-
 @dataclass
 class Decision:
     """One reversible step: a decision on a cluster, with what it overwrote."""

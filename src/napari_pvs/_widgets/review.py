@@ -198,6 +198,7 @@ class ReviewWidget(QWidget):
         if self.layer is not None and self.layer is not layer:
             self.layer.events.paint.disconnect(self._on_paint)
         self.layer, self.session, self.current = layer, None, None
+        self._cluster_ids: dict[int, np.ndarray] = {}  # cluster map values of rejected clusters
         if layer is None:
             self._fill_table()
             return
@@ -220,29 +221,27 @@ class ReviewWidget(QWidget):
         self.subject.value = meta.get("subject") or _subject_from(self._image_layer())
         self._fill_table()
 
-    def _layer(self, name):
-        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+    def _linked_layer(self, key: str, layer=None):
+        """The layer that ``layer``'s (default: the reviewed one's) prediction metadata
+        names under ``key``, when it is still open and on the same grid."""
+        layer = self.layer if layer is None else layer
+        if layer is None:
+            return None
+        name = ((layer.metadata or {}).get("prediction") or {}).get(key)
+        other = self.viewer.layers[name] if name and name in self.viewer.layers else None
+        return other if other is not None and other.data.shape == layer.data.shape else None
 
     def _linked(self, layer) -> dict:
         """Uncertainty, probability and regions on the labels' grid, when the layers exist."""
-        pred = (layer.metadata or {}).get("prediction") or {}
         out = {}
         for key in ("probability", "uncertainty", "regions"):
-            other = self._layer(pred.get(key))
-            if other is not None and other.data.shape == layer.data.shape:
+            other = self._linked_layer(key, layer)
+            if other is not None:
                 out[key] = np.asarray(other.data)
         return out
 
     def _image_layer(self):
-        pred = (self.layer.metadata or {}).get("prediction") or {} if self.layer else {}
-        return self._layer(pred.get("image"))
-
-    def _clusters_layer(self):
-        pred = (self.layer.metadata or {}).get("prediction") or {} if self.layer else {}
-        layer = self._layer(pred.get("clusters"))
-        if layer is not None and self.session is not None and layer.data.shape == self.layer.data.shape:
-            return layer
-        return None
+        return self._linked_layer("image")
 
     # ------------------------------------------------------------------ table
     def _fill_table(self) -> None:
@@ -394,11 +393,17 @@ class ReviewWidget(QWidget):
 
     def _sync_layers(self, cid: int) -> None:
         self.layer.refresh()
-        clusters = self._clusters_layer()
+        clusters = self._linked_layer("clusters")
         if clusters is not None:  # rejected clusters vanish from the coloured map as well
             idx = self.session.cluster_voxels(cid)
-            gone = self.session.decisions.get(cid) == "rejected"
-            clusters.data.reshape(-1)[idx] = 0 if gone else cid
+            flat = clusters.data.reshape(-1)
+            if self.session.decisions.get(cid) == "rejected":
+                # keep the map's own ids: they differ from the session's once the clusters
+                # were recomputed after painting
+                self._cluster_ids.setdefault(cid, flat[idx].copy())
+                flat[idx] = 0
+            elif cid in self._cluster_ids:
+                flat[idx] = self._cluster_ids.pop(cid)
             clusters.refresh()
         self._paint_status(cid)
         self._update_counter()
