@@ -79,8 +79,7 @@ def main() -> None:
     for name in ("Retrain", "Active-learning queue", "Predict"):
         qt.tabifyDockWidget(docks["Review clusters"], docks[name])
     with CorrectionsStore.open(store_path) as store:
-        first = open_store_subject(viewer, store, cohort[0].subject)
-    viewer.layers.remove(first)
+        open_store_subject(viewer, store, cohort[0].subject, with_labels=False)
     viewer.dims.order = (2, 1, 0)
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     camera.orientation2d = ("up", "right")

@@ -53,8 +53,8 @@ def show_demo(subjects, out: Path, pred_dir: Path, screenshot: str | None = None
     state = state_for(viewer)
     state.store = str(store_path)
     with CorrectionsStore.open(store_path) as store:
-        labels_layer = open_store_subject(viewer, store, first.subject)
-    viewer.layers.remove(labels_layer)  # the prediction's labels are the ones to correct
+        open_store_subject(viewer, store, first.subject, with_labels=False)  # the prediction's
+        # labels, added below, are the ones to correct
     image = viewer.layers[f"{first.subject} image"]
     regions = viewer.layers[f"{first.subject} regions (1 WM, 2 BG)"]
     truth = load_volume(first.labels, as_labels=True).data

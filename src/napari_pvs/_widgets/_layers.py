@@ -126,11 +126,14 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
     return labels
 
 
-def open_store_subject(viewer, store, subject: str, model_id: str | None = None):
+def open_store_subject(viewer, store, subject: str, model_id: str | None = None,
+                       with_labels: bool = True):
     """Add a store subject's image, labels to correct and prediction; returns the labels layer.
 
     The labels are the latest corrected version, else the model's predicted labels,
     else empty; they are a writable copy in memory (the store's versions are immutable).
+    ``with_labels=False`` adds only the image, regions and prediction maps (returns None),
+    for a caller that brings its own labels to correct.
     """
     from .._reader import _contrast_limits
     from .._store_reader import subject_layer_kwargs
@@ -155,6 +158,8 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None)
         for key in ("probability", "uncertainty"):
             names[key] = _add_map(viewer, key, pred[key][...], f"{subject} [{model_id}] {key}",
                                   meta, geo).name
+    if not with_labels:
+        return None
     version = info.get("latest")
     if version is not None:
         labels = np.array(store.labels(subject, version)[...], dtype=np.uint8)

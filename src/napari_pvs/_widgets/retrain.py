@@ -199,7 +199,7 @@ class RetrainWidget(QWidget):
         self.model_id = model_id
         self._plot(force=True)
         self.status.value = f"registered {model_id}"
-        self.repredict_button.enabled = self._image_layer() is not None
+        self.repredict_button.enabled = self._target()[0] is not None
         self.state.model_registered.emit(model_id)
         show_info(f"training finished: model {model_id} registered in {self.store.value}")
 
@@ -226,29 +226,29 @@ class RetrainWidget(QWidget):
             self.status.value = "cancelling ..."
 
     # ------------------------------------------------------------------ re-predict
-    def _image_layer(self):
-        """The image of the labels under review, else the selected image layer."""
+    def _target(self):
+        """``(image, ROI)`` to re-predict: those of the newest prediction whose image is
+        still open, else the selected image layer and no ROI."""
         from napari.layers import Image
 
-        for layer in reversed(list(self.viewer.layers)):
+        layers = self.viewer.layers
+        for layer in reversed(list(layers)):
             pred = (layer.metadata or {}).get("prediction") or {}
-            name = pred.get("image")
-            if name and name in self.viewer.layers:
-                return self.viewer.layers[name]
-        active = self.viewer.layers.selection.active
-        return active if isinstance(active, Image) else None
+            if pred.get("image") in layers:
+                roi = layers[pred["regions"]] if pred.get("regions") in layers else None
+                return layers[pred["image"]], roi
+        active = layers.selection.active
+        return (active if isinstance(active, Image) else None), None
 
     def repredict(self):
         """Predict the current image with the new model; returns the worker."""
         from .predict import start_prediction
 
-        image = self._image_layer()
+        image, roi = self._target()
         if self.model_id is None or image is None:
             return None
         self.repredict_button.enabled = False
         self.status.value = f"predicting {image.name} with {self.model_id} ..."
-        pred = (self._latest_prediction_meta() or {})
-        roi = self.viewer.layers[pred["regions"]] if pred.get("regions") in self.viewer.layers else None
 
         def _done(layer):
             self.status.value = f"re-predicted with {self.model_id}"
@@ -256,10 +256,3 @@ class RetrainWidget(QWidget):
         return start_prediction(self.viewer, image, self.model_id, roi_layer=roi,
                                 store=str(self.store.value), done=_done,
                                 finished=lambda: setattr(self.repredict_button, "enabled", True))
-
-    def _latest_prediction_meta(self):
-        for layer in reversed(list(self.viewer.layers)):
-            pred = (layer.metadata or {}).get("prediction")
-            if pred:
-                return pred
-        return None
