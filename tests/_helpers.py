@@ -31,3 +31,62 @@ class PickleBomb:
         import os
 
         return (os.system, (f"touch {self.marker}",))
+
+
+def run_cli(*args: str, tty: bool = False, timeout: float = 600, cwd=None, env=None):
+    """Run ``napari-pvs ARGS`` in a child process; returns ``(returncode, stdout, stderr)``.
+
+    With ``tty=True`` the child's stdin, stdout and stderr are a pseudo-terminal, as for
+    a person at a terminal (progress bars draw only then); stdout and stderr then come
+    back together in ``stdout`` and ``stderr`` is ``""``.
+    """
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "napari_pvs.cli", *map(str, args)]
+    environ = {**os.environ, **(env or {})}
+    if not tty:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                           env=environ, stdin=subprocess.DEVNULL)
+        return r.returncode, r.stdout, r.stderr
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=environ,
+                            close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"napari-pvs {' '.join(map(str, args))} ran over {timeout} s")
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    rc = proc.wait()
+    return rc, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n"), ""
+
+
+def assert_clean_failure(rc: int, out: str, err: str, *needles: str) -> None:
+    """A bad input: non-zero exit, no traceback, one ``napari-pvs: error:`` line naming ``needles``."""
+    text = out + err
+    assert rc != 0, f"expected failure, got exit 0:\n{text}"
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.startswith("napari-pvs: error:")]
+    assert lines, f"no 'napari-pvs: error:' line in:\n{text}"
+    for needle in needles:
+        assert needle in lines[-1], f"{needle!r} not in {lines[-1]!r}"
