@@ -226,7 +226,7 @@ def test_prediction_maps_are_stored_per_model(store):
     assert store.info("sub01")["status"] == "predicted"
 
 
-def test_store_reader_opens_subjects_lazily(store):
+def test_store_reader_opens_images_lazily_and_checks_labels(store):
     import zarr
 
     from napari_pvs._store_reader import get_store_reader
@@ -239,8 +239,8 @@ def test_store_reader_opens_subjects_lazily(store):
     layers = reader(str(store.path))
     names = [kw["name"] for _, kw, _ in layers]
     assert names == ["sub01 image", "sub01 labels v1", "sub01 uncertainty (m1)"]
-    for data, kw, _ in layers:
-        assert isinstance(data, zarr.Array)  # lazy, not copied into memory
+    for data, kw, kind in layers:  # image and maps lazy; labels read in full and checked
+        assert isinstance(data, np.ndarray if kind == "labels" else zarr.Array)
         np.testing.assert_allclose(kw["affine"] @ np.diag([*kw["scale"], 1]), store.info("sub01")["affine"])
 
 

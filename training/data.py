@@ -62,14 +62,14 @@ def load_subject(store, subject: str, version: int, target_spacing) -> SubjectDa
     info = store.info(subject)
     spacing = np.asarray(info["spacing"], dtype=float)
     work = work_grid(tuple(info["shape"]), spacing, target_spacing if target_spacing else spacing)
-    image = np.asarray(store.image(subject)[...], dtype=np.float32)
-    regions = store.regions(subject)
-    roi = (np.asarray(regions[...]) > 0) if regions is not None else image != 0
-    labels = np.asarray(store.labels(subject, version)[...]) > 0
+    image = np.asarray(store.read_image(subject), dtype=np.float32)
+    regions = store.read_regions(subject)
+    roi = (regions > 0) if regions is not None else image != 0
+    labels = store.read_labels(subject, version) > 0
     parent = store.labels(subject, version).attrs.get("parent")
     recent = None
     if parent is not None:
-        recent = labels ^ (np.asarray(store.labels(subject, parent)[...]) > 0)
+        recent = labels ^ (store.read_labels(subject, parent) > 0)
     img = _zscore(_resize(image[None], work, "trilinear"), _resize_mask(roi, work))[0]
 
     return SubjectData(subject, str(info.get("site", "unknown")), version, img.astype(np.float32),

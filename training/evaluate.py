@@ -218,11 +218,11 @@ def _score_subject(store, sid: str, version: int, net, meta, *, cache_key, backe
     from napari_pvs.metrics import score
 
     info = store.info(sid)
-    regions = np.asarray(store.regions(sid)[...])
-    image = np.asarray(store.image(sid)[...], dtype=np.float32)
+    regions = store.read_regions(sid)
+    image = np.asarray(store.read_image(sid), dtype=np.float32)
     pred = run(predict_volume(image, tuple(info["spacing"]), net, meta, roi=regions > 0,
                               backend=backend, device=device, cache_key=cache_key, cancel=cancel))
-    ref = np.asarray(store.labels(sid, version)[...])
+    ref = store.read_labels(sid, version)
     s = score(pred.labels, ref, regions)
     return {f"{r.lower()}_{m}": float(s[r][m]) for r in ("WM", "BG", "all")
             for m in ("voxel_dice", "cluster_dice")}

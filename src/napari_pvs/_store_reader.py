@@ -1,8 +1,10 @@
 """npe2 reader for corrections stores (``*.pvs.zarr`` folders).
 
-Every subject opens lazily from its zarr arrays (nothing is copied into memory): the
-image, the latest label version and, when the store holds one, the uncertainty of the
-newest prediction.  Only the first subject is visible; the others are listed, hidden.
+Every subject's image and, when the store holds one, the uncertainty of the newest
+prediction open lazily from their zarr arrays (nothing is copied into memory).  The
+latest label version is read in full and checked against the checksum recorded at
+commit: a damaged version is refused by name (a napari warning) and never shown as
+empty labels.  Only the first subject is visible; the others are listed, hidden.
 """
 
 from __future__ import annotations
@@ -57,22 +59,31 @@ def read_store(path) -> list[tuple] | None:
         return None
     layers = []
     for k, sid in enumerate(store.subjects()):
-        info = store.info(sid)
-        geo, meta = subject_layer_kwargs(store, sid)
-        geo["visible"] = k == 0
-        image = store.image(sid)
-        layers.append((image, {"name": f"{sid} image", "colormap": "gray",
-                               "metadata": meta, **geo}, "image"))
-        if info["latest"] is not None:
-            layers.append((store.labels(sid), {"name": f"{sid} labels v{info['latest']}",
-                                               "metadata": {**meta, "version": info["latest"]},
-                                               **geo}, "labels"))
-        preds = store.predictions(sid)
-        if preds:
-            newest = max(preds, key=lambda m: store.prediction(sid, m).attrs.get("time", ""))
-            unc = store.prediction(sid, newest)["uncertainty"]
-            layers.append((unc, {"name": f"{sid} uncertainty ({newest})", "colormap": "magma",
-                                 "contrast_limits": (0.0, 1.0), "blending": "additive",
-                                 "metadata": {**meta, "model_id": newest},
-                                 **{**geo, "visible": False}}, "image"))
+        try:
+            layers.extend(_subject_layers(store, sid, visible=k == 0))
+        except PVSInputError as exc:  # StoreCorruptError names the subject and version
+            from ._reader import _report
+
+            _report(str(exc))
     return layers or None
+
+
+def _subject_layers(store, sid: str, visible: bool) -> list[tuple]:
+    info = store.info(sid)
+    geo, meta = subject_layer_kwargs(store, sid)
+    geo["visible"] = visible
+    layers = [(store.image(sid), {"name": f"{sid} image", "colormap": "gray",
+                                  "metadata": meta, **geo}, "image")]
+    if info["latest"] is not None:
+        layers.append((store.read_labels(sid), {"name": f"{sid} labels v{info['latest']}",
+                                                "metadata": {**meta, "version": info["latest"]},
+                                                **geo}, "labels"))
+    preds = store.predictions(sid)
+    if preds:
+        newest = max(preds, key=lambda m: store.prediction(sid, m).attrs.get("time", ""))
+        unc = store.prediction(sid, newest)["uncertainty"]
+        layers.append((unc, {"name": f"{sid} uncertainty ({newest})", "colormap": "magma",
+                             "contrast_limits": (0.0, 1.0), "blending": "additive",
+                             "metadata": {**meta, "model_id": newest},
+                             **{**geo, "visible": False}}, "image"))
+    return layers

@@ -74,9 +74,8 @@ def predict_subjects(store, model_id: str, subjects: list[str] | None = None, *,
     for k, sid in enumerate(todo):
         yield Progress(k, len(todo), f"{sid}: predicting with {model_id}")
         info = store.info(sid)
-        image = np.asarray(store.image(sid)[...])
-        regions = store.regions(sid)
-        regions = None if regions is None else np.asarray(regions[...])
+        image = store.read_image(sid)
+        regions = store.read_regions(sid)
         gen = predict_array(image, info["spacing"], model_id, affine=np.asarray(info["affine"]),
                             roi=regions, modality=info.get("modality", "T2w"), tta=tta,
                             device=device, backend=backend, registry=store.models, cancel=cancel)
@@ -90,9 +89,9 @@ def _stats(store, sid: str, model_id: str) -> dict[str, float]:
     group = store.prediction(sid, model_id)
     stats = dict(group.attrs.get("stats") or {})
     if not all(k in stats for k in SCORES):  # saved without statistics: compute them now
-        regions = store.regions(sid)
-        stats = prediction_stats(group["uncertainty"][...], group["labels"][...],
-                                 None if regions is None else regions[...])
+        stats = prediction_stats(store.read_prediction(sid, model_id, "uncertainty"),
+                                 store.read_prediction(sid, model_id, "labels"),
+                                 store.read_regions(sid))
     return stats
 
 

@@ -8,37 +8,68 @@ Layout (format version 1)::
       .lock                          advisory write lock (fcntl.flock); holds the writer's PID
       models/                        model registry (napari_pvs.model.ModelRegistry)
       subjects/<id>/                 group; attributes: site, modality, shape, affine, qform,
-                                     sform_code, qform_code, spacing, image_sha256, source,
-                                     status, latest
+                                     sform_code, qform_code, spacing, image_sha256 (of the
+                                     source file), source, status, latest
         image                        float32 array, written once at import, never again
         regions                      uint8 region mask (0 other, 1 WM, 2 BG), optional
         labels/v0001, v0002, ...     uint8 label versions, immutable; attributes: version,
                                      author, time, parent, source, summary, sha256
         predictions/<model id>/      probability, uncertainty (float32), labels (uint8)
 
+Every array carries ``attributes["sha256"]``: the SHA-256 of its content (C-order bytes in
+its stored dtype), taken from the data in memory before it was written.
+
 Guarantees
 ----------
-* A label version is written in full under a hidden temporary name and then renamed
-  to ``vNNNN`` (an atomic directory rename), so a version is either complete or absent,
-  also when the writer is killed; readers list only ``vNNNN`` entries.  An existing
-  version is never written to again.
+* Nothing is half-written.  A label version, a whole imported subject (image, regions
+  and its imported label version) and a model's prediction maps are each written in
+  full under a hidden ``.tmp-*`` name and renamed into place in one step (an atomic
+  directory rename), so each is complete or absent, also when the writer is killed.
+  The next writer removes ``.tmp-*`` leftovers.  An existing version is never written
+  to again; version numbers only grow, also past a damaged version.
+* A commit reports the truth.  If writing fails before the rename (e.g. the disk is
+  full), the temporary folder is removed and :class:`StoreWriteError` is raised: no
+  version exists.  Once the rename is done the version is saved: a failure to update
+  the ``latest`` attribute or to append ``events.jsonl`` afterwards is a
+  :class:`StoreWarning`, and the commit returns the version number.
+* Damage is detected, never read as "no PVS".  zarr does not write chunks that hold
+  only zeros, so a deleted chunk would read back as background: every read of data
+  (:meth:`CorrectionsStore.read_labels`, :meth:`~CorrectionsStore.read_image`,
+  :meth:`~CorrectionsStore.read_regions`, :meth:`~CorrectionsStore.read_prediction`)
+  decodes the whole array and compares its SHA-256 with the recorded one.  A
+  mismatch, a chunk that does not decode (truncated, overwritten), a version folder
+  without its ``zarr.json``, a version missing from the sequence 1..latest, or a
+  ``latest`` attribute past the newest version folder raises
+  :class:`StoreCorruptError`, which names the store, subject and version and says
+  what to do.  Reading "the latest" never falls back to an older version.
+  ``napari-pvs store verify`` checks all of it (see :mod:`napari_pvs._store_verify`).
+* Stores written before checksums existed still open.  Their images, region maps and
+  predictions carry no ``sha256``: they are decoded in full (a truncated or garbled
+  chunk is still found) but a deleted chunk cannot be told from zeros; ``verify``
+  counts them as "not checksummed" without calling them damaged.  Label versions have
+  always carried their checksum.
 * One writer at a time: writers take an exclusive ``flock`` on ``.lock`` (released by
   the kernel if the process dies).  A second writer gets :class:`StoreLockedError`
-  naming the PID, or waits up to ``wait`` seconds.  Readers need no lock.
-* The ``latest`` pointer is written after the rename; if a writer dies in between,
-  the newest complete version still wins and the next writer repairs the pointer.
-* Labels whose shape, affine or image hash differ from the subject are refused.
+  naming the PID, or waits up to ``wait`` seconds (a finite number >= 0).  Readers
+  need no lock: everything they read is immutable once renamed into place.
+* Labels whose shape, affine or image hash differ from the subject are refused;
+  subject ids and sites are 1-128 letters, digits, ``.``, ``_``, ``-`` (whole-string
+  match), modality is T2w or T1w.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import time
 import uuid
+import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,18 +78,46 @@ import numpy as np
 
 from ._errors import PVSInputError
 
-__all__ = ["FORMAT_VERSION", "STATUSES", "CorrectionsStore", "StoreLockedError", "check_subject_id"]
+__all__ = ["FORMAT_VERSION", "MODALITIES", "STATUSES", "CorrectionsStore", "StoreCorruptError",
+           "StoreLockedError", "StoreWarning", "StoreWriteError", "check_site", "check_subject_id"]
 
 FORMAT = "napari-pvs-store"
 FORMAT_VERSION = 1
 STATUSES = ("unlabelled", "predicted", "in-review", "corrected")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^v(\d{4,})$")
+MODALITIES = ("T2w", "T1w")
+PREDICTION_MAPS = ("probability", "uncertainty", "labels")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION = re.compile(r"v(\d{4,})")
 _CHUNKS = (64, 64, 64)
+_RESTORE = "restore the store folder from a backup"
+_READ = object()
 
 
 class StoreLockedError(PVSInputError):
     """Another process holds the store's write lock."""
+
+
+class StoreWriteError(PVSInputError):
+    """Writing to the store failed (e.g. the disk is full); nothing was saved."""
+
+
+class StoreWarning(UserWarning):
+    """Saved, but a step after the commit point (event log, ``latest`` attribute) failed."""
+
+
+class StoreCorruptError(PVSInputError):
+    """Stored data is damaged: it does not match what was written.
+
+    ``where`` names the damaged item (``subject sub-01 labels v0002``) and ``detail``
+    what is wrong; the message adds the store and what to do.
+    """
+
+    def __init__(self, store: Path | str, where: str, detail: str, remedy: str | None = None):
+        self.store, self.where, self.detail = str(store), where, detail
+        remedy = remedy or (f"{_RESTORE}, or commit the labels again from a NIfTI you trust "
+                            "(`napari-pvs store commit`)")
+        super().__init__(f"store {store}: {where} is damaged ({detail}); {remedy}; "
+                         f"`napari-pvs store verify {store}` lists all damage")
 
 
 def model_registry(path: str | os.PathLike[str]):
@@ -68,14 +127,35 @@ def model_registry(path: str | os.PathLike[str]):
     return ModelRegistry(Path(path) / "models")
 
 
-def check_subject_id(subject: str) -> str:
-    """Return ``subject`` if it is a safe id: letters, digits, ``.``, ``_``, ``-``; no ``..``."""
-    if not isinstance(subject, str) or not _ID.match(subject) or ".." in subject:
+def _check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value:
         raise PVSInputError(
-            f"invalid subject id {subject!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..', path separators or control characters"
         )
-    return subject
+    return value
+
+
+def check_subject_id(subject: str) -> str:
+    """Return ``subject`` if it is a safe id: letters, digits, ``.``, ``_``, ``-``; no ``..``."""
+    return _check_name(subject, "subject id")
+
+
+def check_site(site: str) -> str:
+    """Return ``site`` if it is a safe site name (the same rule as subject ids)."""
+    return _check_name(site, "site")
+
+
+def check_wait(wait: Any) -> float:
+    """Seconds to wait for the lock: a finite number >= 0."""
+    try:
+        value = float(wait)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise PVSInputError(f"wait time {wait!r} is not a finite number of seconds >= 0; "
+                            "pass e.g. --wait 30 (or 0 not to wait)")
+    return value
 
 
 def _now() -> str:
@@ -83,9 +163,13 @@ def _now() -> str:
 
 
 def _sha256(a: np.ndarray) -> str:
-    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
 
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+def _one_line(exc: BaseException) -> str:
+    from ._nifti_checks import one_line
+
+    return one_line(exc)
 
 
 class CorrectionsStore:
@@ -106,10 +190,11 @@ class CorrectionsStore:
                                 "with `napari-pvs store init`")
         try:
             self.root = zarr.open_group(str(self.path), mode="r+" if writable else "r")
+            info = dict(self.root.attrs).get("napari_pvs", {})
         except Exception as exc:  # zarr raises several error types for broken metadata
-            raise PVSInputError(f"{self.path}: cannot open the zarr store ({exc})") from None
-        info = dict(self.root.attrs).get("napari_pvs", {})
-        if info.get("format") != FORMAT:
+            raise PVSInputError(f"{self.path}: cannot open the zarr store ({_one_line(exc)}); "
+                                f"{_RESTORE}") from None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise PVSInputError(f"{self.path} is a zarr store but not a napari-pvs store")
         if int(info.get("format_version", 0)) > FORMAT_VERSION:
             raise PVSInputError(f"{self.path} has store format {info['format_version']}; this "
@@ -121,24 +206,34 @@ class CorrectionsStore:
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> CorrectionsStore:
-        """Create an empty store (refuses an existing folder that is not empty)."""
+        """Create an empty store (refuses a file, or a folder that is not empty)."""
         import zarr
 
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise PVSInputError(f"{path} exists and is not empty; choose a new store folder")
-        root = zarr.open_group(str(path), mode="w")
-        root.attrs["napari_pvs"] = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                    "created": _now()}
-        root.create_group("subjects")
-        (path / "models").mkdir(exist_ok=True)
-        (path / "events.jsonl").touch()
+        if path.exists() and not path.is_dir():
+            raise PVSInputError(f"{path} is a file, not a folder; choose a new store folder "
+                                "(e.g. NAME.pvs.zarr)")
+        if path.is_dir() and any(path.iterdir()):
+            what = ("is already a napari-pvs store; use it as it is"
+                    if (path / "zarr.json").is_file() and (path / "subjects").is_dir()
+                    else "exists and is not empty; choose a new store folder")
+            raise PVSInputError(f"{path} {what}")
+        try:
+            root = zarr.open_group(str(path), mode="w")
+            root.attrs["napari_pvs"] = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                        "created": _now()}
+            root.create_group("subjects")
+            (path / "models").mkdir(exist_ok=True)
+            (path / "events.jsonl").touch()
+        except OSError as exc:
+            raise StoreWriteError(f"cannot create the store {path} ({_one_line(exc)})") from None
         return cls(path, writable=True, wait=0.0)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, writable: bool = False,
              wait: float = 0.0) -> CorrectionsStore:
         """Open a store; ``writable`` takes the write lock, waiting up to ``wait`` seconds."""
+        wait = check_wait(wait)
         path = Path(path)
         if not path.is_dir():
             raise PVSInputError(f"store {path} does not exist; create it with `napari-pvs store init`")
@@ -158,8 +253,9 @@ class CorrectionsStore:
             self._lock_fd = None
 
     def _acquire(self, wait: float) -> None:
+        wait = check_wait(wait)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + max(wait, 0.0)
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,8 +269,11 @@ class CorrectionsStore:
                         "finish (or pass --wait SECONDS), then try again"
                     ) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the PID is only informative
         self._lock_fd = fd
 
     def _require_writable(self) -> None:
@@ -182,22 +281,69 @@ class CorrectionsStore:
             raise PVSInputError(f"store {self.path} was opened read-only; open it with writable=True")
 
     def _recover(self) -> None:
-        """Remove temporary leftovers of killed writers and repair latest pointers."""
-        for tmp in self.path.glob("subjects/*/labels/.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        for tmp in self.path.glob("subjects/*/.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Remove leftovers of killed writers: ``.tmp-*`` folders, a torn last event line,
+        a ``latest`` attribute behind the newest version."""
+        for pattern in ("subjects/*/labels/.tmp-*", "subjects/*/predictions/.tmp-*",
+                        "subjects/*/.tmp-*", "subjects/.tmp-*"):
+            for tmp in self.path.glob(pattern):
+                shutil.rmtree(tmp, ignore_errors=True)
+        log = self.path / "events.jsonl"
+        try:
+            raw = log.read_bytes() if log.is_file() else b""
+            if raw and not raw.endswith(b"\n"):
+                os.truncate(log, raw.rfind(b"\n") + 1)
+        except OSError as exc:
+            warnings.warn(f"{log}: cannot remove a torn last line ({_one_line(exc)})", StoreWarning,
+                          stacklevel=3)
         for sid in self.subjects():
-            latest = self.latest_version(sid)
-            group = self._subject(sid, "r+")
-            if group.attrs.get("latest") != latest:
-                group.attrs["latest"] = latest
+            try:
+                latest = self.latest_version(sid)
+                group = self._subject(sid, "r+")
+                if group.attrs.get("latest") != latest:
+                    group.attrs["latest"] = latest
+            except (OSError, PVSInputError):
+                continue  # damage is reported on reading and by `store verify`
+
+    def _after_commit(self, what: str, *steps: Callable[[], Any]) -> None:
+        """Run the steps after a commit point; a failure is a warning (the data is saved)."""
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # ENOSPC, EIO ...: the committed data is complete
+                warnings.warn(f"{what} is saved, but updating the store afterwards failed "
+                              f"({_one_line(exc)}); the next writer repairs the latest pointer",
+                              StoreWarning, stacklevel=3)
+
+    def _write_dir(self, tmp: Path, final: Path, write: Callable[[Path], None], what: str,
+                   replace: bool = False) -> None:
+        """Write ``tmp`` with ``write`` and rename it to ``final`` (with ``replace``, an
+        existing ``final`` is swapped out only once ``tmp`` is complete); on failure
+        nothing is left and ``final`` is as it was."""
+        old = final.with_name(f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}") if replace else None
+        try:
+            write(tmp)
+            if old is not None and final.exists():
+                os.rename(final, old)
+            os.rename(tmp, final)  # the commit point: complete or absent
+        except BaseException as exc:
+            if old is not None and old.exists() and not final.exists():
+                os.rename(old, final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, PVSInputError) or not isinstance(exc, Exception):
+                raise
+            raise StoreWriteError(f"could not write {what} to store {self.path} ({_one_line(exc)}); "
+                                  "nothing was saved: free disk space (or fix the error) and try "
+                                  "again") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._after_commit(what, lambda: _fsync_dir(final.parent))
 
     # ------------------------------------------------------------------ subjects
     def subjects(self) -> list[str]:
         """Subject ids, sorted."""
         folder = self.path / "subjects"
-        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file() and _ID.match(p.name))
+        return sorted(p.name for p in folder.iterdir()
+                      if (p / "zarr.json").is_file() and _ID.fullmatch(p.name))
 
     def _subject(self, subject: str, mode: str = "r"):
         import zarr
@@ -205,54 +351,104 @@ class CorrectionsStore:
         check_subject_id(subject)
         if not (self.path / "subjects" / subject / "zarr.json").is_file():
             raise PVSInputError(f"no subject {subject!r} in {self.path} (see `napari-pvs store ls`)")
-        return zarr.open_group(str(self.path / "subjects" / subject), mode=mode)
+        try:
+            return zarr.open_group(str(self.path / "subjects" / subject), mode=mode)
+        except Exception as exc:
+            raise StoreCorruptError(self.path, f"subject {subject} metadata",
+                                    f"unreadable: {_one_line(exc)}", _RESTORE) from None
 
     def info(self, subject: str) -> dict[str, Any]:
         """The subject's attributes (site, modality, geometry, status, latest ...)."""
         attrs = dict(self._subject(subject).attrs)
-        attrs["latest"] = self.latest_version(subject)
+        attrs["latest"] = self.latest_version(subject, attrs.get("latest"))
         return attrs
 
     def add_subject(self, subject: str, image, *, site: str = "unknown", modality: str = "T2w",
-                    regions: np.ndarray | None = None, source: str | None = None) -> None:
-        """Import a subject's image (a :class:`napari_pvs.io.Volume`) and region mask."""
+                    regions: np.ndarray | None = None, source: str | None = None,
+                    labels: np.ndarray | None = None, labels_affine: np.ndarray | None = None,
+                    author: str = "import") -> None:
+        """Import a subject's image (a :class:`napari_pvs.io.Volume`), region mask and,
+        optionally, its first label version, all in one atomic step."""
         import zarr
 
         self._require_writable()
         check_subject_id(subject)
+        check_site(site)
+        if modality not in MODALITIES:
+            raise PVSInputError(f"modality must be one of {MODALITIES}, got {modality!r}")
         final = self.path / "subjects" / subject
         if final.exists():
             raise PVSInputError(f"subject {subject!r} already exists in {self.path}; images are "
                                 "read-only after import")
         if regions is not None and regions.shape != image.shape:
             raise PVSInputError(f"regions shape {regions.shape} does not match image {image.shape}")
-        tmp = self.path / "subjects" / f".tmp-{subject}-{uuid.uuid4().hex[:8]}"
-        group = zarr.open_group(str(tmp), mode="w")
+        data = np.asarray(image.data, dtype=np.float32)
+        geometry = {"shape": list(image.shape), "affine": np.asarray(image.affine).tolist(),
+                    "image_sha256": image.sha256}
+        version = None
+        if labels is not None:
+            labels = self._check_labels(subject, geometry, labels, labels_affine, None)
+            version = self._version_attrs(1, None, author, "import",
+                                          {"voxels_painted": int((labels > 0).sum()),
+                                           "voxels_erased": 0}, labels)
         hdr = image.header
-        group.attrs.update({
-            "site": site, "modality": modality, "shape": list(image.shape),
-            "affine": np.asarray(image.affine).tolist(), "spacing": list(image.spacing),
-            "qform": None if hdr is None else np.asarray(hdr.get_qform()).tolist(),
-            "sform_code": image.sform_code, "qform_code": image.qform_code,
-            "image_sha256": image.sha256, "source": str(source or image.path or ""),
-            "status": "unlabelled", "latest": None, "imported": _now(),
-        })
-        group.create_array("image", data=np.asarray(image.data, dtype=np.float32), chunks=_CHUNKS)
-        if regions is not None:
-            group.create_array("regions", data=np.asarray(regions, dtype=np.uint8), chunks=_CHUNKS)
-        group.create_group("labels")
-        group.create_group("predictions")
-        os.rename(tmp, final)
-        self.log_event(subject, "import", {"site": site, "modality": modality})
+
+        def write(tmp: Path) -> None:
+            group = zarr.open_group(str(tmp), mode="w")
+            group.create_array("image", data=data, chunks=_CHUNKS,
+                               attributes={"sha256": _sha256(data)})
+            if regions is not None:
+                reg = np.asarray(regions, dtype=np.uint8)
+                group.create_array("regions", data=reg, chunks=_CHUNKS,
+                                   attributes={"sha256": _sha256(reg)})
+            group.create_group("labels")
+            group.create_group("predictions")
+            if version is not None:
+                _write_labels(tmp / "labels" / "v0001", labels, version)
+            group.attrs.update({
+                "site": site, "modality": modality, **geometry, "spacing": list(image.spacing),
+                "qform": None if hdr is None else np.asarray(hdr.get_qform()).tolist(),
+                "sform_code": image.sform_code, "qform_code": image.qform_code,
+                "source": str(source or image.path or ""),
+                "status": "unlabelled" if version is None else "corrected",
+                "latest": None if version is None else 1, "imported": _now(),
+            })
+
+        tmp = self.path / "subjects" / f".tmp-{subject}-{uuid.uuid4().hex[:8]}"
+        self._write_dir(tmp, final, write, f"subject {subject}")
+        steps = [lambda: self.log_event(subject, "import", {"site": site, "modality": modality})]
+        if version is not None:
+            steps.append(lambda: self.log_event(subject, "commit", {
+                "version": 1, "parent": None, "author": author, "source": "import",
+                "summary": version["summary"]}))
+        self._after_commit(f"subject {subject}", *steps)
 
     def image(self, subject: str):
-        """The image as a read-only zarr array (lazy)."""
-        return self._subject(subject)["image"]
+        """The image as a lazy, read-only zarr array, NOT checked against its checksum
+        (for display); use :meth:`read_image` to read the data."""
+        return self._open_array(self.path / "subjects" / check_subject_id(subject) / "image",
+                                f"subject {subject} image", _RESTORE)
 
     def regions(self, subject: str):
-        """The region mask as a read-only zarr array, or None."""
-        group = self._subject(subject)
-        return group["regions"] if "regions" in group else None
+        """The region mask as a lazy zarr array (unchecked, see :meth:`image`), or None."""
+        if not (self.path / "subjects" / check_subject_id(subject) / "regions").exists():
+            return None
+        return self._open_array(self.path / "subjects" / subject / "regions",
+                                f"subject {subject} regions", _RESTORE)
+
+    def read_image(self, subject: str) -> np.ndarray:
+        """The image (float32), checked against the checksum recorded at import."""
+        self._subject(subject)
+        return self._read_verified(self.path / "subjects" / subject / "image",
+                                   f"subject {subject} image", _RESTORE)
+
+    def read_regions(self, subject: str) -> np.ndarray | None:
+        """The region mask (uint8), checked like :meth:`read_image`; None without one."""
+        self._subject(subject)
+        if not (self.path / "subjects" / subject / "regions").exists():
+            return None
+        return self._read_verified(self.path / "subjects" / subject / "regions",
+                                   f"subject {subject} regions", _RESTORE)
 
     def set_status(self, subject: str, status: str) -> None:
         self._require_writable()
@@ -261,50 +457,93 @@ class CorrectionsStore:
         self._subject(subject, "r+").attrs["status"] = status
         self.log_event(subject, "status", {"status": status})
 
+    # ------------------------------------------------------------------ reading arrays
+    def _open_array(self, path: Path, where: str, remedy: str | None = None):
+        import zarr
+
+        if not (path / "zarr.json").is_file():
+            raise StoreCorruptError(self.path, where, f"its metadata file {path / 'zarr.json'} "
+                                    "is missing", remedy)
+        try:
+            return zarr.open_array(str(path), mode="r")
+        except Exception as exc:
+            raise StoreCorruptError(self.path, where, f"unreadable metadata: {_one_line(exc)}",
+                                    remedy) from None
+
+    def _read_verified(self, path: Path, where: str, remedy: str | None = None) -> np.ndarray:
+        """Decode a whole array and compare it with its recorded sha256."""
+        arr = self._open_array(path, where, remedy)
+        try:
+            data = np.asarray(arr[...])
+            recorded = arr.attrs.get("sha256")
+        except MemoryError:
+            raise
+        except Exception as exc:  # numcodecs / zarr decode errors of a truncated or garbled chunk
+            raise StoreCorruptError(self.path, where, f"a chunk cannot be decoded: {_one_line(exc)}",
+                                    remedy) from None
+        if recorded is not None and _sha256(data) != recorded:
+            raise StoreCorruptError(self.path, where, "its content does not match the checksum "
+                                    "recorded when it was written (a chunk was deleted or altered)",
+                                    remedy)
+        return data
+
     # ------------------------------------------------------------------ versions
     def _labels_dir(self, subject: str) -> Path:
         return self.path / "subjects" / check_subject_id(subject) / "labels"
 
     def version_numbers(self, subject: str) -> list[int]:
-        """Numbers of the complete label versions, ascending."""
+        """Numbers of the label version folders present, ascending (a damaged one
+        raises :class:`StoreCorruptError` when read)."""
         folder = self._labels_dir(subject)
         if not folder.is_dir():
             return []
         return sorted(int(m.group(1)) for p in folder.iterdir()
-                      if (m := _VERSION.match(p.name)) and (p / "zarr.json").is_file())
+                      if (m := _VERSION.fullmatch(p.name)) and p.is_dir())
 
-    def latest_version(self, subject: str) -> int | None:
+    def latest_version(self, subject: str, pointer: Any = _READ) -> int | None:
+        """The newest version: the highest version folder, or the subject's ``latest``
+        attribute if that is higher (then that version is missing: damage)."""
         nums = self.version_numbers(subject)
-        return nums[-1] if nums else None
+        if pointer is _READ:
+            pointer = dict(self._subject(subject).attrs).get("latest")
+        newest = nums[-1] if nums else None
+        if isinstance(pointer, int) and not isinstance(pointer, bool) and pointer > (newest or 0):
+            return pointer
+        return newest
 
     def versions(self, subject: str) -> list[dict[str, Any]]:
-        """Attributes of every complete version (author, time, parent, source, summary)."""
-        return [dict(self.labels(subject, n).attrs) for n in self.version_numbers(subject)]
+        """Attributes of every version (author, time, parent, source, summary)."""
+        return [dict(self.labels(subject, n).attrs) for n in range(1, (self.latest_version(subject)
+                                                                      or 0) + 1)]
+
+    def _version_path(self, subject: str, version: int | None) -> tuple[int, Path, str]:
+        latest = self.latest_version(subject)
+        number = latest if version is None else int(version)
+        if number is None or number < 1 or number > (latest or 0):
+            raise PVSInputError(f"subject {subject!r} has no label version {version}"
+                                f" (versions: {', '.join(map(str, self.version_numbers(subject))) or 'none'})")
+        path = self._labels_dir(subject) / f"v{number:04d}"
+        where = f"subject {subject} labels v{number:04d}"
+        if not path.is_dir():
+            raise StoreCorruptError(self.path, where, f"the version folder is missing (latest is "
+                                    f"v{latest:04d}, present: {self.version_numbers(subject)})")
+        return number, path, where
 
     def labels(self, subject: str, version: int | None = None):
-        """A label version (default: the latest) as a read-only zarr array."""
-        import zarr
+        """A label version (default: the latest) as a lazy, read-only zarr array, NOT
+        checked against its checksum: for attributes; use :meth:`read_labels` for data."""
+        _, path, where = self._version_path(subject, version)
+        return self._open_array(path, where)
 
-        version = self.latest_version(subject) if version is None else int(version)
-        if version is None or version not in self.version_numbers(subject):
-            raise PVSInputError(f"subject {subject!r} has no label version {version}")
-        return zarr.open_array(str(self._labels_dir(subject) / f"v{version:04d}"), mode="r")
+    def read_labels(self, subject: str, version: int | None = None) -> np.ndarray:
+        """A label version (default: the latest) as uint8, checked against its checksum.
 
-    def commit_labels(self, subject: str, labels: np.ndarray, *, author: str,
-                      source: str = "manual", affine: np.ndarray | None = None,
-                      image_sha256: str | None = None, summary: dict | None = None,
-                      events: list[dict] | None = None) -> int:
-        """Add a new, immutable label version; returns its number.
-
-        ``affine`` and ``image_sha256`` (of the image the labels were drawn on), when
-        given, must match the subject.  The edit summary records voxels painted and
-        erased against the parent version, merged with ``summary`` (e.g. clusters
-        accepted / rejected); ``events`` (review decisions) go to the event log.
+        Raises :class:`StoreCorruptError` naming the version when it is damaged or missing.
         """
-        import zarr
+        _, path, where = self._version_path(subject, version)
+        return self._read_verified(path, where)
 
-        self._require_writable()
-        info = self.info(subject)
+    def _check_labels(self, subject: str, info: dict, labels, affine, image_sha256) -> np.ndarray:
         labels = np.asarray(labels)
         if labels.shape != tuple(info["shape"]):
             raise PVSInputError(f"labels shape {labels.shape} does not match subject {subject!r} "
@@ -319,37 +558,59 @@ class CorrectionsStore:
             raise PVSInputError(f"labels must be integers, got {labels.dtype}")
         if labels.size and (labels.min() < 0 or labels.max() > 255):
             raise PVSInputError("label values must lie in 0..255")
-        labels = labels.astype(np.uint8)
+        return labels.astype(np.uint8)
+
+    @staticmethod
+    def _version_attrs(number, parent, author, source, summary, labels) -> dict[str, Any]:
+        return {"version": number, "author": str(author), "time": _now(), "parent": parent,
+                "source": str(source), "summary": summary, "sha256": _sha256(labels)}
+
+    def commit_labels(self, subject: str, labels: np.ndarray, *, author: str,
+                      source: str = "manual", affine: np.ndarray | None = None,
+                      image_sha256: str | None = None, summary: dict | None = None,
+                      events: list[dict] | None = None) -> int:
+        """Add a new, immutable label version; returns its number.
+
+        ``affine`` and ``image_sha256`` (of the image the labels were drawn on), when
+        given, must match the subject.  The edit summary records voxels painted and
+        erased against the parent version, merged with ``summary`` (e.g. clusters
+        accepted / rejected); ``events`` (review decisions) go to the event log.
+        Raises :class:`StoreWriteError` (and saves nothing) when writing fails; a
+        failure after the commit point is a :class:`StoreWarning`.
+        """
+        self._require_writable()
+        info = self.info(subject)
+        labels = self._check_labels(subject, info, labels, affine, image_sha256)
         parent = info["latest"]
         diff = {"voxels_painted": int(labels.astype(bool).sum()), "voxels_erased": 0}
         if parent is not None:
-            old = np.asarray(self.labels(subject, parent)[...]) > 0
-            new = labels > 0
-            diff = {"voxels_painted": int((new & ~old).sum()), "voxels_erased": int((old & ~new).sum())}
+            try:
+                old = self.read_labels(subject, parent) > 0
+                new = labels > 0
+                diff = {"voxels_painted": int((new & ~old).sum()),
+                        "voxels_erased": int((old & ~new).sum())}
+            except StoreCorruptError as exc:  # a new version is how damage gets repaired
+                diff = {"voxels_painted": diff["voxels_painted"], "voxels_erased": None,
+                        "parent_damaged": exc.detail}
         number = (parent or 0) + 1
         folder = self._labels_dir(subject)
         final = folder / f"v{number:04d}"
         if final.exists():
             raise PVSInputError(f"{final} exists; versions are never overwritten")
-        attrs = {"version": number, "author": str(author), "time": _now(), "parent": parent,
-                 "source": str(source), "summary": {**diff, **(summary or {})},
-                 "sha256": _sha256(labels)}
+        attrs = self._version_attrs(number, parent, author, source, {**diff, **(summary or {})},
+                                    labels)
         tmp = folder / f".tmp-v{number:04d}-{uuid.uuid4().hex[:8]}"
-        arr = zarr.create_array(str(tmp), shape=labels.shape, dtype=np.uint8, chunks=_CHUNKS,
-                                fill_value=0, attributes=attrs)
-        arr[...] = labels
-        os.rename(tmp, final)  # the commit point: complete or absent
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        group = self._subject(subject, "r+")
-        group.attrs.update({"latest": number, "status": "corrected"})
-        self.log_event(subject, "commit", {"version": number, "parent": parent, "author": author,
-                                           "source": source, "summary": attrs["summary"]})
-        for event in events or []:
-            self.log_event(subject, event.get("kind", "review"), event)
+        folder.mkdir(exist_ok=True)
+        what = f"label version v{number:04d} of subject {subject}"
+        self._write_dir(tmp, final, lambda t: _write_labels(t, labels, attrs), what)
+
+        def pointer():
+            self._subject(subject, "r+").attrs.update({"latest": number, "status": "corrected"})
+
+        self._after_commit(what, pointer, lambda: self.log_event(subject, "commit", {
+            "version": number, "parent": parent, "author": author, "source": source,
+            "summary": attrs["summary"]}), *[(lambda e=e: self.log_event(
+                subject, e.get("kind", "review"), e)) for e in events or []])
         return number
 
     # ------------------------------------------------------------------ predictions
@@ -365,50 +626,77 @@ class CorrectionsStore:
         self._require_writable()
         info = self.info(subject)
         shape = tuple(info["shape"])
-        for name, a in (("probability", probability), ("uncertainty", uncertainty), ("labels", labels)):
-            if np.shape(a) != shape:
-                raise PVSInputError(f"prediction {name} shape {np.shape(a)} != subject shape {shape}")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", model_id):
+        maps = {"probability": np.asarray(probability, np.float32),
+                "uncertainty": np.asarray(uncertainty, np.float32),
+                "labels": np.asarray(labels, np.uint8)}
+        for name, a in maps.items():
+            if a.shape != shape:
+                raise PVSInputError(f"prediction {name} shape {a.shape} != subject shape {shape}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", model_id) or model_id.startswith("."):
             raise PVSInputError(f"invalid model id {model_id!r}")
+
+        def write(tmp: Path) -> None:
+            group = zarr.open_group(str(tmp), mode="w")
+            group.attrs.update({"model_id": model_id, "time": _now(), "stats": dict(stats or {})})
+            for name, a in maps.items():
+                group.create_array(name, data=a, chunks=_CHUNKS, attributes={"sha256": _sha256(a)})
+
         base = self.path / "subjects" / subject / "predictions"
-        tmp = base / f".tmp-{model_id}-{uuid.uuid4().hex[:8]}"
-        group = zarr.open_group(str(tmp), mode="w")
-        group.attrs.update({"model_id": model_id, "time": _now(), "stats": dict(stats or {})})
-        group.create_array("probability", data=np.asarray(probability, np.float32), chunks=_CHUNKS)
-        group.create_array("uncertainty", data=np.asarray(uncertainty, np.float32), chunks=_CHUNKS)
-        group.create_array("labels", data=np.asarray(labels, np.uint8), chunks=_CHUNKS)
-        final = base / model_id
-        old = base / f".tmp-old-{model_id}-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        if info["status"] == "unlabelled":
-            self._subject(subject, "r+").attrs["status"] = "predicted"
-        self.log_event(subject, "prediction", {"model_id": model_id})
+        base.mkdir(exist_ok=True)
+        what = f"the prediction of model {model_id} for {subject}"
+        self._write_dir(base / f".tmp-{model_id}-{uuid.uuid4().hex[:8]}", base / model_id, write,
+                        what, replace=True)
+
+        def status():
+            if info["status"] == "unlabelled":
+                self._subject(subject, "r+").attrs["status"] = "predicted"
+
+        self._after_commit(what, status,
+                           lambda: self.log_event(subject, "prediction", {"model_id": model_id}))
 
     def predictions(self, subject: str) -> list[str]:
         base = self.path / "subjects" / check_subject_id(subject) / "predictions"
-        return sorted(p.name for p in base.iterdir() if (p / "zarr.json").is_file()) if base.is_dir() else []
+        return sorted(p.name for p in base.iterdir() if (p / "zarr.json").is_file()
+                      and not p.name.startswith(".")) if base.is_dir() else []
 
     def prediction(self, subject: str, model_id: str):
-        """The zarr group of a model's prediction (probability, uncertainty, labels)."""
+        """The zarr group of a model's prediction (lazy, unchecked: for its attributes and
+        display; use :meth:`read_prediction` for data)."""
         import zarr
 
         if model_id not in self.predictions(subject):
             raise PVSInputError(f"subject {subject!r} has no prediction of model {model_id!r}")
         return zarr.open_group(str(self.path / "subjects" / subject / "predictions" / model_id), mode="r")
 
+    def read_prediction(self, subject: str, model_id: str, name: str) -> np.ndarray:
+        """One map (``probability``, ``uncertainty`` or ``labels``) of a model's prediction,
+        checked against its checksum."""
+        if name not in PREDICTION_MAPS:
+            raise PVSInputError(f"prediction map must be one of {PREDICTION_MAPS}, got {name!r}")
+        if model_id not in self.predictions(subject):
+            raise PVSInputError(f"subject {subject!r} has no prediction of model {model_id!r}")
+        return self._read_verified(self.path / "subjects" / subject / "predictions" / model_id / name,
+                                   f"subject {subject} prediction {model_id} {name}",
+                                   "predict the subject again with that model")
+
     # ------------------------------------------------------------------ events, models
     def log_event(self, subject: str | None, kind: str, details: dict | None = None) -> None:
-        """Append one event to ``events.jsonl`` (flushed and fsynced)."""
+        """Append one event to ``events.jsonl`` (flushed and fsynced; a failed append is
+        cut back, so no torn line is left behind)."""
         self._require_writable()
         line = json.dumps({"time": _now(), "pid": os.getpid(), "subject": subject, "kind": kind,
                            **(details or {})}, default=str) + "\n"
         fd = os.open(self.path / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                data = line.encode()
+                if os.write(fd, data) != len(data):
+                    raise OSError(28, "short write to the event log")
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
 
@@ -418,16 +706,38 @@ class CorrectionsStore:
         path = self.path / "events.jsonl"
         if not path.is_file():
             return out
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if subject is None or event.get("subject") == subject:
+            if isinstance(event, dict) and (subject is None or event.get("subject") == subject):
                 out.append(event)
         return out
+
+    def verify(self) -> tuple[list[str], dict[str, int]]:
+        """Check everything; returns ``(problems, counts)`` (see :mod:`napari_pvs._store_verify`)."""
+        from ._store_verify import verify_store
+
+        return verify_store(self)
 
     @property
     def models(self):
         """The store's model registry."""
         return model_registry(self.path)
+
+
+def _write_labels(path: Path, labels: np.ndarray, attrs: dict[str, Any]) -> None:
+    import zarr
+
+    arr = zarr.create_array(str(path), shape=labels.shape, dtype=np.uint8, chunks=_CHUNKS,
+                            fill_value=0, attributes=attrs)
+    arr[...] = labels
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

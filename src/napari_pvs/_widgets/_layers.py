@@ -140,14 +140,14 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None,
 
     info = store.info(subject)
     geo, meta = subject_layer_kwargs(store, subject)
-    image = np.asarray(store.image(subject)[...])
+    image = store.read_image(subject)
 
     img_layer = viewer.add_image(image, name=f"{subject} image", colormap="gray",
                                  contrast_limits=_contrast_limits(image), metadata=dict(meta), **geo)
-    regions = store.regions(subject)
+    regions = store.read_regions(subject)
     reg_layer = None
     if regions is not None:
-        reg_layer = viewer.add_labels(np.asarray(regions[...]), name=f"{subject} regions (1 WM, 2 BG)",
+        reg_layer = viewer.add_labels(regions, name=f"{subject} regions (1 WM, 2 BG)",
                                       visible=False, opacity=0.3, metadata=dict(meta), **geo)
     names: dict[str, Any] = {"model": model_id, "image": img_layer.name,
                              "regions": None if reg_layer is None else reg_layer.name,
@@ -156,16 +156,17 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None,
     pred = store.prediction(subject, model_id) if model_id in store.predictions(subject) else None
     if pred is not None:
         for key in ("probability", "uncertainty"):
-            names[key] = _add_map(viewer, key, pred[key][...], f"{subject} [{model_id}] {key}",
+            names[key] = _add_map(viewer, key, store.read_prediction(subject, model_id, key),
+                                  f"{subject} [{model_id}] {key}",
                                   meta, geo).name
     if not with_labels:
         return None
     version = info.get("latest")
     if version is not None:
-        labels = np.array(store.labels(subject, version)[...], dtype=np.uint8)
+        labels = store.read_labels(subject, version)
         name = f"{subject} labels v{version}"
     elif pred is not None:
-        labels = np.array(pred["labels"][...], dtype=np.uint8)
+        labels = store.read_prediction(subject, model_id, "labels")
         name = f"{subject} [{model_id}] PVS"
     else:
         labels = np.zeros(tuple(info["shape"]), np.uint8)
