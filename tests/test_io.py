@@ -358,3 +358,174 @@ def test_geometry_only_volume(tmp_path):
 def test_is_nifti_path():
     assert is_nifti_path("a.nii") and is_nifti_path(Path("b.NII.GZ"))
     assert not is_nifti_path("c.nii.zip") and not is_nifti_path("d.png")
+
+
+# ----------------------------------------------------------------------------- oversized headers
+
+
+def _oversized(tmp_path: Path, suffix: str) -> Path:
+    """A header claiming 1000 x 1000 x 750 float32 voxels (3e9 bytes) over 1 KB of data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 750))
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\x00" * 4 + np.zeros(256, np.float32).tobytes()
+    path = tmp_path / f"huge{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    return path
+
+
+def _peak_rss_of_load(path: Path) -> tuple[str, int]:
+    """Load *path* in a child process; its stderr and its peak RSS in bytes (from wait4)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom napari_pvs.io import load_volume\n"
+            "try:\n    load_volume(sys.argv[1])\nexcept ValueError as e:\n"
+            "    sys.stderr.write(str(e))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err
+    per_kb = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KB on Linux
+    return err, usage.ru_maxrss * per_kb
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_oversized_header_is_refused_before_allocating(tmp_path, suffix):
+    path = _oversized(tmp_path, suffix)
+    assert path.stat().st_size < 1500
+    with pytest.raises(PVSInputError) as exc:
+        load_volume(path)
+    message = _assert_single_line(exc, path.name)
+    assert "3,000,000,352 bytes" in message and "1,376 bytes" in message
+    err, peak = _peak_rss_of_load(path)
+    assert path.name in err
+    assert peak < 400e6, f"loading a 1 KB file took {peak / 1e6:.0f} MB"
+
+
+# ----------------------------------------------------------------------------- unusable affines
+
+
+def _raw_nifti(path: Path, edit) -> Path:
+    """Write a 6x6x6 float32 ``.nii`` byte by byte after ``edit(header)``.
+
+    nibabel's own save would repair the geometry fields we want broken.
+    """
+    header = nib.Nifti1Header()
+    header.set_data_shape((6, 6, 6))
+    header.set_data_dtype(np.float32)
+    header.set_zooms((0.8, 0.8, 0.8))
+    header["vox_offset"] = 352
+    edit(header)
+    data = np.arange(216, dtype=np.float32).reshape(6, 6, 6)
+    path.write_bytes(header.binaryblock + b"\x00" * 4 + data.tobytes(order="F"))
+    return path
+
+
+def _sform(matrix, code=2):
+    def edit(header):
+        for row, name in zip(np.asarray(matrix, dtype=np.float64)[:3], ("srow_x", "srow_y", "srow_z"),
+                             strict=True):
+            header[name] = row
+        header["sform_code"] = code
+        header["qform_code"] = 0
+    return edit
+
+
+def _nan_qform(header):
+    header.set_qform(np.diag([0.8, 0.8, 0.8, 1.0]), code=1)
+    header["quatern_b"] = np.nan
+    header["sform_code"] = 0
+
+
+def _zero_pixdim(code):
+    def edit(header):
+        header["qform_code"] = code
+        header["sform_code"] = 0
+        header["pixdim"][1:4] = 0
+    return edit
+
+
+_SINGULAR = np.diag([0.8, 0.8, 0.8, 1.0])
+_SINGULAR[:3, 2] = _SINGULAR[:3, 0]  # third axis = first axis: rank 2
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_sform(np.zeros((4, 4))), "sform (code 2) is all zero"),
+        (_sform(np.full((4, 4), np.nan)), "sform (code 2) has NaN or infinite entries"),
+        (_sform(np.diag([np.inf, 1, 1, 1])), "has NaN or infinite entries"),
+        (_sform(_SINGULAR), "is singular"),
+        (_nan_qform, "qform (code 1) has NaN"),
+        (_zero_pixdim(1), "qform (code 1) its voxel size (pixdim) is [0.0, 0.0, 0.0]"),
+        (_zero_pixdim(0), "voxel size (no sform or qform code) its voxel size"),
+    ],
+    ids=["zero-sform", "nan-sform", "inf-sform", "singular-sform", "nan-qform", "zero-pixdim-qform",
+         "zero-pixdim-no-codes"],
+)
+def test_unusable_affine_is_refused_on_load(tmp_path, edit, expected):
+    path = _raw_nifti(tmp_path / "broken.nii", edit)
+    with pytest.raises(PVSInputError) as exc:
+        load_volume(path)
+    message = _assert_single_line(exc, "broken.nii")
+    assert "no usable voxel-to-world geometry" in message and expected in message
+
+
+def test_a_broken_sform_falls_back_to_a_valid_qform(tmp_path):
+    qform = np.diag([0.8, 0.9, 1.2, 1.0])
+    qform[:3, 3] = [-10.0, 5.0, 3.0]
+
+    def edit(header):
+        header.set_qform(qform, code=1)
+        header["sform_code"] = 2  # srow_* stay all zero
+
+    path = _raw_nifti(tmp_path / "zero_sform.nii", edit)
+    with pytest.warns(UserWarning, match=r"zero_sform\.nii: its sform \(code 2\) is all zero; "
+                                         r"using the qform \(code 1\)"):
+        vol = load_volume(path)
+    np.testing.assert_allclose(vol.affine, qform, atol=1e-6)
+    np.testing.assert_allclose(vol.spacing, (0.8, 0.9, 1.2), rtol=1e-6)
+    back = nib.load(save_labels(tmp_path / "lab.nii.gz", vol.data > 100, vol))
+    np.testing.assert_allclose(back.affine, qform, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["sform-only", "qform-only"])
+def test_sform_only_and_qform_only_files_load(tmp_path, which):
+    sform, qform = (np.diag([0.7, 0.8, 1.5, 1.0]),) * 2
+
+    def edit(header):
+        header.set_zooms((0.7, 0.8, 1.5))
+        if which == "sform-only":
+            _sform(sform, code=2)(header)
+        else:
+            header.set_qform(qform, code=1)
+            header["sform_code"] = 0
+
+    vol = load_volume(_raw_nifti(tmp_path / f"{which}.nii", edit))
+    np.testing.assert_allclose(vol.affine, sform, atol=1e-6)
+    np.testing.assert_allclose(vol.spacing, (0.7, 0.8, 1.5), rtol=1e-6)
+
+
+def test_spacing_comes_from_the_affine_not_a_zero_pixdim(tmp_path):
+    """nibabel turns a zero pixdim into 1 mm; the sform says 0.7 x 0.8 x 1.5 mm."""
+    affine = np.diag([0.7, 0.8, 1.5, 1.0])
+
+    def edit(header):
+        _sform(affine, code=2)(header)
+        header["pixdim"][1:4] = 0
+
+    vol = load_volume(_raw_nifti(tmp_path / "sform_zero_pixdim.nii", edit))
+    np.testing.assert_allclose(vol.spacing, (0.7, 0.8, 1.5), rtol=1e-6)
+    scale, affine_part = vol.napari_transform()
+    np.testing.assert_allclose(affine_part @ np.diag([*scale, 1.0]), vol.affine, atol=1e-12)
+
+
+def test_geometry_from_affine_refuses_a_singular_affine():
+    with pytest.raises(ValueError, match="all zero"):
+        geometry_from_affine(np.diag([0.0, 0.0, 0.0, 1.0]), (4, 4, 4))

@@ -27,7 +27,15 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from ._errors import PVSInputError
-from ._nifti_checks import hash_and_check_gzip, one_line, pick_volume, sha256_file
+from ._nifti_checks import (
+    affine_problem,
+    check_data_size,
+    one_line,
+    pick_volume,
+    scan_nifti,
+    sha256_file,
+    usable_affine,
+)
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -125,11 +133,12 @@ def strip_nifti_suffix(name: str) -> str:
 
 
 def _spacing(header: Any, affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size of *affine* (column norms); the header zooms when they agree with it."""
+    norms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
-    if zooms.size < 3 or not np.all(np.isfinite(zooms) & (zooms > 0)):
-        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        zooms[~(np.isfinite(zooms) & (zooms > 0))] = 1.0
-    return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+    if zooms.size == 3 and np.allclose(zooms, norms, rtol=1e-4, atol=0):
+        norms = zooms  # the same up to float32 rounding; keep the stored values exactly
+    return (float(norms[0]), float(norms[1]), float(norms[2]))
 
 
 def as_label_array(data: np.ndarray, source: str | os.PathLike[str] = "labels") -> np.ndarray:
@@ -187,13 +196,18 @@ def load_volume(
     ------
     PVSInputError
         With a one-line message, for a missing file, a file that is not
-        NIfTI, a truncated or corrupt file, a 2D or >4D image, a 4D series
-        without ``volume``, or non-integer data with ``as_labels``.
+        NIfTI, a truncated or corrupt file, a header that claims more voxel
+        bytes than the file holds (checked before allocating), a file without
+        a usable affine (sform, qform and voxel size all zero, NaN or
+        singular), a 2D or >4D image, a 4D series without ``volume``, or
+        non-integer data with ``as_labels``.
 
     Warns
     -----
     NonFiniteVoxelsWarning
         When NaN or infinite voxels were found; they are set to 0.
+    UserWarning
+        When the sform is unusable and the qform (or voxel size) is used instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -206,7 +220,7 @@ def load_volume(
         )
     if path.stat().st_size == 0:
         raise PVSInputError(f"{path} is empty (0 bytes); re-export or copy the file again")
-    digest = hash_and_check_gzip(path)
+    scan = scan_nifti(path)
     try:
         img = nib.load(path, mmap=False)  # own the voxels; the file may be replaced
     except (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError) as exc:
@@ -219,6 +233,10 @@ def load_volume(
             f"{path} was read as {type(img).__name__}, not NIfTI; convert it to .nii.gz"
         )
     slicer = pick_volume(img, path, volume)
+    check_data_size(img, scan, path)
+    affine, note = usable_affine(img, scan, path)
+    if note:
+        warnings.warn(note, UserWarning, stacklevel=2)
     try:
         raw = img.dataobj if slicer is None else img.dataobj[slicer]
         data = np.asarray(raw) if as_labels else np.asarray(raw, dtype=dtype)
@@ -234,14 +252,13 @@ def load_volume(
     data = _zero_non_finite(data, path)
     if as_labels:
         data = as_label_array(data, path)
-    affine = np.asarray(img.affine, dtype=np.float64)
     header = img.header.copy()
     return Volume(
         data=data,
         affine=affine,
         spacing=_spacing(header, affine),
         path=path,
-        sha256=digest,
+        sha256=scan.sha256,
         header=header,
     )
 
@@ -297,6 +314,9 @@ def geometry_from_affine(
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or len(shape) != 3:
         raise ValueError(f"need a 4x4 affine and a 3D shape, got {affine.shape} and {shape}")
+    problem = affine_problem(affine)
+    if problem:
+        raise ValueError(f"the affine {problem}, so it cannot place voxels in space")
     header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header)()
     header.set_data_shape(tuple(int(n) for n in shape))
     if sform_code == 0 and qform_code == 0:
