@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_pvs.metrics import cluster_scores, voxel_dice
+from _helpers import assert_clean_failure, run_cli
+
+from napari_pvs import PVSInputError
+from napari_pvs.io import load_volume
+from napari_pvs.metrics import cluster_scores, score, voxel_dice
 
 
 def test_voxel_dice_known_values():
@@ -59,3 +64,57 @@ def test_diagonal_neighbours_depend_on_connectivity():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="shape"):
         voxel_dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def _maps(tmp_path, shift_mm=(0.0, 0.0, 0.0), regions=1, ref_value=1):
+    """pred.nii.gz, ref.nii.gz (identical voxels) and regions.nii.gz on a 1 mm 8^3 grid;
+    the reference's affine is translated by *shift_mm*."""
+    pred = np.zeros((8, 8, 8), np.int16)
+    pred[2:5, 3, 3] = 1
+    affine = np.eye(4)
+    shifted = affine.copy()
+    shifted[:3, 3] += shift_mm
+    files = {}
+    for name, data, aff in (("pred", pred, affine), ("ref", pred * ref_value, shifted),
+                            ("regions", np.full_like(pred, regions), affine)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, aff), files[name])
+    return files
+
+
+def test_score_refuses_maps_on_different_grids(tmp_path):
+    files = _maps(tmp_path, shift_mm=(5.0, 0.0, 0.0))
+    pred, ref = (load_volume(files[k], as_labels=True) for k in ("pred", "ref"))
+    assert score(pred.data, ref.data)["all"]["voxel_dice"] == 1.0  # arrays carry no geometry
+    with pytest.raises(PVSInputError, match=r"ref\.nii\.gz: map affine differs from that of "
+                                            r".*pred\.nii\.gz by up to 5 \(mm\)"):
+        score(pred, ref)
+    rc, out, err = run_cli("score", files["pred"], files["ref"])
+    assert_clean_failure(rc, out, err, "ref.nii.gz", "pred.nii.gz", "affine differs")
+
+
+def test_score_accepts_affines_within_the_store_tolerance(tmp_path):
+    files = _maps(tmp_path, shift_mm=(5e-4, 0.0, 0.0))
+    pred, ref, reg = (load_volume(files[k], as_labels=True) for k in ("pred", "ref", "regions"))
+    assert score(pred, ref, reg)["WM"]["voxel_dice"] == 1.0
+
+
+def test_score_refuses_an_empty_region_map(tmp_path):
+    files = _maps(tmp_path, regions=0)
+    pred, ref, reg = (load_volume(files[k], as_labels=True) for k in ("pred", "ref", "regions"))
+    with pytest.raises(PVSInputError, match=r"regions\.nii\.gz has no voxel inside a region"):
+        score(pred, ref, reg)
+    with pytest.raises(PVSInputError, match="regions has no voxel"):
+        score(pred.data, ref.data, np.zeros_like(pred.data))
+    rc, out, err = run_cli("score", files["pred"], files["ref"], "--regions", files["regions"])
+    assert_clean_failure(rc, out, err, "regions.nii.gz", "no voxel inside a region")
+
+
+@pytest.mark.parametrize("which", ["ref", "regions"])
+def test_score_refuses_negative_labels(tmp_path, which):
+    files = _maps(tmp_path, **({"ref_value": -1} if which == "ref" else {"regions": -2}))
+    pred, ref, reg = (load_volume(files[k], as_labels=True) for k in ("pred", "ref", "regions"))
+    with pytest.raises(PVSInputError, match=rf"{which}\.nii\.gz holds negative labels"):
+        score(pred, ref, reg)
+    rc, out, err = run_cli("score", files["pred"], files["ref"], "--regions", files["regions"])
+    assert_clean_failure(rc, out, err, f"{which}.nii.gz", "negative labels")

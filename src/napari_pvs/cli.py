@@ -80,16 +80,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     pred = load_volume(args.pred, as_labels=True)
     ref = load_volume(args.gt, as_labels=True)
-    if pred.shape != ref.shape:
-        raise PVSInputError(f"{args.pred} has shape {pred.shape} but {args.gt} has {ref.shape}; "
-                            "score maps on the same grid")
-    regions = None
-    if args.regions:
-        reg = load_volume(args.regions, as_labels=True)
-        if reg.shape != ref.shape:
-            raise PVSInputError(f"{args.regions} has shape {reg.shape}, the maps {ref.shape}")
-        regions = reg.data
-    result = score(pred.data, ref.data, regions, connectivity=args.connectivity)
+    regions = load_volume(args.regions, as_labels=True) if args.regions else None
+    # score() checks that the three lie on one grid (shape and affine), as the store does
+    result = score(pred, ref, regions, connectivity=args.connectivity)
     print(json.dumps({"pred": str(args.pred), "gt": str(args.gt), "regions": args.regions,
                       "connectivity": args.connectivity, "scores": result}, indent=1))
     return 0

@@ -42,6 +42,7 @@ __all__ = [
     "NonFiniteVoxelsWarning",
     "Volume",
     "as_label_array",
+    "check_same_grid",
     "geometry_from_affine",
     "is_nifti_path",
     "load_volume",
@@ -327,6 +328,32 @@ def geometry_from_affine(
     header.set_sform(affine, code=int(sform_code))
     best = np.asarray(header.get_best_affine(), dtype=np.float64)
     return Volume(data=None, affine=best, spacing=_spacing(header, best), header=header)
+
+
+def check_same_grid(vol: Volume, like: Volume, what: str = "map") -> None:
+    """Refuse *vol* unless it lies on the voxel grid of *like*.
+
+    The same test as the corrections store: equal shapes, and affines equal
+    within 1e-3 (mm).  *what* names *vol* in the message (``"ROI"``, ``"map"``).
+
+    Raises
+    ------
+    PVSInputError
+        Naming both files, the shapes or the largest affine difference.
+    """
+    name, other = vol.path or what, like.path or "the reference"
+    if vol.shape != like.shape:
+        raise PVSInputError(
+            f"{name}: {what} shape {vol.shape} does not match {other} shape {like.shape}; "
+            f"resample it to the grid of {other}"
+        )
+    if not np.allclose(vol.affine, like.affine, atol=1e-3):
+        diff = float(np.abs(np.asarray(vol.affine) - np.asarray(like.affine)).max())
+        raise PVSInputError(
+            f"{name}: {what} affine differs from that of {other} by up to {diff:.3g} (mm), so "
+            "it lies on another grid; resample it to that grid (e.g. with mri_vol2vol or "
+            "antsApplyTransforms)"
+        )
 
 
 def _label_dtype(labels: np.ndarray, path: str | os.PathLike[str]) -> np.dtype:

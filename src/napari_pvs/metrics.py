@@ -9,6 +9,8 @@ shares at least one voxel with the predicted mask.  Then::
 
 Both maps empty gives 1.0 for every score (nothing to find, nothing found); one side
 empty gives 0.0 Dice (precision / recall of the empty side's counterpart are 0.0).
+Negative labels are refused (they would silently count as background), and so is a
+region map without any region: it would score nothing and report 1.0.
 
 By region: :func:`score` restricts both maps to the region (WM = 1, BG = 2 in the
 region map, as the phantoms write them) *before* finding clusters, so a PVS that
@@ -22,19 +24,47 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ._errors import PVSInputError
+from .io import Volume, check_same_grid
+
 __all__ = ["REGIONS", "ClusterScores", "cluster_scores", "score", "voxel_dice"]
 
 REGIONS = {"WM": 1, "BG": 2}
 
 
-def _check(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred = np.asarray(pred) > 0
-    ref = np.asarray(ref) > 0
+def _no_negatives(labels: np.ndarray, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype != bool and labels.size and not np.issubdtype(labels.dtype, np.unsignedinteger):
+        low = labels.min()
+        if low < 0:
+            raise PVSInputError(
+                f"{name} holds negative labels (minimum {low}); PVS and region maps use 0 for "
+                "background and positive labels - fix or renumber the map"
+            )
+    return labels
+
+
+def _check(pred: np.ndarray, ref: np.ndarray, names=("prediction", "reference")):
+    pred = _no_negatives(pred, names[0]) > 0
+    ref = _no_negatives(ref, names[1]) > 0
     if pred.shape != ref.shape:
-        raise ValueError(
-            f"prediction shape {pred.shape} does not match reference shape {ref.shape}"
+        raise PVSInputError(
+            f"{names[0]} shape {pred.shape} does not match {names[1]} shape {ref.shape}; "
+            "score maps on the same grid"
         )
     return pred, ref
+
+
+def _unwrap(*maps: np.ndarray | Volume | None) -> list[np.ndarray | None]:
+    """Arrays of *maps*; the Volumes among them must share one grid (shape and affine)."""
+    vols = [m for m in maps if isinstance(m, Volume)]
+    for vol in vols[1:]:
+        check_same_grid(vol, vols[0], what="map")
+    return [m.data if isinstance(m, Volume) else m for m in maps]
+
+
+def _name(m, default: str) -> str:
+    return str(m.path) if isinstance(m, Volume) and m.path is not None else default
 
 
 def voxel_dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -101,21 +131,47 @@ def cluster_scores(
     )
 
 
-def score(pred: np.ndarray, ref: np.ndarray, regions: np.ndarray | None = None,
-          connectivity: int = 26) -> dict[str, dict]:
+def score(pred: np.ndarray | Volume, ref: np.ndarray | Volume,
+          regions: np.ndarray | Volume | None = None, connectivity: int = 26) -> dict[str, dict]:
     """Voxel and cluster scores for the whole map and, with ``regions``, for WM and BG.
 
-    Returns ``{"all": {...}, "WM": {...}, "BG": {...}}``; each holds ``voxel_dice``,
-    ``cluster_dice``, ``cluster_precision``, ``cluster_recall``, ``n_pred``, ``n_ref``,
-    ``count_error``, ``pred_voxels`` and ``ref_voxels``.  Without ``regions`` only
-    ``"all"`` is given; with them ``"all"`` means the whole ROI (regions > 0).
+    Parameters
+    ----------
+    pred, ref : numpy.ndarray or napari_pvs.io.Volume
+        Predicted and reference PVS labels (> 0 is PVS).
+    regions : numpy.ndarray or napari_pvs.io.Volume, optional
+        Region map: 1 WM, 2 BG; 0 outside.
+    connectivity : {6, 18, 26}
+        Neighbourhood of the clusters.
+
+    Returns
+    -------
+    dict
+        ``{"all": {...}, "WM": {...}, "BG": {...}}``; each holds ``voxel_dice``,
+        ``cluster_dice``, ``cluster_precision``, ``cluster_recall``, ``n_pred``, ``n_ref``,
+        ``count_error``, ``pred_voxels`` and ``ref_voxels``.  Without ``regions`` only
+        ``"all"`` is given; with them ``"all"`` means the whole ROI (regions > 0).
+
+    Raises
+    ------
+    PVSInputError
+        Maps of different shapes; Volumes whose affines differ by more than 1e-3
+        (the maps are on different grids, e.g. shifted); negative labels; a region
+        map without any voxel > 0.
     """
-    pred, ref = _check(pred, ref)
+    region_name = _name(regions, "regions")
+    names = (_name(pred, "prediction"), _name(ref, "reference"))
+    pred, ref, regions = _unwrap(pred, ref, regions)
+    pred, ref = _check(pred, ref, names)
     masks = {"all": None}
     if regions is not None:
-        regions = np.asarray(regions)
+        regions = _no_negatives(regions, region_name)
         if regions.shape != pred.shape:
-            raise ValueError(f"regions shape {regions.shape} does not match the maps {pred.shape}")
+            raise PVSInputError(f"{region_name} shape {regions.shape} does not match the maps "
+                                f"{pred.shape}; resample it to their grid")
+        if not np.any(regions > 0):
+            raise PVSInputError(f"{region_name} has no voxel inside a region (all 0), so there "
+                                "is nothing to score; pass the region map of this subject")
         masks = {"all": regions > 0, **{name: regions == code for name, code in REGIONS.items()}}
     out = {}
     for name, m in masks.items():

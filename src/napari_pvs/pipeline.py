@@ -30,19 +30,10 @@ def modality_from_name(path: str | os.PathLike[str], given: str | None = None) -
 
 def load_roi(roi: str | os.PathLike[str], like) -> np.ndarray:
     """Load a mask / region map (integer labels) and check it lies on the grid of ``like``."""
-    from .io import load_volume
+    from .io import check_same_grid, load_volume
 
     vol = load_volume(roi, as_labels=True)
-    if vol.shape != like.shape:
-        raise PVSInputError(
-            f"{roi}: ROI shape {vol.shape} does not match image {like.path} shape {like.shape}; "
-            "resample the mask to the image grid"
-        )
-    if not np.allclose(vol.affine, like.affine, atol=1e-3):
-        raise PVSInputError(
-            f"{roi}: ROI affine differs from the affine of {like.path}; the mask is on another "
-            "grid (resample it to the image, e.g. with mri_vol2vol or antsApplyTransforms)"
-        )
+    check_same_grid(vol, like, what="ROI")
     return vol.data
 
 
