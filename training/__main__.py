@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node=N -m napari_pvs.training --store S.pvs.zarr --iterations 200
 
-Process 0 opens the store writable (it validates, checkpoints and registers); the
-others only read it.  Each process prints the sha256 of its final weights, so one can
+Every process opens the store read-only; process 0 validates, checkpoints and takes
+the store's write lock only to register the model.  Each process prints the sha256 of its final weights, so one can
 check that data-parallel training kept them in sync.
 """
 
@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     cfg = FinetuneConfig(iterations=args.iterations, iterations_per_epoch=args.epoch,
                          patch=(args.patch,) * 3, batch_size=args.batch_size, lr=args.lr,
                          device=args.device, val_fraction=0.0)
-    with CorrectionsStore.open(args.store, writable=rank == 0, wait=60) as store:
-        for event in finetune(store, init=args.init, config=cfg, work_dir=args.work_dir):
+    cfg.validate()
+    # every process reads; process 0 takes the write lock only to register the model
+    with CorrectionsStore.open(args.store) as store:
+        for event in finetune(store, init=args.init, config=cfg, work_dir=args.work_dir, wait=60):
             if event.kind == "trained":
                 print(f"[rank {rank}] weights {event.extra['weights_sha256']}", flush=True)
             elif event.kind in ("start", "done"):

@@ -12,8 +12,9 @@ retrain widget.  ``job.events()`` is a generator of
   responsiveness between the two modes, so this isolation decides the default.
 - ``mode="thread"`` runs ``finetune`` in the calling thread.
 
-Either way the store is opened writable only by the training itself, so nothing else
-may hold its write lock meanwhile (the GUI opens it writable only to save).
+Either way the training reads the store without its write lock, so corrections can be
+saved while it runs; it takes the lock (waiting up to ``wait`` seconds) only to
+register the new model.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class TrainingJob:
     config : FinetuneConfig, optional
     mode : {"subprocess", "thread"}
     wait : float
-        Seconds to wait for the store's write lock.
+        Seconds to wait for the store's write lock when registering the model.
     """
 
     def __init__(self, store, *, init: str | None = None, config: FinetuneConfig | None = None,
@@ -90,9 +91,9 @@ class TrainingJob:
 
         from .finetune import finetune
 
-        with CorrectionsStore.open(self.store, writable=True, wait=self.wait) as store:
+        with CorrectionsStore.open(self.store) as store:  # the lock is taken only to register
             return (yield from finetune(store, init=self.init, config=self.config,
-                                        cancel=self._cancel))
+                                        cancel=self._cancel, wait=self.wait))
 
     def _subprocess(self):
         env = dict(os.environ, PYTHONUNBUFFERED="1")

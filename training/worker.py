@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m napari_pvs.training.worker")
     ap.add_argument("--store", required=True)
     ap.add_argument("--init", help="model id or .safetensors to start from")
-    ap.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the store lock")
+    ap.add_argument("--wait", type=float, default=30.0,
+                    help="seconds to wait for the store lock when registering the model")
     ap.add_argument("--resume", action="store_true")
     for f in dataclasses.fields(FinetuneConfig):
         ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name)
@@ -85,9 +86,11 @@ def main(argv=None) -> int:
 
         from .finetune import TrainingCancelled, finetune
 
-        cfg = _parse_config(args)
-        with CorrectionsStore.open(args.store, writable=True, wait=args.wait) as store:
-            gen = finetune(store, init=args.init, config=cfg, resume=args.resume, cancel=cancel)
+        cfg = _parse_config(args).validate()
+        # read-only: the store's write lock is taken only to register the model
+        with CorrectionsStore.open(args.store) as store:
+            gen = finetune(store, init=args.init, config=cfg, resume=args.resume, cancel=cancel,
+                           wait=args.wait)
             try:
                 while True:
                     _emit(dataclasses.asdict(next(gen)))

@@ -86,8 +86,21 @@ def pick_device(preferred: str | None = None) -> str:
     import torch
 
     if preferred and preferred != "auto":
-        if preferred.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            dev = torch.device(preferred)
+        except (RuntimeError, TypeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+            raise PVSInputError(f"unknown device {preferred!r}; use cpu, cuda, cuda:N or mps")
+        if dev.type == "cuda" and not torch.cuda.is_available():
             raise PVSInputError(f"device {preferred!r} requested but CUDA is not available; use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PVSInputError(f"device {preferred!r} does not exist: this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, "mps", None)
+        if dev.type == "mps" and not (mps is not None and mps.is_available()):
+            raise PVSInputError(f"device {preferred!r} requested but Apple MPS is not available; "
+                                "use --device cpu")
         return preferred
     if torch.cuda.is_available():
         return "cuda"
@@ -133,13 +146,27 @@ def _check_inputs(image, spacing, roi, in_channels):
     return image, sp, roi
 
 
+MAX_WORK_VOXELS = 2**30  # one float32 volume of 4 GiB; a 0.5 mm whole head is ~1e8
+
+
 def work_grid(shape, spacing, target) -> tuple[int, ...]:
-    """Grid shape at spacing ``target``; ``shape`` itself when within 1 % of ``spacing``."""
+    """Grid shape at spacing ``target``; ``shape`` itself when within 1 % of ``spacing``.
+
+    Refuses (before anything is allocated) a grid of more than ``MAX_WORK_VOXELS``.
+    """
     spacing = np.asarray(spacing, dtype=float)
     target = np.broadcast_to(np.asarray(target, dtype=float), (3,))
+    if not np.all(np.isfinite(target) & (target > 0)):
+        raise PVSInputError(f"invalid target spacing {tuple(target)}; it must be positive mm values")
     if np.all(np.abs(target / spacing - 1) <= 0.01):
-        return tuple(int(n) for n in shape)
-    return tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, target))
+        out = tuple(int(n) for n in shape)
+    else:
+        out = tuple(max(int(round(n * s / t)), 1) for n, s, t in zip(shape, spacing, target))
+    if int(np.prod(out, dtype=object)) > MAX_WORK_VOXELS:
+        raise PVSInputError(f"resampling {tuple(shape)} voxels of {tuple(spacing.tolist())} mm to "
+                            f"{tuple(target.tolist())} mm gives a {out} grid, over the limit of "
+                            f"{MAX_WORK_VOXELS:,} voxels; check the model's target spacing")
+    return out
 
 
 def _preprocess(image, sp, roi, pre):
@@ -347,7 +374,12 @@ def predict_volume(
         for axes in flips:
             ax = tuple(a + 2 for a in axes)
             xf = np.ascontiguousarray(np.flip(x, ax)) if axes else x
-            p = _foreground(runner(xf)).astype(np.float64)
+            logits = runner(xf)
+            if not np.all(np.isfinite(logits)):
+                raise PVSInputError(f"model {meta.get('id') or '(unnamed)'} produced NaN or infinite "
+                                    "outputs; the model is broken (its training diverged?): predict "
+                                    "with another model")
+            p = _foreground(logits).astype(np.float64)
             if axes:
                 p = np.flip(p, tuple(a + 1 for a in axes))
             s1 += p

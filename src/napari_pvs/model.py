@@ -49,6 +49,8 @@ __all__ = [
     "ModelRegistry",
     "arch_config",
     "build_network",
+    "check_meta",
+    "check_spacing",
     "checkpoint_hash",
     "count_parameters",
     "default_meta",
@@ -75,6 +77,83 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # small configuration for tests and CPU demos (not from the paper)
     "XS": {"n_channels": 8, "exp_r": [2] * 9, "block_counts": [1] * 9},
 }
+
+
+# Bounds that metadata must respect before anything is built from it (MedNeXt-L k5 has
+# 63M parameters; a target spacing of 0.001 mm would ask for terabytes).
+SPACING_MM = (0.05, 20.0)
+MAX_PARAMETERS = 1_000_000_000
+_ARCH_INTS = {"in_channels": (1, 16), "out_channels": (2, 64), "n_channels": (1, 512)}
+
+
+def check_spacing(values, what: str = "target spacing") -> list[float]:
+    """Three finite voxel sizes in mm within ``SPACING_MM``; returns them as floats."""
+    lo, hi = SPACING_MM
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != 3 or not all(lo <= v <= hi for v in out):  # NaN fails the comparison
+        raise PVSInputError(f"{what} must be 3 voxel sizes between {lo} and {hi} mm, got {values!r}")
+    return out
+
+
+def _whole(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _estimated_parameters(arch: dict[str, Any]) -> int:
+    """Parameters of a MedNeXt v1 architecture, within a few per cent (no allocation)."""
+    n, k3 = arch["n_channels"], arch["kernel_size"] ** 3
+    total = 0
+    for s in range(9):  # blocks: depthwise k^3, expand by r, project back
+        c, r = n * 2 ** min(s, 8 - s), arch["exp_r"][s]
+        total += arch["block_counts"][s] * (2 * r * c * c + c * (k3 + r + 5))
+    for i in range(4):  # down / up blocks change the width by 2 and carry a residual conv
+        c = n * 2**i
+        total += 3 * arch["exp_r"][i + 1] * c * c + 2 * c * c + c * k3
+        total += 6 * arch["exp_r"][8 - i] * c * c + 2 * c * c + 2 * c * k3
+    return total
+
+
+def check_meta(meta, source: str = "metadata") -> dict[str, Any]:
+    """Refuse metadata whose architecture or preprocessing is malformed or absurdly large.
+
+    Runs before any network is built or any image resampled, so a crafted file cannot
+    make napari-pvs allocate terabytes.  Returns ``meta``.
+    """
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT \
+            or not isinstance(meta.get("arch"), dict):
+        raise PVSInputError(f"{source}: metadata is not a {FORMAT} document")
+    arch = meta["arch"]
+    for key, (lo, hi) in _ARCH_INTS.items():
+        if not _whole(arch.get(key), lo, hi):
+            raise PVSInputError(f"{source}: arch.{key} must be a whole number from {lo} to {hi}, "
+                                f"got {arch.get(key)!r}; the checkpoint is corrupt or not for napari-pvs")
+    if arch.get("kernel_size") not in (3, 5, 7) or isinstance(arch.get("kernel_size"), bool):
+        raise PVSInputError(f"{source}: arch.kernel_size must be 3, 5 or 7, got {arch.get('kernel_size')!r}")
+    for key, hi in (("exp_r", 16), ("block_counts", 64)):
+        v = arch.get(key)
+        if not isinstance(v, list) or len(v) != 9 or not all(_whole(e, 1, hi) for e in v):
+            raise PVSInputError(f"{source}: arch.{key} must be 9 whole numbers from 1 to {hi}, "
+                                f"got {str(v)[:80]}")
+    if _estimated_parameters(arch) > MAX_PARAMETERS:
+        raise PVSInputError(f"{source}: the architecture would have about "
+                            f"{_estimated_parameters(arch) / 1e9:.0f} billion parameters (limit "
+                            f"{MAX_PARAMETERS / 1e9:.0f} billion); the metadata is corrupt")
+    pre = meta.get("preprocessing", {})
+    if not isinstance(pre, dict):
+        raise PVSInputError(f"{source}: preprocessing must be a JSON object")
+    if pre.get("target_spacing") is not None:
+        check_spacing(pre["target_spacing"], f"{source}: target_spacing")
+    patch = pre.get("patch_size")
+    if patch is not None and (not isinstance(patch, list) or len(patch) != 3
+                              or not all(_whole(p, 16, 1024) and p % 16 == 0 for p in patch)):
+        raise PVSInputError(f"{source}: patch_size must be 3 multiples of 16 from 16 to 1024, "
+                            f"got {str(patch)[:80]}")
+    if not isinstance(meta.get("provenance", {}), dict):
+        raise PVSInputError(f"{source}: provenance must be a JSON object")
+    return meta
 
 
 def arch_config(
@@ -215,6 +294,7 @@ def save_checkpoint(path: str | os.PathLike[str], net, meta: dict[str, Any],
     if extra_state:
         tensors.update({k: v.detach().cpu().contiguous() for k, v in extra_state.items()})
     meta["arch"]["deep_supervision_heads"] = any(k.startswith("out_blocks.") for k in tensors)
+    check_meta(meta, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -250,14 +330,20 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise PVSInputError(f"{path}: the metadata is not valid JSON ({exc})") from None
-    if meta.get("format") != FORMAT or not isinstance(meta.get("arch"), dict):
+    except RecursionError:
+        raise PVSInputError(f"{path}: the metadata is nested too deeply; the file is corrupt "
+                            "or was not written by napari-pvs") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PVSInputError(f"{path}: metadata is not a {FORMAT} document")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not _whole(version, 0, 10**6):
+        raise PVSInputError(f"{path}: format_version must be a whole number, got {version!r}")
+    if version > FORMAT_VERSION:
         raise PVSInputError(
             f"{path} has format version {meta['format_version']}, newer than this napari-pvs "
             f"({FORMAT_VERSION}); upgrade napari-pvs"
         )
-    return meta
+    return check_meta(meta, str(path))
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu"):
@@ -330,6 +416,13 @@ def _load_single(path: str | os.PathLike[str], device: str = "cpu"):
     except Exception as exc:  # truncated data section
         raise PVSInputError(f"{path}: cannot read the weights ({type(exc).__name__}); the file "
                             "is truncated or corrupt") from None
+    import torch
+
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise PVSInputError(f"{path}: {len(broken)} weight tensors hold NaN or infinite values "
+                            f"(e.g. {broken[0]}); the model is broken (its training diverged?): "
+                            "use another model")
     has_ds = any(k.startswith("out_blocks.") for k in state)
     net = build_network(meta["arch"], deep_supervision=has_ds)
     expected = net.state_dict()

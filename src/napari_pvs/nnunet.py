@@ -6,10 +6,13 @@ holds ``plans.pkl`` and ``fold_N/model_final_checkpoint.model`` (+ ``.model.pkl`
 ensemble file that names them.  Nothing is unpickled freely:
 
 * ``.model`` files load with ``torch.load(weights_only=True)``;
-* ``.pkl`` files go through :class:`RestrictedUnpickler`, which allows only plain data
-  (dict, OrderedDict, list, tuple, set, numbers, strings, numpy arrays, dtypes and
-  scalars under ``numpy.core`` and ``numpy._core``).  Anything else is refused before
-  it is imported, so no code from the file ever runs.
+* ``.pkl`` files go through :class:`RestrictedUnpickler`, which allows only what
+  nnU-Net v1 plans hold (dict, OrderedDict, list, tuple, numbers, strings, numpy
+  arrays, dtypes and scalars under ``numpy.core`` and ``numpy._core``) and no builtin
+  callable.  Anything else is refused before it is imported, so no code from the file
+  ever runs.  Sizes are bounded before anything is allocated: the file (32 MB), each
+  array (16 MB) and the memo indices (checked by walking the opcodes first).
+* An ensemble file names member files inside its own folder; nothing else is loaded.
 
 The architecture is inferred from the weights (channels, per-stage block counts and
 expansion ratios, kernel size, deep-supervision heads); the trainer name is only a
@@ -43,14 +46,22 @@ __all__ = [
 ]
 
 ENSEMBLE_FORMAT = "napari-pvs-ensemble"
+MAX_PICKLE_BYTES = 32 * 2**20  # a plans.pkl of thousands of cases is well under 1 MB
+MAX_ENSEMBLE_BYTES = 2**20
+MAX_ARRAY_BYTES = 16 * 2**20
+# What nnU-Net v1 plans are made of: besides the opcodes for dict, list, tuple, str,
+# numbers and bytes, only OrderedDict and numpy arrays, dtypes and scalars.  No builtin
+# callable is allowed: ``list(range(n))`` or ``bytes(n)`` would allocate without bound.
 _NUMPY_OK = {
     ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
 }
-_BUILTINS_OK = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str",
-                "bytes", "bytearray", "bool", "slice", "range"}
+# Opcodes that plain data never needs: persistent ids, the extension registry,
+# protocol-0/1 instance creation and protocol-5 out-of-band buffers.
+_REFUSED_OPCODES = {"PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4", "INST", "OBJ",
+                    "NEXT_BUFFER", "READONLY_BUFFER", "NEWOBJ_EX"}
 
 
 def _numpy_core(sub: str):
@@ -63,8 +74,74 @@ def _numpy_core(sub: str):
         return importlib.import_module(f"numpy.core.{sub}")
 
 
+class _ArrayType:
+    """Stands for ``numpy.ndarray`` in a pickle: only ``_reconstruct`` may use it."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("numpy.ndarray may only be rebuilt by _reconstruct")
+
+
+class _BoundedArray(np.ndarray):
+    """An array under construction whose ``__setstate__`` refuses oversized data."""
+
+    def __setstate__(self, state):
+        try:
+            shape, dtype = tuple(int(n) for n in state[1]), np.dtype(state[2])
+        except (TypeError, ValueError, IndexError) as exc:
+            raise pickle.UnpicklingError(f"malformed array state ({exc})") from None
+        if any(n < 0 for n in shape) or int(np.prod(shape, dtype=object)) * dtype.itemsize \
+                > MAX_ARRAY_BYTES:
+            raise pickle.UnpicklingError(f"an array of shape {shape[:8]} is larger than "
+                                         f"{MAX_ARRAY_BYTES // 2**20} MB")
+        super().__setstate__(state)
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not _ArrayType or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("numpy _reconstruct with unexpected arguments")
+    return np.ndarray.__new__(_BoundedArray, (0,), dtype)
+
+
+def _dtype(*args):
+    dt = np.dtype(*args)
+    if dt.itemsize > 64 or dt.hasobject and dt.kind != "O":  # plain scalars only
+        raise pickle.UnpicklingError(f"numpy dtype {dt} is not a plain scalar type")
+    return dt
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """Protocol-5 arrays: the data is already in the file, so the size is bounded by it."""
+    if not isinstance(buf, (bytes, bytearray)) or len(buf) > MAX_ARRAY_BYTES:
+        raise pickle.UnpicklingError("numpy _frombuffer with unexpected arguments")
+    return _numpy_core("numeric")._frombuffer(buf, _dtype(dtype), tuple(shape), order)
+
+
+def _scalar(dtype, data=None):
+    return _numpy_core("multiarray").scalar(dtype, *(() if data is None else (data,)))
+
+
+def _scan(data: bytes, source: str) -> None:
+    """Walk the opcodes without running them: refuse what plain data never needs and
+    memo indices beyond the number of opcodes (the C unpickler sizes its memo by them)."""
+    import pickletools
+
+    n = 0
+    for op, arg, _ in pickletools.genops(data):
+        n += 1
+        if op.name in _REFUSED_OPCODES:
+            raise PVSInputError(f"{source}: refusing pickle opcode {op.name}; napari-pvs reads "
+                                "only plain data from .pkl files")
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") \
+                and int(arg) > n:
+            raise PVSInputError(f"{source}: pickle memo index {arg} is out of range; the file is "
+                                "corrupt or crafted")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only plain-data classes; everything else is refused.
+    """An unpickler that resolves only what nnU-Net v1 plans hold; the rest is refused.
+
+    Allowed: ``collections.OrderedDict`` and numpy arrays (through ``_reconstruct`` or
+    ``_frombuffer``, up to ``MAX_ARRAY_BYTES``), dtypes and scalars.  No builtin callable is allowed.
 
     Parameters
     ----------
@@ -78,37 +155,56 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
-        if module == "builtins" and name in _BUILTINS_OK:
-            return getattr(__import__("builtins"), name)
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
         if (module, name) in _NUMPY_OK:
-            if module == "numpy":
-                return getattr(np, name)
-            return getattr(_numpy_core(module.rsplit(".", 1)[1]), name)
-        if module in ("numpy.dtypes",) and re.fullmatch(r"[A-Za-z0-9]+DType", name):
-            import numpy.dtypes
-
-            return getattr(numpy.dtypes, name)
+            return {"ndarray": _ArrayType, "dtype": _dtype, "_reconstruct": _reconstruct,
+                    "scalar": _scalar, "_frombuffer": _frombuffer}[name]
         raise PVSInputError(
             f"{self.source}: refusing to unpickle {module}.{name}; napari-pvs reads only plain "
             "data (dicts, lists, numbers, strings, numpy arrays) from .pkl files"
         )
 
 
+def _unwrap(v, seen: set | None = None, depth: int = 0):
+    """Plain numpy arrays instead of the bounded class used while loading; each shared
+    container is visited once, so nothing grows."""
+    seen = set() if seen is None else seen
+    if isinstance(v, _BoundedArray):
+        return v.view(np.ndarray)
+    if depth > 64 or id(v) in seen or not isinstance(v, (dict, list, tuple)):
+        return v
+    seen.add(id(v))
+    if isinstance(v, dict):
+        for k in list(v):
+            v[k] = _unwrap(v[k], seen, depth + 1)
+    elif isinstance(v, list):
+        v[:] = [_unwrap(x, seen, depth + 1) for x in v]
+    elif any(isinstance(x, (_BoundedArray, dict, list)) for x in v):
+        return tuple(_unwrap(x, seen, depth + 1) for x in v)
+    return v
+
+
 def safe_load_pickle(path: str | os.PathLike[str]) -> Any:
-    """Load a ``.pkl`` file through :class:`RestrictedUnpickler`."""
+    """Load a ``.pkl`` file through :class:`RestrictedUnpickler`, after checking its size
+    and its opcodes."""
     path = Path(path)
     if not path.is_file():
         raise PVSInputError(f"{path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_PICKLE_BYTES:
+        raise PVSInputError(f"{path} is {size / 2**20:.0f} MB; nnU-Net plans are far smaller (limit "
+                            f"{MAX_PICKLE_BYTES // 2**20} MB): is it the plans.pkl of the release?")
     data = path.read_bytes()
     try:
-        return RestrictedUnpickler(io.BytesIO(data), str(path)).load()
+        _scan(data, str(path))
+        return _unwrap(RestrictedUnpickler(io.BytesIO(data), str(path)).load())
     except PVSInputError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise PVSInputError(f"{path} is not a readable pickle ({type(exc).__name__}: {exc}); "
-                            "it may be truncated or corrupt") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, MemoryError, RecursionError, OverflowError) as exc:
+        raise PVSInputError(f"{path} is not a readable pickle ({type(exc).__name__}: "
+                            f"{str(exc)[:120]}); it may be truncated, corrupt or crafted") from None
 
 
 def _plain(v):
@@ -268,16 +364,32 @@ def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -
 
 
 def load_ensemble(path: str | os.PathLike[str]) -> list[Path]:
-    """Member checkpoint paths of an ensemble file (all must exist)."""
+    """Member checkpoint paths of an ensemble file (all must exist inside its folder)."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_ENSEMBLE_BYTES:
+            raise PVSInputError(f"{path} is larger than {MAX_ENSEMBLE_BYTES // 1024} KB; it is not "
+                                "an ensemble file")
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PVSInputError(f"{path} is not a readable ensemble file ({exc})") from None
-    if doc.get("format") != ENSEMBLE_FORMAT or not doc.get("members"):
-        raise PVSInputError(f"{path} is not a {ENSEMBLE_FORMAT} file with members")
-    members = [path.parent / m for m in doc["members"]]
-    missing = [m.name for m in members if not m.is_file()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PVSInputError(f"{path} is not a readable ensemble file ({type(exc).__name__}: "
+                            f"{str(exc)[:120]})") from None
+    members = doc.get("members") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or doc.get("format") != ENSEMBLE_FORMAT or not members \
+            or not isinstance(members, list) or len(members) > 64:
+        raise PVSInputError(f"{path} is not a {ENSEMBLE_FORMAT} file: it must be a JSON object "
+                            "with a list of 1 to 64 member file names")
+    folder = path.parent.resolve()
+    out = []
+    for m in members:
+        if not isinstance(m, str) or not m.endswith(".safetensors"):
+            raise PVSInputError(f"{path}: member {str(m)[:80]!r} is not a .safetensors file name")
+        member = (path.parent / m).resolve()
+        if Path(m).is_absolute() or member.parent != folder:
+            raise PVSInputError(f"{path}: member {m!r} lies outside the ensemble's folder {folder}; "
+                                "members must be files beside ensemble.json")
+        out.append(path.parent / m)
+    missing = [m.name for m in out if not m.is_file()]
     if missing:
         raise PVSInputError(f"{path}: member checkpoint(s) {missing} are missing beside it")
-    return members
+    return out
