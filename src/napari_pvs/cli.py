@@ -89,22 +89,26 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .inference import Progress
     from .store import CorrectionsStore
     from .training.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(iterations=args.iterations, patch=(args.patch,) * 3, lr=args.lr,
                          variant=args.variant, device=args.device or "cpu", seed=args.seed,
-                         iterations_per_epoch=max(1, min(args.epoch, args.iterations)))
+                         iterations_per_epoch=min(args.epoch, max(args.iterations, 1))).validate()
     bar = _ProgressBar("train")
-    with CorrectionsStore.open(args.store, writable=True, wait=args.wait) as store:
-        for event in finetune(store, init=args.init, config=cfg, resume=args.resume):
+    # read-only: corrections can be saved meanwhile; the lock is taken only to register
+    with CorrectionsStore.open(args.store) as store:
+        for event in finetune(store, init=args.init, config=cfg, resume=args.resume, wait=args.wait):
             if event.kind == "iteration":
-                bar(event)
+                bar(Progress(event.iteration, event.total))
             elif event.kind == "validation":
                 print(f"iteration {event.iteration}: validation voxel Dice {event.val_dice:.3f}, "
                       f"cluster Dice {event.val_cluster_dice:.3f}", flush=True)
             elif event.kind in ("start", "done"):
-                print(f"{event.kind}: {event.message}", flush=True)
+                print(f"{event.kind}: {event.message}"
+                      + (" (registered by the finished run; nothing new)"
+                         if event.extra.get("already_registered") else ""), flush=True)
     return 0
 
 
@@ -284,7 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run")
-    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the store lock")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="seconds to wait for the store's write lock when registering the model "
+                        "(training itself never holds it)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("model", help="create, upkern and list MedNeXt checkpoints")
