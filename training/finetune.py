@@ -95,11 +95,12 @@ class FinetuneConfig:
         whole("cache_budget_mb", 1)
         whole("seed", 0)
         patch = tuple(self.patch) if isinstance(self.patch, (tuple, list)) else (self.patch,)
-        if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 16 or p % 16
+        # MedNeXt halves the patch 4 times, and its GroupNorm needs more than one voxel
+        # per channel at the 1/16 scale while training
+        if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 32 or p % 16
                                   or p > 1024 for p in patch):
-            raise PVSInputError(f"patch must be 3 edges that are positive multiples of 16 (MedNeXt "
-                                f"halves the patch 4 times), up to 1024, got {self.patch!r}; "
-                                "use e.g. --patch 32 or 48")
+            raise PVSInputError(f"patch must be 3 edges that are multiples of 16 from 32 to 1024, "
+                                f"got {self.patch!r}; use e.g. --patch 32 or 48")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) \
                 or not math.isfinite(self.lr) or self.lr <= 0:
             raise PVSInputError(f"learning rate must be a finite number > 0, got {self.lr!r}; "

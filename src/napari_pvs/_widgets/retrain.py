@@ -147,6 +147,7 @@ class RetrainWidget(QWidget):
         """Save pending corrections, then start training; returns the worker or None."""
         from napari.utils.notifications import show_error
 
+        from .._errors import PVSInputError
         from ..training.job import TrainingJob
         from ._worker import start_worker
 
@@ -164,8 +165,13 @@ class RetrainWidget(QWidget):
             show_error(f"{store} is not a corrections store: review and save corrections first, "
                        "or create one with `napari-pvs store init`")
             return None
+        try:  # the same checks as the CLI, before any work starts
+            config = self.config().validate()
+        except PVSInputError as exc:
+            show_error(f"retraining not started: {exc}")
+            return None
         init = None if self.init.value in (None, NEW) else self.init.value
-        self.job = TrainingJob(store, init=init, config=self.config(), mode=self.mode.value)
+        self.job = TrainingJob(store, init=init, config=config, mode=self.mode.value)
         self.history = {k: [] for k in self.history}
         self.model_id = None
         self.bar.setRange(0, int(self.iterations.value))
