@@ -282,7 +282,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "(default: a new MedNeXt)")
     p.add_argument("--iterations", type=int, default=200)
     p.add_argument("--epoch", type=int, default=50, help="iterations per epoch (validation + checkpoint)")
-    p.add_argument("--patch", type=int, default=48, help="patch edge (voxels, multiple of 16)")
+    p.add_argument("--patch", type=int, default=48,
+                   help="patch edge (voxels: a multiple of 16, at least 32)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--variant", default="XS", help="architecture when starting from scratch")
     p.add_argument("--device", default=None)
