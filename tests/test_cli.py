@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+
+from _helpers import run_cli
 
 from napari_pvs.cli import main
 from napari_pvs.dataset import read_cohort, write_phantom_cohort
@@ -145,3 +148,168 @@ def test_site_from_the_bids_acq_entity_when_participants_tsv_lacks_it(tmp_path):
              anat / "sub-07_acq-prisma_T2w.nii.gz")
     (s,) = read_cohort(tmp_path)
     assert (s.subject, s.site, s.modality, s.labels) == ("07", "prisma", "T2w", None)
+
+
+# ----------------------------------------------------------------------------- terminals, pipes
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal, as stderr is for a person at one."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_inference_and_training_events():
+    from napari_pvs.cli import _ProgressBar
+    from napari_pvs.inference import Progress
+    from napari_pvs.training.finetune import FinetuneEvent
+
+    term = _Terminal()
+    bar = _ProgressBar("job", stream=term)
+    bar(Progress(1, 4, "windows"))
+    bar(FinetuneEvent(kind="iteration", iteration=2, total=4, loss=0.5))
+    bar(FinetuneEvent(kind="iteration", iteration=4, total=4, loss=0.4))
+    frames = term.getvalue().split("\r")[1:]
+    assert [f.split("] ")[1].split()[0] for f in frames] == ["1/4", "2/4", "4/4"]
+    assert frames[1].startswith("job [" + "#" * 15 + " " * 15 + "]")
+    assert frames[2].endswith("s\n")  # the finished bar ends its line
+    for total in (0, None, float("nan")):  # no total: the count alone, never a crash
+        term = _Terminal()
+        _ProgressBar("job", stream=term)(Progress(3, total))
+        assert term.getvalue().startswith("\rjob 3 ")
+    term = _Terminal()
+    _ProgressBar("job", stream=term)(Progress(9, 4))  # over the total: a full bar
+    assert "[" + "#" * 30 + "] 9/4" in term.getvalue()
+    quiet = io.StringIO()  # not a terminal: nothing
+    _ProgressBar("job", stream=quiet)(Progress(1, 4))
+    assert quiet.getvalue() == ""
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """A 2-site phantom cohort (48 mm) imported into a store, and a tiny MedNeXt checkpoint."""
+    root = tmp_path_factory.mktemp("tty")
+    assert main(["phantom", str(root / "cohort"), "--sites", "2", "--per-site", "1",
+                 "--size-mm", "48"]) == 0
+    assert main(["store", "init", str(root / "s.pvs.zarr")]) == 0
+    assert main(["store", "import", str(root / "s.pvs.zarr"), str(root / "cohort")]) == 0
+    assert main(["model", "create", str(root / "tiny.safetensors"), "--variant", "XS",
+                 "--kernel", "3", "--patch", "32", "--spacing", "1.0"]) == 0
+    return root
+
+
+def _image(root):
+    return root / "cohort" / "sub-siteA01" / "anat" / "sub-siteA01_T2w.nii.gz"
+
+
+_LONG_COMMANDS = {
+    "predict-baseline": (lambda r, t: ("predict", _image(r), "-o", t / "out"), "_pvs.nii.gz"),
+    "predict-mednext": (lambda r, t: ("predict", _image(r), "-o", t / "out", "--model",
+                                      r / "tiny.safetensors", "--backend", "torch"), "] 8/8"),
+    "store-import": (lambda r, t: ("store", "import", _fresh_store(t), r / "cohort"),
+                     "imported siteB01"),
+    "train": (lambda r, t: ("train", "--store", r / "s.pvs.zarr", "--patch", "32",
+                            "--iterations", "3", "--epoch", "3"), "] 3/3"),
+    "evaluate": (lambda r, t: ("evaluate", "--store", r / "s.pvs.zarr", "--scheme", "kfold:2",
+                               "--iterations", "1", "--patch", "32", "--out", t / "ev"),
+                 "results:"),
+}
+
+
+def _fresh_store(tmp_path):
+    assert main(["store", "init", str(tmp_path / "new.pvs.zarr")]) == 0
+    return tmp_path / "new.pvs.zarr"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_LONG_COMMANDS))
+def test_long_commands_run_on_a_terminal(small_store, tmp_path, name):
+    """Progress bars draw only on a terminal, so run each long command under a pty."""
+    make_args, expected = _LONG_COMMANDS[name]
+    rc, out, _ = run_cli(*make_args(small_store, tmp_path), tty=True, timeout=300)
+    assert rc == 0 and "Traceback" not in out, out
+    assert expected in out, out
+
+
+def _tiny_store(path):
+    from napari_pvs.io import geometry_from_affine
+    from napari_pvs.store import CorrectionsStore
+
+    like = geometry_from_affine(np.eye(4), (4, 4, 4))
+    vol = type(like)(data=np.ones((4, 4, 4), np.float32), affine=like.affine,
+                     spacing=like.spacing, header=like.header)
+    store = CorrectionsStore.create(path)
+    store.add_subject("sub01", vol, site="siteA")
+    store.close()
+    return path
+
+
+def test_closed_stdout_pipe_ends_quietly(tmp_path):
+    """`napari-pvs store ls S | head -1`: the reader goes away before the listing is written."""
+    store = _tiny_store(tmp_path / "s.pvs.zarr")
+    proc = subprocess.Popen([sys.executable, "-m", "napari_pvs.cli", "store", "ls", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the read end is gone before the child prints
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == "", err  # no traceback, no "Exception ignored ... BrokenPipeError"
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m napari_pvs.cli "
+                        f"store ls {store} | head -1"], capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("subject") and "Error" not in r.stderr, r.stderr
+
+
+def test_full_disk_on_stdout_is_one_line(tmp_path):
+    store = _tiny_store(tmp_path / "s.pvs.zarr")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "napari_pvs.cli", "store", "ls", str(store)],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("napari-pvs: error: No space left on device; free some disk "
+                                "space and run it again")
+
+
+def test_os_error_names_the_file(tmp_path):
+    """mkdir under /proc fails in the OS, not in our checks: one line with the path."""
+    r = _run(["phantom", "/proc/napari-pvs-test/cohort", "--sites", "1", "--per-site", "1",
+              "--size-mm", "32"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("napari-pvs: error: /proc/napari-pvs-test"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_prints_interrupted(tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "napari_pvs.cli", "phantom", str(tmp_path),
+                             "--sites", "3", "--per-site", "2", "--size-mm", "96"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("[1/6]")  # at work
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip() == "napari-pvs: interrupted"
+
+
+def test_predict_refuses_two_inputs_with_one_name(cohort, tmp_path):
+    s = read_cohort(cohort)[0]
+    other = tmp_path / "b" / s.image.name
+    other.parent.mkdir()
+    shutil.copy(s.image, other)
+    r = _run(["predict", str(s.image), str(other), "-o", str(tmp_path / "out")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(s.image) in r.stderr and str(other) in r.stderr and "-o folders" in r.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("command", ["predict", "phantom", "demo"])
+def test_output_folder_that_is_a_file_is_refused(cohort, tmp_path, command):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    argv = {"predict": ["predict", str(read_cohort(cohort)[0].image), "-o", str(taken)],
+            "phantom": ["phantom", str(taken)],
+            "demo": ["demo", "--out", str(taken), "--no-viewer"]}[command]
+    r = _run(argv)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{taken} is an existing file, not a folder" in r.stderr
+    assert taken.read_text() == "keep me"

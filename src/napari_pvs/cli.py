@@ -6,13 +6,19 @@ Subcommands::
     napari-pvs phantom  OUTDIR [--sites N] [--per-site M] [--modality T2w|T1w] [--seed S]
     napari-pvs predict  IMAGE [IMAGE ...] -o OUTDIR [--model baseline] [--roi MASK] [--modality]
 
-Bad input exits with status 2 and one line ``napari-pvs: error: ...`` on stderr.
+Bad input exits with status 2 and one line ``napari-pvs: error: ...`` on stderr; a
+failing file operation (disk full, no permission) with status 1 and one line naming the
+file; Ctrl-C with 130.  When the reader of stdout goes away (``napari-pvs store ls S |
+head -3``) the command stops quietly with status 141 (128 + SIGPIPE, as the shell
+reports for ``yes | head``).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 import time
@@ -20,7 +26,8 @@ from pathlib import Path
 
 from . import __version__
 from ._errors import PVSInputError
-from .pipeline import predict_file
+from ._nifti_checks import one_line
+from .pipeline import check_output_folder, predict_file
 
 __all__ = ["main"]
 
@@ -31,6 +38,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     def progress(msg, done, total):
         print(f"[{done}/{total}] {msg}", flush=True)
 
+    check_output_folder(args.outdir, "OUTDIR")
     files = write_phantom_cohort(
         args.outdir, n_sites=args.sites, per_site=args.per_site, modality=args.modality,
         seed=args.seed, size_mm=args.size_mm, progress=progress,
@@ -40,28 +48,53 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 class _ProgressBar:
-    """A one-line progress bar on a terminal; silent when stderr is not a TTY."""
+    """A one-line progress bar on a terminal; silent when the stream is not a TTY.
 
-    def __init__(self, label: str):
+    It takes inference :class:`~napari_pvs.inference.Progress` events (``done`` of
+    ``total``) and training events (``iteration`` of ``total``).  Without a positive
+    ``total`` it shows the count alone.
+    """
+
+    def __init__(self, label: str, stream=None):
         self.label = label
-        self.tty = sys.stderr.isatty()
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
         self.t0 = time.perf_counter()
 
     def __call__(self, event) -> None:
-        if not self.tty or event.total <= 0:
+        done = getattr(event, "done", None)
+        if done is None:
+            done = getattr(event, "iteration", None)
+        if not self.tty or not isinstance(done, (int, float)) or not math.isfinite(done):
             return
-        frac = event.done / event.total
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {event.done}/{event.total} "
-                         f"{time.perf_counter() - self.t0:5.1f}s")
-        if event.done == event.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        total = getattr(event, "total", None)
+        ok_total = isinstance(total, (int, float)) and math.isfinite(total) and total > 0
+        elapsed = f"{time.perf_counter() - self.t0:5.1f}s"
+        if ok_total:
+            bar = "#" * int(30 * min(max(done / total, 0.0), 1.0))
+            self.stream.write(f"\r{self.label} [{bar:<30}] {done:g}/{total:g} {elapsed}")
+            if done >= total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"\r{self.label} {done:g} {elapsed}")
+        self.stream.flush()
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .io import strip_nifti_suffix
+
     if args.roi is not None and len(args.images) > 1:
         raise PVSInputError("--roi applies to one image; run predict once per image with its mask")
+    check_output_folder(args.output, "-o")
+    by_stem: dict[str, str] = {}
+    for image in args.images:  # refuse before any work: the second would overwrite the first
+        stem = strip_nifti_suffix(Path(image).name)
+        if stem in by_stem:
+            raise PVSInputError(
+                f"{by_stem[stem]} and {image} would both be written to "
+                f"{Path(args.output) / stem}_pvs.nii.gz; predict them into different -o folders"
+            )
+        by_stem[stem] = image
     for image in args.images:
         t = time.perf_counter()
         outs = predict_file(
@@ -180,7 +213,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .dataset import write_phantom_cohort
 
-    out = Path(args.out)
+    out = check_output_folder(args.out, "--out")
     print(f"napari-pvs {__version__} demo: {args.sites} sites x {args.per_site} {args.modality} "
           f"phantoms -> {out}", flush=True)
     t0 = time.perf_counter()
@@ -325,17 +358,66 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``napari-pvs store ls S | head``): stop quietly."""
+    try:  # later writes, and the flush at exit, go nowhere instead of raising again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE: what the shell reports for `yes | head`
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space and run it again",
+    errno.EDQUOT: "free some space within your disk quota and run it again",
+    errno.EACCES: "check the permissions of the file and its folder",
+    errno.EPERM: "check the permissions of the file and its folder",
+    errno.EROFS: "the file system is read-only; write somewhere else",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "a file of that name is in the way; pick another name or remove it",
+    errno.ENOTDIR: "a file stands where a folder is needed; check the path",
+    errno.EISDIR: "a folder stands where a file is needed; check the path",
+}
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the file(s), the system's reason and what to do."""
+    reason = exc.strerror or one_line(exc)
+    hint = _OS_HINTS.get(exc.errno, "check the file and the disk, then run it again")
+    files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{files}: {reason}; {hint}" if files else f"{reason}; {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``napari-pvs`` command; returns the exit status."""
+    """Entry point of the ``napari-pvs`` command; returns the exit status.
+
+    Bad input (:class:`PVSInputError`, ``ValueError``) prints one line
+    ``napari-pvs: error: ...`` and returns 2; a failing file operation (disk full,
+    permission denied, missing file) prints one line naming the file and returns 1;
+    Ctrl-C prints ``napari-pvs: interrupted`` and returns 130; a closed stdout pipe
+    ends quietly with 141 (128 + SIGPIPE).  Any other exception is a bug and keeps
+    its traceback.
+    """
     args = _parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
+    except KeyboardInterrupt:
+        print("napari-pvs: interrupted", file=sys.stderr)
+        return 130
     except PVSInputError as exc:
         print(f"napari-pvs: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # argument values that the core rejected
         print(f"napari-pvs: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"napari-pvs: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

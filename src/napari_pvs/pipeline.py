@@ -17,7 +17,15 @@ import numpy as np
 
 from ._errors import PVSInputError
 
-__all__ = ["ArrayPrediction", "load_model", "load_roi", "modality_from_name", "predict_array", "predict_file"]
+__all__ = [
+    "ArrayPrediction",
+    "check_output_folder",
+    "load_model",
+    "load_roi",
+    "modality_from_name",
+    "predict_array",
+    "predict_file",
+]
 
 
 def modality_from_name(path: str | os.PathLike[str], given: str | None = None) -> str:
@@ -35,6 +43,39 @@ def load_roi(roi: str | os.PathLike[str], like) -> np.ndarray:
     vol = load_volume(roi, as_labels=True)
     check_same_grid(vol, like, what="ROI")
     return vol.data
+
+
+def check_output_folder(path: str | os.PathLike[str], option: str = "-o") -> Path:
+    """Refuse an output folder that exists as a file (or lies under a file).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The output folder; it may not exist yet.
+    option : str
+        The command-line option or argument that gave it, for the message.
+
+    Returns
+    -------
+    pathlib.Path
+        *path*.
+
+    Raises
+    ------
+    PVSInputError
+        Naming the option, the path and the file in the way.
+    """
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = f"{option} {path}" if part == path else f"{option} {path}: {part}"
+                raise PVSInputError(
+                    f"{what} is an existing file, not a folder; give a folder (new or "
+                    "existing), or move the file away"
+                )
+            break
+    return path
 
 
 def predict_file(
@@ -63,10 +104,10 @@ def predict_file(
     from .io import load_volume, save_labels, save_map, strip_nifti_suffix
 
     image = Path(image)
+    outdir = check_output_folder(outdir, "outdir")
     vol = load_volume(image, volume=volume)
     roi_labels = load_roi(roi, vol) if roi is not None else None
     mask = None if roi_labels is None else roi_labels > 0
-    outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = strip_nifti_suffix(image.name)
     outs: dict[str, Path] = {}
