@@ -116,3 +116,147 @@ def test_save_commits_a_version_with_summary_and_events(tmp_path):
         s.save(store, "sub01", author="me", affine=np.diag([2.0, 2, 2, 1]))
     assert s.dirty and len(s.events) == 1 and store.latest_version("sub01") == 2
     store.close()
+
+
+# ---------------------------------------------------------------- decision state machine
+def _state(s, lab, cid):
+    """(decision, cluster voxels still set, summary counters) of cluster ``cid``."""
+    idx = s.cluster_voxels(cid)
+    sm = s.summary()
+    return (s.decisions.get(cid, "unreviewed"), int(np.count_nonzero(lab.reshape(-1)[idx])),
+            sm["clusters_accepted"], sm["clusters_rejected"], sm["voxels_rejected"])
+
+
+@pytest.mark.parametrize("steps, want", [
+    # the reported loss: the second reject used to record an empty erase, which the accept
+    # then "restored" -- the cluster stayed erased, shown as accepted, 0 voxels rejected
+    (["reject", "reject", "accept"], ("accepted", 27, 1, 0, 0)),
+    (["reject", "reject", "undo"], ("unreviewed", 27, 0, 0, 0)),
+    (["reject", "accept", "undo"], ("rejected", 0, 0, 1, 27)),
+    (["accept", "reject", "undo"], ("accepted", 27, 1, 0, 0)),
+    (["accept", "accept", "undo"], ("unreviewed", 27, 0, 0, 0)),
+    (["reject", "accept", "reject", "undo", "undo"], ("rejected", 0, 0, 1, 27)),
+    (["reject", "accept", "reject", "undo", "undo", "undo"], ("unreviewed", 27, 0, 0, 0)),
+    (["accept", "reject", "reject", "accept"], ("accepted", 27, 1, 0, 0)),
+])
+def test_decisions_are_a_state_machine_and_never_lose_voxels(steps, want):
+    lab = _labels()
+    before = lab.copy()
+    s = ReviewSession(lab)
+    blob = _ids(s)[27]
+    for step in steps:
+        s.undo() if step == "undo" else getattr(s, step)(blob)
+    assert _state(s, lab, blob) == want
+    others = np.ones(lab.size, bool)
+    others[s.cluster_voxels(blob)] = False
+    np.testing.assert_array_equal(lab.reshape(-1)[others], before.reshape(-1)[others])
+    while s.undo() is not None:  # undoing everything gives back the labels it started with
+        pass
+    np.testing.assert_array_equal(lab, before)
+    assert s.summary()["voxels_rejected"] == 0 and s.reviewed == 0
+
+
+def test_a_repeated_decision_is_a_no_op_without_event_or_undo_step():
+    lab = _labels()
+    s = ReviewSession(lab)
+    blob = _ids(s)[27]
+    assert s.reject(blob)["kind"] == "cluster_rejected"
+    assert s.reject(blob) is None
+    assert [e["kind"] for e in s.events] == ["cluster_rejected"]
+    assert s.undo() == blob and s.undo() is None  # one step only
+    assert s.accept(blob)["kind"] == "cluster_accepted" and s.accept(blob) is None
+    assert s.state(blob) == "accepted"
+
+
+def test_painting_wins_over_restoring_a_rejected_cluster():
+    lab = _labels()
+    before = lab.copy()
+    s = ReviewSession(lab)
+    blob = _ids(s)[27]
+    v = np.ravel_multi_index((11, 11, 11), lab.shape)
+    s.reject(blob)
+    s.accept(blob)
+    lab[11, 11, 11] = 0  # the reviewer erases one voxel of the accepted cluster by hand
+    assert s.record_paint(np.array([v]), 0)["voxels"] == 1
+    assert s.summary()["voxels_painted_manually"] == 1
+    s.undo()  # back to rejected: the painted voxel is not the rejection's to restore later
+    assert lab[10:13, 10:13, 10:13].sum() == 0 and s.summary()["voxels_rejected"] == 26
+    assert s.summary()["voxels_painted_manually"] == 0  # the rejection erases it anyway
+    s.accept(blob)  # restores the 26 voxels the rejection erased, not the painted one
+    assert lab[11, 11, 11] == 0 and lab[10:13, 10:13, 10:13].sum() == 26
+    assert s.summary()["voxels_painted_manually"] == 1
+    # painting into a rejected cluster survives its undo and its re-rejection
+    s.reject(blob)
+    lab[10, 10, 10] = 1
+    s.record_paint((np.array([10]), np.array([10]), np.array([10])), 1)  # a napari multi-index
+    assert s.summary()["voxels_rejected"] == 25
+    s.undo()
+    s.reject(blob)
+    assert lab[10, 10, 10] == 1 and lab[11, 11, 11] == 0 and lab[10:13, 10:13, 10:13].sum() == 1
+    others = np.ones(lab.shape, bool)
+    others[10:13, 10:13, 10:13] = False
+    np.testing.assert_array_equal(lab[others], before[others])
+
+
+def test_record_paint_keeps_the_count_form_and_refuses_bad_indices():
+    lab = _labels()
+    s = ReviewSession(lab)
+    assert s.record_paint(5, 1)["voxels"] == 5 and s.painted == 5
+    assert s.record_paint(np.zeros(0, np.int64)) is None  # nothing painted: no event
+    s.painted = 7  # the widget carries the count of an earlier session over
+    assert s.summary()["voxels_painted_manually"] == 7
+    with pytest.raises(ValueError, match="flat indices"):
+        s.record_paint(np.array([lab.size]))
+    with pytest.raises(ValueError, match="outside the labels"):
+        s.record_paint((np.array([20]), np.array([0]), np.array([0])))
+
+
+def test_fortran_ordered_labels_are_edited_in_place():
+    lab = np.asfortranarray(_labels())
+    s = ReviewSession(lab)
+    blob = _ids(s)[27]
+    s.reject(blob)
+    assert lab[10:13, 10:13, 10:13].sum() == 0 and int(lab.sum()) == 41
+    s.undo()
+    assert lab[10:13, 10:13, 10:13].all()
+
+
+def test_painted_voxels_reads_napari_paint_events():
+    from napari_pvs.review import painted_voxels
+
+    shape = (4, 5, 6)
+    mask = np.zeros((1, 2, 3), bool)
+    mask[0, 1, 2] = mask[0, 0, 0] = True
+    atoms = [((slice(2, 3), slice(1, 3), slice(3, 6)), mask, np.zeros(2), 1),  # masked stroke
+             ((slice(0, 1), slice(0, 1), slice(0, 2)), None, np.zeros((1, 1, 2)), 1),  # whole box
+             ((np.array([3]), np.array([4]), np.array([5])), np.zeros(1), 1)]  # data_setitem
+    idx, value = painted_voxels(atoms, shape)
+    want = [(2, 1, 3), (2, 2, 5), (0, 0, 0), (0, 0, 1), (3, 4, 5)]
+    assert idx.tolist() == sorted(np.ravel_multi_index(tuple(np.array(want).T), shape).tolist())
+    assert value == 1
+    assert painted_voxels(atoms[:1] + [(atoms[2][0], np.zeros(1), 0)], shape)[1] is None
+
+
+def test_napari_paint_events_protect_painted_voxels():
+    """The review widget's wiring, without a viewer: a napari Labels layer sharing the
+    array reports its paint events to the session through ``painted_voxels``."""
+    from napari.layers import Labels
+
+    from napari_pvs.review import painted_voxels
+
+    lab = _labels()
+    s = ReviewSession(lab)
+    layer = Labels(lab)
+    assert layer.data is lab
+    layer.events.paint.connect(lambda e: s.record_paint(*painted_voxels(e.value, lab.shape)))
+    blob = _ids(s)[27]
+    s.reject(blob)
+    s.accept(blob)
+    layer.brush_size = 1
+    layer.paint((11, 11, 11), 0, refresh=False)  # a brush stroke erases one voxel by hand
+    layer.data_setitem((np.array([12]), np.array([12]), np.array([12])), 0, refresh=False)
+    assert lab[11, 11, 11] == 0 and lab[12, 12, 12] == 0
+    assert s.events[-1]["kind"] == "paint" and s.summary()["voxels_painted_manually"] == 2
+    s.undo()  # rejected again
+    s.accept(blob)  # restores what the rejection erased, not the painted voxels
+    assert lab[10:13, 10:13, 10:13].sum() == 25 and lab[11, 11, 11] == 0 and lab[12, 12, 12] == 0

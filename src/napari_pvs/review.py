@@ -1,21 +1,59 @@
 """False-positive triage of a PVS label map, cluster by cluster (no Qt).
 
 A :class:`ReviewSession` holds the label array being corrected (edited in place, so a
-napari Labels layer sharing the array shows every change), its clusters and their
-table, and the reviewer's decisions:
+napari Labels layer sharing the array shows every change), its clusters (connected
+components of the labels when the session starts) and their table, and the
+reviewer's decisions.
 
-- ``accept(cid)`` marks a cluster as a true PVS;
-- ``reject(cid)`` marks it a false positive and erases its voxels from the labels;
-- ``undo()`` reverts the last decision, restoring erased voxels;
-- ``record_paint(...)`` counts manual painting as a correction.
+Decisions
+---------
+Each cluster is in one of three states, ``unreviewed`` (the start), ``accepted`` or
+``rejected``:
 
-Every decision is an event (a dict); :meth:`ReviewSession.save` commits the labels as
-a new version of a store subject, with the edit summary and the events, and clears
-the unsaved flag.  The review widget is a thin layer over this class.
+- ``accept(cid)`` moves it to ``accepted`` (a true PVS);
+- ``reject(cid)`` moves it to ``rejected`` (a false positive: its voxels are erased);
+- repeating the cluster's current decision is a no-op: it returns None, adds no undo
+  step and no event;
+- ``undo()`` reverts the last decision that changed something: the cluster goes back to
+  its previous state, and exactly the voxels that decision erased (or restored) are
+  restored (or erased again).
+
+Painting
+--------
+In napari the reviewer paints straight into the labels array; the widget then calls
+``record_paint(indices)`` with the voxels that changed (:func:`painted_voxels` reads
+them from the Labels layer's ``paint`` event).  The session never writes a painted
+voxel again: painting always wins over decisions, whenever it happened.
+
+The model
+---------
+After every call, for each voxel ``v`` (``original`` = the labels when the session
+started)::
+
+    labels[v] = the value last painted at v   if v was painted in this session,
+                0                             else if v's cluster is currently rejected,
+                original[v]                   otherwise.
+
+So accepting a rejected cluster, or undoing its rejection, restores the voxels the
+rejection erased except those painted since; rejecting never erases a painted voxel.
+
+The counters of :meth:`ReviewSession.summary` follow the labels: ``clusters_accepted``
+and ``clusters_rejected`` count the clusters in each state; ``voxels_rejected`` counts
+the voxels that are 0 because their cluster is rejected (its unpainted voxels);
+``voxels_painted_manually`` counts the painted voxels whose value differs from what
+the decisions alone give (``original``, or 0 in a rejected cluster), plus the voxels
+reported by count only (``record_paint(n)``, or carried over through
+:attr:`ReviewSession.painted`), which the session cannot locate or protect.
+
+Every decision, undo and paint is an event (a dict); :meth:`ReviewSession.save`
+commits the labels as a new version of a store subject, with the edit summary and the
+events, and clears the unsaved flag.  The review widget is a thin layer over this
+class.
 """
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,25 +62,70 @@ import numpy as np
 
 from .clusters import ClusterTable, cluster_table, label_clusters
 
-__all__ = ["Decision", "ReviewSession"]
+__all__ = ["STATES", "Decision", "ReviewSession", "painted_voxels"]
+
+STATES = ("unreviewed", "accepted", "rejected")
+
 
 @dataclass
 class Decision:
-    """One reversible step: a decision on a cluster, with what it overwrote."""
+    """One undoable step: a change of a cluster's state, and the voxels it wrote.
+
+    ``voxels`` are positions into the cluster voxel list of the session (see
+    :meth:`ReviewSession.cluster_voxels`): those the step erased (to ``rejected``) or
+    restored (``rejected`` to ``accepted``); empty when the labels did not change.
+    """
 
     cluster: int
     kind: str  # "accepted" | "rejected"
-    previous: str | None  # the cluster's decision before this step
-    voxels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # flat indices erased
-    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # their old labels
+    previous: str | None  # the cluster's decision before this step (None: unreviewed)
+    voxels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def painted_voxels(atoms, shape: tuple[int, ...]) -> tuple[np.ndarray, int | None]:
+    """Flat indices of the voxels a napari Labels ``paint`` event changed.
+
+    Parameters
+    ----------
+    atoms : sequence
+        ``event.value`` of a Labels layer's ``paint`` event: napari records brush and
+        fill strokes as ``(slice_key, mask, old_values, new_value)`` (``mask`` None when
+        the whole box changed) and ``data_setitem`` edits as
+        ``(indices, old_values, new_value)``.
+    shape : tuple of int
+        Shape of the labels array.
+
+    Returns
+    -------
+    indices : ndarray of int64
+        Sorted, unique flat (C-order) indices of the changed voxels.
+    value : int or None
+        The painted value when the event painted one value, else None.
+    """
+    parts, values = [np.zeros(0, np.int64)], set()
+    for atom in atoms:
+        if len(atom) == 4:
+            key, mask, _old, new = atom
+            ranges = [np.arange(*s.indices(n)) for s, n in zip(key, shape, strict=True)]
+            if mask is None:
+                where = np.meshgrid(*ranges, indexing="ij")
+            else:
+                where = [r[i] for r, i in zip(ranges, np.nonzero(np.asarray(mask)), strict=True)]
+        else:
+            idx, _old, new = atom
+            where = [np.asarray(i) for i in idx]
+        flat = np.ravel_multi_index(tuple(np.ravel(w) for w in where), shape)
+        parts.append(flat.astype(np.int64))
+        values.update(int(v) for v in np.unique(np.asarray(new)))
+    return np.unique(np.concatenate(parts)), (values.pop() if len(values) == 1 else None)
+
+
 class ReviewSession:
-    """Cluster-by-cluster review of a label array.
+    """Cluster-by-cluster review of a label array (see the module docstring for the model).
 
     Parameters
     ----------
@@ -74,6 +157,9 @@ class ReviewSession:
         if not labels.flags.writeable:
             raise ValueError("labels array is read-only; pass a writable copy")
         self.labels = labels
+        # a flat view (C order) that writes through, whatever the array's memory order
+        self._flat = labels.reshape(-1) if labels.flags.c_contiguous else labels.flat
+        self._original = labels.copy()
         self.clusters, self.n = label_clusters(labels, connectivity)
         self.table: ClusterTable = cluster_table(
             self.clusters, probability=probability, uncertainty=uncertainty, regions=regions,
@@ -85,17 +171,25 @@ class ReviewSession:
         self._voxels = fg[order]
         self._offsets = np.r_[0, np.cumsum(np.bincount(flat[fg], minlength=self.n + 1)[1:])]
         self._row_of = {int(c): i for i, c in enumerate(self.table.columns["id"])}
-        self.decisions: dict[int, str] = {}
+        self.decisions: dict[int, str] = {}  # clusters not in it are unreviewed
         self.events: list[dict[str, Any]] = []
         self._history: list[Decision] = []
-        self.painted = 0  # voxels changed by manual painting
+        # per cluster voxel (aligned with _voxels): erased by a rejection, and its value then
+        self._erased = np.zeros(len(self._voxels), bool)
+        self._erased_values = np.zeros(len(self._voxels), labels.dtype)
+        self._painted_mask = np.zeros(labels.size, bool)  # flat: painted in this session
+        self._painted_idx = np.zeros(0, np.int64)  # the same, as sorted flat indices
+        self._painted_count_only = 0  # voxels reported by count only (cannot be located)
         self.dirty = False
 
     # ------------------------------------------------------------------ queries
     def cluster_voxels(self, cid: int) -> np.ndarray:
         """Flat indices (into the volume) of cluster ``cid``'s voxels."""
         self._check(cid)
-        return self._voxels[self._offsets[cid - 1]:self._offsets[cid]]
+        return self._voxels[self._positions(cid)]
+
+    def _positions(self, cid: int) -> np.ndarray:
+        return np.arange(self._offsets[cid - 1], self._offsets[cid])
 
     def row(self, cid: int) -> dict[str, Any]:
         """The table row of cluster ``cid``."""
@@ -108,9 +202,27 @@ class ReviewSession:
             raise ValueError(f"unknown column {by!r}; choose one of {sorted(self.table.columns)}")
         return [int(self.table.columns["id"][i]) for i in self.table.order(by, descending)]
 
+    def state(self, cid: int) -> str:
+        """Cluster ``cid``'s state: one of :data:`STATES`."""
+        self._check(cid)
+        return self.decisions.get(int(cid), "unreviewed")
+
     @property
     def reviewed(self) -> int:
         return len(self.decisions)
+
+    @property
+    def painted(self) -> int:
+        """Voxels painted manually (``summary()["voxels_painted_manually"]``).
+
+        Setting it sets the count of voxels painted that the session cannot locate,
+        e.g. those of an earlier session on the same labels (the widget's Recompute).
+        """
+        return self._painted_located() + self._painted_count_only
+
+    @painted.setter
+    def painted(self, voxels: int) -> None:
+        self._painted_count_only = int(voxels)
 
     def next_unreviewed(self, order: list[int], after: int | None = None, step: int = 1) -> int | None:
         """The next (``step`` = 1) or previous (-1) cluster of ``order`` after ``after``,
@@ -126,14 +238,25 @@ class ReviewSession:
         return order[(start + step) % n]
 
     def summary(self) -> dict[str, int]:
-        """Counts for the edit summary of a saved version."""
+        """Counts for the edit summary of a saved version (see the module docstring)."""
         kinds = list(self.decisions.values())
+        erased = self._erased & ~self._painted_mask[self._voxels]
         return {"clusters": self.n, "clusters_reviewed": self.reviewed,
                 "clusters_accepted": kinds.count("accepted"),
                 "clusters_rejected": kinds.count("rejected"),
-                "voxels_rejected": int(sum(len(self._last_reject(c).voxels)
-                                           for c, k in self.decisions.items() if k == "rejected")),
-                "voxels_painted_manually": int(self.painted)}
+                "voxels_rejected": int(np.count_nonzero(erased)),
+                "voxels_painted_manually": self.painted}
+
+    def _painted_located(self) -> int:
+        """Painted voxels whose value differs from what the decisions alone give."""
+        idx = self._painted_idx
+        if not len(idx):
+            return 0
+        rejected = np.zeros(self.n + 1, bool)
+        rejected[[c for c, k in self.decisions.items() if k == "rejected"]] = True
+        in_rejected = rejected[self.clusters.reshape(-1)[idx]]
+        unpainted = np.where(in_rejected, 0, self._original.reshape(-1)[idx])
+        return int(np.count_nonzero(self._flat[idx] != unpainted))
 
     # ------------------------------------------------------------------ decisions
     def _check(self, cid: int) -> None:
@@ -146,27 +269,29 @@ class ReviewSession:
         self.dirty = True
         return event
 
-    def accept(self, cid: int) -> dict[str, Any]:
-        """Mark cluster ``cid`` as a true PVS; returns the event."""
+    def accept(self, cid: int) -> dict[str, Any] | None:
+        """Mark cluster ``cid`` as a true PVS (restoring its voxels when it was rejected);
+        returns the event, or None when it was accepted already (nothing happens)."""
         return self._decide(int(cid), "accepted")
 
-    def reject(self, cid: int) -> dict[str, Any]:
-        """Mark cluster ``cid`` as a false positive and erase its voxels; returns the event."""
+    def reject(self, cid: int) -> dict[str, Any] | None:
+        """Mark cluster ``cid`` as a false positive and erase its unpainted voxels;
+        returns the event, or None when it was rejected already (nothing happens)."""
         return self._decide(int(cid), "rejected")
 
-    def _decide(self, cid: int, kind: str) -> dict[str, Any]:
+    def _decide(self, cid: int, kind: str) -> dict[str, Any] | None:
         self._check(cid)
         previous = self.decisions.get(cid)
-        step = Decision(cid, kind, previous)
+        if previous == kind:
+            return None
+        pos = self._positions(cid)
         if kind == "rejected":
-            idx = self.cluster_voxels(cid)
-            flat = self.labels.reshape(-1)
-            keep = flat[idx] != 0  # voxels already erased (e.g. painted over) stay as they are
-            step.voxels, step.values = idx[keep], flat[idx[keep]].copy()
-            flat[step.voxels] = 0
-        elif previous == "rejected":  # accepting a rejected cluster puts its voxels back
-            step = self._undo_erase(cid, step)
-        self._history.append(step)
+            written = self._erase(pos)
+        elif previous == "rejected":
+            written = self._restore(pos)
+        else:
+            written = np.zeros(0, np.int64)
+        self._history.append(Decision(cid, kind, previous, written))
         self.decisions[cid] = kind
         row = self.row(cid)
         return self._event(f"cluster_{kind}", cluster=cid, voxels=int(row["voxels"]),
@@ -174,25 +299,38 @@ class ReviewSession:
                            prob_mean=_num(row["prob_mean"]),
                            centroid_ijk=[round(float(row[f"centroid_{a}"]), 1) for a in "ijk"])
 
-    def _last_reject(self, cid: int) -> Decision:
-        return next(d for d in reversed(self._history) if d.cluster == cid and d.kind == "rejected")
+    def _erase(self, pos: np.ndarray) -> np.ndarray:
+        """Erase the cluster voxels at ``pos`` that are unpainted and non-zero (a voxel
+        zeroed by hand and not reported stays as it is); returns the positions erased."""
+        idx = self._voxels[pos]
+        values = self._flat[idx]
+        keep = ~self._painted_mask[idx] & ~self._erased[pos] & (values != 0)
+        pos, idx = pos[keep], idx[keep]
+        self._erased_values[pos] = values[keep]
+        self._erased[pos] = True
+        self._flat[idx] = 0
+        return pos
 
-    def _undo_erase(self, cid: int, step: Decision) -> Decision:
-        old = self._last_reject(cid)
-        self.labels.reshape(-1)[old.voxels] = old.values
-        return step
+    def _restore(self, pos: np.ndarray) -> np.ndarray:
+        """Put back the erased voxels at ``pos``, except those painted since (which keep
+        the paint); returns the positions written."""
+        pos = pos[self._erased[pos]]
+        self._erased[pos] = False
+        pos = pos[~self._painted_mask[self._voxels[pos]]]
+        self._flat[self._voxels[pos]] = self._erased_values[pos]
+        return pos
 
     def undo(self) -> int | None:
-        """Revert the last decision (restoring erased voxels); returns its cluster id,
-        or None when there is nothing to undo."""
+        """Revert the last decision: the cluster's previous state, and the voxels that
+        decision erased (or restored) restored (or erased again), except those painted
+        since.  Returns its cluster id, or None when there is nothing to undo."""
         if not self._history:
             return None
         step = self._history.pop()
-        flat = self.labels.reshape(-1)
         if step.kind == "rejected":
-            flat[step.voxels] = step.values
-        elif step.previous == "rejected":  # the accept had restored the voxels: erase again
-            flat[self._last_reject(step.cluster).voxels] = 0
+            self._restore(step.voxels)
+        else:
+            self._erase(step.voxels)  # empty unless the accept had restored a rejection
         if step.previous is None:
             self.decisions.pop(step.cluster, None)
         else:
@@ -200,10 +338,51 @@ class ReviewSession:
         self._event("undo", cluster=step.cluster, undone=step.kind)
         return step.cluster
 
-    def record_paint(self, voxels: int, value: int | None = None) -> dict[str, Any]:
-        """Count a manual paint stroke of ``voxels`` voxels as a correction."""
-        self.painted += int(voxels)
-        return self._event("paint", voxels=int(voxels), value=None if value is None else int(value))
+    def record_paint(self, voxels, value: int | None = None) -> dict[str, Any] | None:
+        """Record manual painting, already written into the labels, as a correction.
+
+        Parameters
+        ----------
+        voxels : int, array of int, or tuple of index arrays
+            The painted voxels: flat (C-order) indices, or one index array per axis (a
+            numpy multi-index, as napari reports them; see :func:`painted_voxels`).  A
+            plain number only counts voxels: the session cannot tell which, so a later
+            restore may overwrite them.
+        value : int, optional
+            The painted value, for the event.
+
+        Returns
+        -------
+        dict or None
+            The event, or None when no voxel was painted.
+        """
+        if isinstance(voxels, numbers.Integral):
+            n = int(voxels)
+            if n < 0:
+                raise ValueError(f"painted voxel count must be >= 0, got {n}")
+            self._painted_count_only += n
+        else:
+            if isinstance(voxels, tuple):
+                try:
+                    idx = np.ravel_multi_index(tuple(np.ravel(v) for v in voxels),
+                                               self.labels.shape)
+                except ValueError as exc:
+                    raise ValueError(f"painted voxel indices outside the labels' shape "
+                                     f"{self.labels.shape}: {exc}") from None
+            else:
+                idx = np.asarray(voxels).ravel()
+                if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0
+                                 or idx.max() >= self.labels.size):
+                    raise ValueError("painted voxels must be flat indices in "
+                                     f"0..{self.labels.size - 1}")
+            idx = np.unique(idx.astype(np.int64))
+            n = len(idx)
+            if n:
+                self._painted_mask[idx] = True
+                self._painted_idx = np.union1d(self._painted_idx, idx)
+        if not n:
+            return None
+        return self._event("paint", voxels=n, value=None if value is None else int(value))
 
     # ------------------------------------------------------------------ saving
     def save(self, store, subject: str, *, author: str, image_sha256: str | None = None,

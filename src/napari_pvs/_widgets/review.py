@@ -411,14 +411,11 @@ class ReviewWidget(QWidget):
     def _on_paint(self, event) -> None:
         if self.session is None:
             return
-        voxels, value = 0, None
-        for atom in event.value:
-            # napari records brush / fill strokes as (slice_key, mask, old_values, new_value)
-            # and data_setitem edits as (indices, old_values, new_value)
-            old, value = (atom[2], atom[3]) if len(atom) == 4 else (atom[1], atom[2])
-            voxels += int(np.count_nonzero(np.asarray(old) != np.asarray(value)))
-        if voxels:
-            self.session.record_paint(voxels, int(np.max(value)))
+        from ..review import painted_voxels
+
+        # the session learns which voxels were painted, so that no decision overwrites them
+        voxels, value = painted_voxels(event.value, self.layer.data.shape)
+        if self.session.record_paint(voxels, value) is not None:
             self._update_counter()
 
     # ------------------------------------------------------------------ saving
