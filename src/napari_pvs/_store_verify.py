@@ -46,6 +46,8 @@ def verify_store(store) -> tuple[list[str], dict[str, int]]:
         damage("subjects", "the subjects folder is missing")
     else:
         for p in sorted(folder.iterdir()):
+            if p.name == "zarr.json":
+                continue
             if p.name.startswith(".tmp-"):
                 counts["leftovers"] += 1
             elif not p.is_dir() or not _ID.fullmatch(p.name):
@@ -106,6 +108,8 @@ def _verify_subject(store, sid: str, damage, counts) -> None:
             damage(exc.where, exc.detail)
     preds = store.path / "subjects" / sid / "predictions"
     for p in sorted(preds.iterdir()) if preds.is_dir() else []:
+        if p.name == "zarr.json":
+            continue
         if p.name.startswith(".tmp-"):
             counts["leftovers"] += 1
             continue
