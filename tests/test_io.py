@@ -377,22 +377,30 @@ def _oversized(tmp_path: Path, suffix: str) -> Path:
 
 
 def _peak_rss_of_load(path: Path) -> tuple[str, int]:
-    """Load *path* in a child process; its stderr and its peak RSS in bytes (from wait4)."""
-    import os
+    """Load *path* in a fresh interpreter; its error message and its peak RSS in bytes.
+
+    The child reads its own high-water mark (VmHWM) after the load: ru_maxrss of a
+    child also counts the parent's pages it shared before exec, and pytest may be
+    large by then.
+    """
     import subprocess
     import sys
 
-    code = ("import sys\nfrom napari_pvs.io import load_volume\n"
-            "try:\n    load_volume(sys.argv[1])\nexcept ValueError as e:\n"
-            "    sys.stderr.write(str(e))\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, err
-    per_kb = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KB on Linux
-    return err, usage.ru_maxrss * per_kb
+    code = (
+        "import resource, sys\n"
+        "from napari_pvs.io import load_volume\n"
+        "try:\n    load_volume(sys.argv[1])\nexcept ValueError as e:\n"
+        "    sys.stderr.write(str(e))\n"
+        "try:\n"
+        "    status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+        "    print(int(status.split()[0]) * 1024)\n"
+        "except OSError:  # not Linux: ru_maxrss is in bytes on macOS\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stderr, int(r.stdout)
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
@@ -429,8 +437,8 @@ def _raw_nifti(path: Path, edit) -> Path:
 
 def _sform(matrix, code=2):
     def edit(header):
-        for row, name in zip(np.asarray(matrix, dtype=np.float64)[:3], ("srow_x", "srow_y", "srow_z"),
-                             strict=True):
+        rows = np.asarray(matrix, dtype=np.float64)[:3]
+        for row, name in zip(rows, ("srow_x", "srow_y", "srow_z"), strict=True):
             header[name] = row
         header["sform_code"] = code
         header["qform_code"] = 0
