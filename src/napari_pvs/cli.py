@@ -384,8 +384,9 @@ _OS_HINTS = {
 def _os_error_line(exc: OSError) -> str:
     """One line for an OSError: the file(s), the system's reason and what to do."""
     reason = exc.strerror or one_line(exc)
-    hint = _OS_HINTS.get(exc.errno, "check the file and the disk, then run it again")
     files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    hint = _OS_HINTS.get(exc.errno) or (
+        "check the file and the disk, then run it again" if files else "run it again")
     return f"{files}: {reason}; {hint}" if files else f"{reason}; {hint}"
 
 
