@@ -110,7 +110,8 @@ CASES = [
                                         "-o", t / "o"], "--volume N"),
     ("predict-4d-volume-range", lambda t: ["predict", _nifti(t / "f.nii.gz",
                                                              np.zeros((4, 4, 4, 3), np.float32)),
-                                           "--volume", "7", "-o", t / "o"], "volume=7 is out of range"),
+                                           "--volume", "7", "-o", t / "o"],
+     "volume=7 is out of range"),
     ("predict-oversized-nii", lambda t: ["predict", _oversized(t / "huge.nii"), "-o", t / "o"],
      "huge.nii is truncated or corrupt: its header claims 3,000,000,352 bytes"),
     ("predict-oversized-gz", lambda t: ["predict", _oversized(t / "huge.nii.gz"), "-o", t / "o"],
@@ -139,14 +140,16 @@ CASES = [
      "--roi applies to one image"),
     # --- score
     ("score-shifted", lambda t: ["score", _labels(t / "p.nii.gz"),
-                                 _labels(t / "r.nii.gz", shift_mm=5.0)], "r.nii.gz: map affine differs"),
+                                 _labels(t / "r.nii.gz", shift_mm=5.0)],
+     "r.nii.gz: map affine differs"),
     ("score-shape", lambda t: ["score", _labels(t / "p.nii.gz"),
                                _labels(t / "r.nii.gz", shape=(8, 8, 9))], "map shape (8, 8, 9)"),
     ("score-empty-regions", lambda t: ["score", _labels(t / "p.nii.gz"), _labels(t / "r.nii.gz"),
                                        "--regions", _labels(t / "g.nii.gz", value=0)],
      "g.nii.gz has no voxel inside a region"),
     ("score-negative", lambda t: ["score", _labels(t / "p.nii.gz"),
-                                  _labels(t / "r.nii.gz", value=-1)], "r.nii.gz holds negative labels"),
+                                  _labels(t / "r.nii.gz", value=-1)],
+     "r.nii.gz holds negative labels"),
     ("score-probabilities", lambda t: ["score", _img(t), _labels(t / "r.nii.gz")],
      "holds non-integer values"),
     # --- folders that are files; OS failures
@@ -155,7 +158,8 @@ CASES = [
     ("demo-out-is-file", lambda t: ["demo", "--out", _file(t / "taken"), "--no-viewer"],
      "--out"),
     ("phantom-os-error", lambda t: ["phantom", "/proc/napari-pvs-faults/x", "--sites", "1",
-                                    "--per-site", "1", "--size-mm", "32"], "/proc/napari-pvs-faults"),
+                                    "--per-site", "1", "--size-mm", "32"],
+     "/proc/napari-pvs-faults"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Input checks for :mod:`napari_pvs.io`: SHA-256, gzip integrity, data size, geometry and dimensions.
+"""Input checks for :mod:`napari_pvs.io`: hash, gzip integrity, data size, geometry, dimensions.
 
 Every failure raises :class:`~napari_pvs.PVSInputError` with a one-line message.
 """
