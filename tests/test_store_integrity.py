@@ -106,7 +106,8 @@ def test_damaged_image_regions_and_predictions_are_refused(store, target, capsys
     _damage(store.path / "subjects/sub01" / target, "delete chunk")
     read = {"image": lambda: store.read_image("sub01"),
             "regions": lambda: store.read_regions("sub01"),
-            "predictions/m1/uncertainty": lambda: store.read_prediction("sub01", "m1", "uncertainty")}
+            "predictions/m1/uncertainty":
+                lambda: store.read_prediction("sub01", "m1", "uncertainty")}
     where = {"image": "sub01 image", "regions": "sub01 regions",
              "predictions/m1/uncertainty": "sub01 prediction m1 uncertainty"}[target]
     with pytest.raises(StoreCorruptError, match=where):
@@ -232,7 +233,8 @@ def full_disk(monkeypatch):
 def test_a_commit_that_cannot_be_written_leaves_no_version(store, full_disk):
     w = CorrectionsStore.open(store.path, writable=True)
     full_disk("before")
-    with pytest.raises(StoreWriteError, match="v0003 of subject sub01 .*No space left.*nothing was saved"):
+    with pytest.raises(StoreWriteError,
+                       match="v0003 of subject sub01 .*No space left.*nothing was saved"):
         w.commit_labels("sub01", _labels(3), author="c")
     assert w.version_numbers("sub01") == [1, 2]
     assert not list((store.path / "subjects/sub01/labels").glob(".tmp-*"))
@@ -266,7 +268,7 @@ def test_cli_commit_on_a_full_disk_reports_the_truth(store, full_disk, phase, tm
         assert store.version_numbers("sub01") == [1, 2, 3]
 
 
-def test_add_subject_and_save_prediction_on_a_full_disk_leave_nothing_half_written(store, full_disk):
+def test_add_subject_and_save_prediction_on_a_full_disk_leave_nothing_behind(store, full_disk):
     w = CorrectionsStore.open(store.path, writable=True)
     before = store.read_prediction("sub01", "m1", "probability")
     full_disk("before")

@@ -60,8 +60,9 @@ def import_folder(store, folder: str | Path, progress=print) -> ImportReport:
                 info = store.info(s.subject)
                 if not _same_image(store, s.subject, info, vol):
                     raise PVSInputError(
-                        f"{s.image}: subject {s.subject} is already in the store with another image "
-                        f"(imported from {info.get('source') or 'elsewhere'}); rename one of them")
+                        f"{s.image}: subject {s.subject} is already in the store with another "
+                        f"image (imported from {info.get('source') or 'elsewhere'}); rename one "
+                        "of them")
                 if s.labels is not None and info["latest"] is None:  # imported by an older version
                     lab = load_volume(s.labels, as_labels=True)
                     store.commit_labels(s.subject, lab.data, author="import", source="import",
@@ -113,10 +114,10 @@ def export_store(store, outdir: str | Path) -> list[Path]:
         except StoreCorruptError as exc:
             damaged.append(exc)
             continue
+        qform = None if info.get("qform") is None else np.asarray(info["qform"])
         like = geometry_from_affine(np.asarray(info["affine"]), tuple(info["shape"]),
                                     sform_code=int(info.get("sform_code") or 0),
-                                    qform_code=int(info.get("qform_code") or 0),
-                                    qform=None if info.get("qform") is None else np.asarray(info["qform"]))
+                                    qform_code=int(info.get("qform_code") or 0), qform=qform)
         written.append(save_labels(outdir / f"{sid}_pvs.nii.gz", labels, like=like))
     others = f"; the other {len(written)} subjects were exported to {outdir}" if written else ""
     if len(damaged) == 1:
@@ -124,7 +125,8 @@ def export_store(store, outdir: str | Path) -> list[Path]:
     if damaged:
         listed = "; ".join(f"{e.where} ({e.detail})" for e in damaged)
         raise PVSInputError(f"not exported, damaged: {listed}{others}; restore the store folder "
-                            f"from a backup (`napari-pvs store verify {store.path}` lists all damage)")
+                            f"from a backup (`napari-pvs store verify {store.path}` lists all "
+                            "damage)")
     return written
 
 
@@ -146,7 +148,8 @@ def _verify(path: str) -> int:
                         ("subjects", "label versions", "predictions", "models", "events"))
     notes = "".join(f"; {counts[k]} {k}" for k in ("not checksummed", "leftovers",
                                                    "torn last event line") if counts.get(k))
-    verdict = f"{len(problems)} problem{'s' * (len(problems) != 1)} found" if problems else "no damage found"
+    verdict = (f"{len(problems)} problem{'s' * (len(problems) != 1)} found" if problems
+               else "no damage found")
     print(f"{path}: checked {checked}{notes}: {verdict}")
     return 1 if problems else 0
 

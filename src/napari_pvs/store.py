@@ -60,9 +60,7 @@ Guarantees
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -77,6 +75,10 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
+from ._store_checks import (_CHUNKS, _ID, _RESTORE, StoreCorruptError, StoreLockedError,
+                            StoreWarning, StoreWriteError, _fsync_dir, _one_line, _sha256,
+                            _write_labels, check_site, check_subject_id, check_wait, open_array,
+                            read_verified)
 
 __all__ = ["FORMAT_VERSION", "MODALITIES", "STATUSES", "CorrectionsStore", "StoreCorruptError",
            "StoreLockedError", "StoreWarning", "StoreWriteError", "check_site", "check_subject_id"]
@@ -86,38 +88,12 @@ FORMAT_VERSION = 1
 STATUSES = ("unlabelled", "predicted", "in-review", "corrected")
 MODALITIES = ("T2w", "T1w")
 PREDICTION_MAPS = ("probability", "uncertainty", "labels")
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"v(\d{4,})")
-_CHUNKS = (64, 64, 64)
-_RESTORE = "restore the store folder from a backup"
 _READ = object()
 
 
-class StoreLockedError(PVSInputError):
-    """Another process holds the store's write lock."""
-
-
-class StoreWriteError(PVSInputError):
-    """Writing to the store failed (e.g. the disk is full); nothing was saved."""
-
-
-class StoreWarning(UserWarning):
-    """Saved, but a step after the commit point (event log, ``latest`` attribute) failed."""
-
-
-class StoreCorruptError(PVSInputError):
-    """Stored data is damaged: it does not match what was written.
-
-    ``where`` names the damaged item (``subject sub-01 labels v0002``) and ``detail``
-    what is wrong; the message adds the store and what to do.
-    """
-
-    def __init__(self, store: Path | str, where: str, detail: str, remedy: str | None = None):
-        self.store, self.where, self.detail = str(store), where, detail
-        remedy = remedy or (f"{_RESTORE}, or commit the labels again from a NIfTI you trust "
-                            "(`napari-pvs store commit`)")
-        super().__init__(f"store {store}: {where} is damaged ({detail}); {remedy}; "
-                         f"`napari-pvs store verify {store}` lists all damage")
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def model_registry(path: str | os.PathLike[str]):
@@ -125,51 +101,6 @@ def model_registry(path: str | os.PathLike[str]):
     from .model import ModelRegistry
 
     return ModelRegistry(Path(path) / "models")
-
-
-def _check_name(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value) or ".." in value:
-        raise PVSInputError(
-            f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..', path separators or control characters"
-        )
-    return value
-
-
-def check_subject_id(subject: str) -> str:
-    """Return ``subject`` if it is a safe id: letters, digits, ``.``, ``_``, ``-``; no ``..``."""
-    return _check_name(subject, "subject id")
-
-
-def check_site(site: str) -> str:
-    """Return ``site`` if it is a safe site name (the same rule as subject ids)."""
-    return _check_name(site, "site")
-
-
-def check_wait(wait: Any) -> float:
-    """Seconds to wait for the lock: a finite number >= 0."""
-    try:
-        value = float(wait)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise PVSInputError(f"wait time {wait!r} is not a finite number of seconds >= 0; "
-                            "pass e.g. --wait 30 (or 0 not to wait)")
-    return value
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    from ._nifti_checks import one_line
-
-    return one_line(exc)
 
 
 class CorrectionsStore:
@@ -331,9 +262,9 @@ class CorrectionsStore:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, PVSInputError) or not isinstance(exc, Exception):
                 raise
-            raise StoreWriteError(f"could not write {what} to store {self.path} ({_one_line(exc)}); "
-                                  "nothing was saved: free disk space (or fix the error) and try "
-                                  "again") from None
+            raise StoreWriteError(f"could not write {what} to store {self.path} "
+                                  f"({_one_line(exc)}); nothing was saved: free disk space (or "
+                                  "fix the error) and try again") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._after_commit(what, lambda: _fsync_dir(final.parent))
@@ -459,33 +390,10 @@ class CorrectionsStore:
 
     # ------------------------------------------------------------------ reading arrays
     def _open_array(self, path: Path, where: str, remedy: str | None = None):
-        import zarr
-
-        if not (path / "zarr.json").is_file():
-            raise StoreCorruptError(self.path, where, f"its metadata file {path / 'zarr.json'} "
-                                    "is missing", remedy)
-        try:
-            return zarr.open_array(str(path), mode="r")
-        except Exception as exc:
-            raise StoreCorruptError(self.path, where, f"unreadable metadata: {_one_line(exc)}",
-                                    remedy) from None
+        return open_array(self.path, path, where, remedy)
 
     def _read_verified(self, path: Path, where: str, remedy: str | None = None) -> np.ndarray:
-        """Decode a whole array and compare it with its recorded sha256."""
-        arr = self._open_array(path, where, remedy)
-        try:
-            data = np.asarray(arr[...])
-            recorded = arr.attrs.get("sha256")
-        except MemoryError:
-            raise
-        except Exception as exc:  # numcodecs / zarr decode errors of a truncated or garbled chunk
-            raise StoreCorruptError(self.path, where, f"a chunk cannot be decoded: {_one_line(exc)}",
-                                    remedy) from None
-        if recorded is not None and _sha256(data) != recorded:
-            raise StoreCorruptError(self.path, where, "its content does not match the checksum "
-                                    "recorded when it was written (a chunk was deleted or altered)",
-                                    remedy)
-        return data
+        return read_verified(self.path, path, where, remedy)
 
     # ------------------------------------------------------------------ versions
     def _labels_dir(self, subject: str) -> Path:
@@ -520,8 +428,9 @@ class CorrectionsStore:
         latest = self.latest_version(subject)
         number = latest if version is None else int(version)
         if number is None or number < 1 or number > (latest or 0):
-            raise PVSInputError(f"subject {subject!r} has no label version {version}"
-                                f" (versions: {', '.join(map(str, self.version_numbers(subject))) or 'none'})")
+            present = ", ".join(map(str, self.version_numbers(subject))) or "none"
+            raise PVSInputError(f"subject {subject!r} has no label version {version} "
+                                f"(versions: {present})")
         path = self._labels_dir(subject) / f"v{number:04d}"
         where = f"subject {subject} labels v{number:04d}"
         if not path.is_dir():
@@ -675,8 +584,8 @@ class CorrectionsStore:
             raise PVSInputError(f"prediction map must be one of {PREDICTION_MAPS}, got {name!r}")
         if model_id not in self.predictions(subject):
             raise PVSInputError(f"subject {subject!r} has no prediction of model {model_id!r}")
-        return self._read_verified(self.path / "subjects" / subject / "predictions" / model_id / name,
-                                   f"subject {subject} prediction {model_id} {name}",
+        folder = self.path / "subjects" / subject / "predictions" / model_id
+        return self._read_verified(folder / name, f"subject {subject} prediction {model_id} {name}",
                                    "predict the subject again with that model")
 
     # ------------------------------------------------------------------ events, models
@@ -716,7 +625,8 @@ class CorrectionsStore:
         return out
 
     def verify(self) -> tuple[list[str], dict[str, int]]:
-        """Check everything; returns ``(problems, counts)`` (see :mod:`napari_pvs._store_verify`)."""
+        """Check everything; returns ``(problems, counts)``
+        (see :mod:`napari_pvs._store_verify`)."""
         from ._store_verify import verify_store
 
         return verify_store(self)
@@ -725,19 +635,3 @@ class CorrectionsStore:
     def models(self):
         """The store's model registry."""
         return model_registry(self.path)
-
-
-def _write_labels(path: Path, labels: np.ndarray, attrs: dict[str, Any]) -> None:
-    import zarr
-
-    arr = zarr.create_array(str(path), shape=labels.shape, dtype=np.uint8, chunks=_CHUNKS,
-                            fill_value=0, attributes=attrs)
-    arr[...] = labels
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
