@@ -26,12 +26,18 @@ Guarantees
   full under a hidden ``.tmp-*`` name and renamed into place in one step (an atomic
   directory rename), so each is complete or absent, also when the writer is killed.
   The next writer removes ``.tmp-*`` leftovers.  An existing version is never written
-  to again; version numbers only grow, also past a damaged version.
+  to again; version numbers only grow, also past a damaged version.  (zarr does not
+  fsync chunk files: this holds for killed processes; after a power failure, the
+  checksums below find a version whose chunks did not reach the disk.)
 * A commit reports the truth.  If writing fails before the rename (e.g. the disk is
   full), the temporary folder is removed and :class:`StoreWriteError` is raised: no
   version exists.  Once the rename is done the version is saved: a failure to update
   the ``latest`` attribute or to append ``events.jsonl`` afterwards is a
-  :class:`StoreWarning`, and the commit returns the version number.
+  :class:`StoreWarning`, and the commit returns the version number.  The same holds
+  for importing a subject and saving a prediction (a replaced prediction is swapped
+  out only once the new one is complete).  A failed append to ``events.jsonl`` is
+  cut back, and a writer cuts a torn last line left by a killed one, so no torn line
+  sits in the middle of the log.
 * Damage is detected, never read as "no PVS".  zarr does not write chunks that hold
   only zeros, so a deleted chunk would read back as background: every read of data
   (:meth:`CorrectionsStore.read_labels`, :meth:`~CorrectionsStore.read_image`,
@@ -43,6 +49,10 @@ Guarantees
   :class:`StoreCorruptError`, which names the store, subject and version and says
   what to do.  Reading "the latest" never falls back to an older version.
   ``napari-pvs store verify`` checks all of it (see :mod:`napari_pvs._store_verify`).
+  The lazy accessors :meth:`~CorrectionsStore.labels`, :meth:`~CorrectionsStore.image`,
+  :meth:`~CorrectionsStore.regions` and :meth:`~CorrectionsStore.prediction` are not
+  checked: they serve attributes and lazy display (the napari reader shows images and
+  uncertainty lazily, but reads and checks the labels in full).
 * Stores written before checksums existed still open.  Their images, region maps and
   predictions carry no ``sha256``: they are decoded in full (a truncated or garbled
   chunk is still found) but a deleted chunk cannot be told from zeros; ``verify``
@@ -51,7 +61,8 @@ Guarantees
 * One writer at a time: writers take an exclusive ``flock`` on ``.lock`` (released by
   the kernel if the process dies).  A second writer gets :class:`StoreLockedError`
   naming the PID, or waits up to ``wait`` seconds (a finite number >= 0).  Readers
-  need no lock: everything they read is immutable once renamed into place.
+  need no lock: images, regions and label versions are immutable once renamed into
+  place.
 * Labels whose shape, affine or image hash differ from the subject are refused;
   subject ids and sites are 1-128 letters, digits, ``.``, ``_``, ``-`` (whole-string
   match), modality is T2w or T1w.
