@@ -212,3 +212,119 @@ def test_import_then_predict_on_a_phantom(imported, tmp_path):
         img = nib.load(outs[kind])
         assert img.shape == nib.load(s.image).shape
         np.testing.assert_allclose(img.affine, nib.load(s.image).affine)
+
+
+class _Reduce:
+    """Pickles as ``func(*args)`` (with ``state`` when given): a crafted plans.pkl."""
+
+    def __init__(self, func, args, state=None):
+        self.value = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.value
+
+
+def _bombs(folder: Path) -> dict[str, Path]:
+    """Small files that would allocate gigabytes through a permissive unpickler."""
+    import struct
+
+    from napari_pvs.nnunet import _numpy_core
+
+    rebuild = _numpy_core("multiarray")._reconstruct
+    docs = {
+        "list-range": pickle.dumps(_Reduce(list, (range(2**28),))),
+        "bytes": pickle.dumps(_Reduce(bytes, (2**33,))),
+        "memo-index": b"\x80\x04N" + b"r" + struct.pack("<I", 2**31 - 1) + b".",
+        "ndarray-call": pickle.dumps(_Reduce(np.ndarray, ((2**40,),))),
+        "reconstruct-shape": pickle.dumps(_Reduce(rebuild, (np.ndarray, (2**40,), b"b"))),
+        "array-state": pickle.dumps(_Reduce(rebuild, (np.ndarray, (0,), b"b"),
+                                            (1, (2**37,), np.dtype("f8"), False, b""))),
+        "dtype-subarray": pickle.dumps(_Reduce(np.dtype, (("f8", (2**24,)),))),
+    }
+    out = {}
+    for name, data in docs.items():
+        assert len(data) < 200, name  # each is tiny
+        out[name] = folder / f"{name}.pkl"
+        out[name].write_bytes(data)
+    return out
+
+
+_LOAD_EACH = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))  # a bomb fails, not the machine
+from napari_pvs._errors import PVSInputError
+from napari_pvs.nnunet import safe_load_pickle
+out = {}
+for path in sys.argv[1:]:
+    try:
+        safe_load_pickle(path)
+        out[path] = "loaded"
+    except PVSInputError as exc:
+        out[path] = "PVSInputError: " + str(exc)
+    except BaseException as exc:
+        out[path] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_restricted_unpickler_refuses_allocation_bombs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bombs = _bombs(tmp_path)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _LOAD_EACH, *map(str, bombs.values())],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    for name, path in bombs.items():
+        outcome = result[str(path)]
+        assert outcome.startswith("PVSInputError: ") and "\n" not in outcome, (name, outcome)
+        assert str(path) in outcome
+
+
+def test_restricted_unpickler_bounds_file_size_and_shared_references(tmp_path):
+    import time
+
+    big = tmp_path / "plans.pkl"
+    with open(big, "wb") as fh:  # sparse: no disk used
+        fh.write(pickle.dumps({"a": 1}))
+        fh.truncate(64 * 2**20)
+    with pytest.raises(PVSInputError, match="plans.pkl is 64 MB"):
+        safe_load_pickle(big)
+    # 2**60 paths through 60 levels of shared lists: loading visits each list once
+    shared: list = [np.arange(3)]
+    for _ in range(60):
+        shared = [shared, shared]
+    dag = tmp_path / "dag.pkl"
+    dag.write_bytes(pickle.dumps(shared))
+    t = time.perf_counter()
+    loaded = safe_load_pickle(dag)
+    assert time.perf_counter() - t < 5
+    inner = loaded
+    for _ in range(60):
+        assert inner[0] is inner[1]
+        inner = inner[0]
+    assert type(inner[0]) is np.ndarray and list(inner[0]) == [0, 1, 2]
+
+
+def test_plans_of_every_protocol_since_python_3_load(tmp_path):
+    plans = safe_load_pickle(TRAINER / "plans.pkl")
+    for protocol in (3, 4, 5):
+        path = tmp_path / f"plans{protocol}.pkl"
+        path.write_bytes(pickle.dumps(plans, protocol=protocol))
+        again = safe_load_pickle(path)
+        stage = again["plans_per_stage"][0]
+        assert type(stage["patch_size"]) is np.ndarray and list(stage["patch_size"]) == [128] * 3
+        assert again["normalization_schemes"] == OrderedDict([(0, "nonCT")])
+
+
+def test_import_nnunet_cli_with_a_bomb_fails_in_one_line(tmp_path):
+    from _helpers import assert_clean_failure, run_cli
+
+    folder = tmp_path / "nnUNetTrainerV2_MedNeXt_L_kernel5__nnUNetPlansv2.1"
+    shutil.copytree(TRAINER, folder)
+    (folder / "plans.pkl").write_bytes(pickle.dumps(_Reduce(list, (range(2**28),))))
+    rc, out, err = run_cli("model", "import-nnunet", folder, tmp_path / "out")
+    assert_clean_failure(rc, out, err, "plans.pkl", "builtins.list")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -71,20 +72,27 @@ def test_config_accepts_sane_settings():
     assert _cfg().validate() == _cfg()
 
 
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, cohort):
+    return _store(tmp_path_factory.mktemp("s") / "s.pvs.zarr", cohort)
+
+
 @pytest.mark.parametrize("args, needle", [
-    (["--iterations", "0"], "0"), (["--iterations", "-5"], "-5"), (["--patch", "7"], "7"),
-    (["--patch", "0"], "multiples of 16"), (["--lr", "inf"], "inf"), (["--lr", "nan"], "nan"),
-    (["--lr", "0"], "learning rate"), (["--epoch", "0"], "--epoch"),
-    (["--device", "bogus"], "bogus"), (["--device", "cuda"], "cuda"),
+    (["--iterations", "0"], "iterations (--iterations)"), (["--iterations", "-5"], "got -5"),
+    (["--patch", "7"], "got (7, 7, 7)"), (["--patch", "0"], "got (0, 0, 0)"),
+    (["--lr", "inf"], "got inf"), (["--lr", "nan"], "got nan"), (["--lr", "0"], "got 0.0"),
+    (["--epoch", "0"], "--epoch"), (["--device", "bogus"], "'bogus'"),
+    (["--device", "cuda"], "'cuda'"),
 ])
-def test_train_cli_bad_settings_fail_in_one_line(tmp_path, args, needle):
+def test_train_cli_bad_settings_fail_in_one_line(store_path, args, needle):
     if args == ["--device", "cuda"]:
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU: --device cuda is valid here")
-    rc, out, err = run_cli("train", "--store", tmp_path / "s.pvs.zarr", *args)
+    rc, out, err = run_cli("train", "--store", store_path, *args)
     assert_clean_failure(rc, out, err, needle)
+    assert CorrectionsStore.open(store_path).models.list() == []
 
 
 # ---------------------------------------------------------------- divergence
@@ -123,13 +131,17 @@ def test_a_commit_succeeds_while_train_runs(tmp_path, cohort):
     fixed = save_labels(tmp_path / "fixed.nii.gz", edited, labels)
     train = subprocess.Popen(
         [sys.executable, "-m", "napari_pvs.cli", "train", "--store", str(path), "--iterations",
-         "400", "--epoch", "400", "--patch", "32", "--lr", "3e-3", "--wait", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "40", "--epoch", "40", "--patch", "32", "--lr", "3e-3", "--wait", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         line = train.stdout.readline()  # "start: ...": training has opened the store
         assert line.startswith("start:"), line + train.stderr.read()
         t0 = time.monotonic()
+        with CorrectionsStore.open(path, writable=True, wait=0):  # the lock is free at once
+            assert train.poll() is None
         rc, out, err = run_cli("store", "commit", path, subject, fixed, "--author", "annotator")
+        seconds = time.monotonic() - t0
         still_training = train.poll() is None
         assert rc == 0, out + err
         assert still_training, "training ended before the commit: make the run longer"
@@ -139,7 +151,7 @@ def test_a_commit_succeeds_while_train_runs(tmp_path, cohort):
             train.kill()
     assert train.returncode == 0, err_train
     assert "done: mednext-" in out_train
-    print(f"commit during training took {time.monotonic() - t0:.1f} s")
+    print(f"commit during training took {seconds:.1f} s")
     with CorrectionsStore.open(path) as store:
         assert store.latest_version(subject) == 2
         assert len(store.models.list()) == 1
