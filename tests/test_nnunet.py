@@ -328,3 +328,14 @@ def test_import_nnunet_cli_with_a_bomb_fails_in_one_line(tmp_path):
     (folder / "plans.pkl").write_bytes(pickle.dumps(_Reduce(list, (range(2**28),))))
     rc, out, err = run_cli("model", "import-nnunet", folder, tmp_path / "out")
     assert_clean_failure(rc, out, err, "plans.pkl", "builtins.list")
+
+
+def test_a_fold_with_non_finite_weights_is_not_imported(tmp_path):
+    folder = tmp_path / TRAINER.name
+    shutil.copytree(TRAINER, folder)
+    ckpt = folder / "fold_1" / "model_final_checkpoint.model"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["state_dict"]["stem.weight"][0] = float("nan")
+    torch.save(saved, ckpt)
+    with pytest.raises(PVSInputError, match=r"fold_1/model_final_checkpoint\.model: 1 weight tensors hold NaN"):
+        import_nnunet(folder, tmp_path / "out")

@@ -319,10 +319,16 @@ def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -
         try:
             saved = torch.load(ckpt, map_location="cpu", weights_only=True)
             state = saved["state_dict"]
+            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+                raise TypeError("state_dict is not a mapping of tensors")
         except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError
             raise PVSInputError(f"{ckpt} cannot be read with weights_only=True "
                                 f"({type(exc).__name__}); it is truncated, corrupt or holds "
                                 "objects other than tensors") from None
+        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:
+            raise PVSInputError(f"{ckpt}: {len(broken)} weight tensors hold NaN or infinite values "
+                                f"(e.g. {broken[0]}); this fold is broken, import a good copy")
         arch = infer_architecture(state)
         known_hint = hint_variant in VARIANTS
         if (known_hint and hint_variant != arch["variant"]) or (
