@@ -337,5 +337,5 @@ def test_a_fold_with_non_finite_weights_is_not_imported(tmp_path):
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     saved["state_dict"]["stem.weight"][0] = float("nan")
     torch.save(saved, ckpt)
-    with pytest.raises(PVSInputError, match=r"fold_1/model_final_checkpoint\.model: 1 weight tensors hold NaN"):
+    with pytest.raises(PVSInputError, match=r"fold_1/model_final_checkpoint\.model: 1 weight"):
         import_nnunet(folder, tmp_path / "out")

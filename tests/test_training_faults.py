@@ -215,9 +215,9 @@ def test_train_cli_with_a_corrupt_state_fails_in_one_line(tmp_path, cohort):
 
 # ---------------------------------------------------------------- checkpoints
 def _xs_checkpoint(path):
-    from napari_pvs.model import arch_config, build_network, default_meta, save_checkpoint
-
     import torch
+
+    from napari_pvs.model import arch_config, build_network, default_meta, save_checkpoint
 
     torch.manual_seed(0)
     net = build_network(arch_config("XS", 3))
@@ -230,27 +230,34 @@ def _raw_checkpoint(path, meta_text: str):
     import torch
     from safetensors.torch import save_file
 
-    save_file({"stem.conv_out.weight": torch.zeros(1)}, str(path), metadata={"napari_pvs": meta_text})
+    save_file({"stem.conv_out.weight": torch.zeros(1)}, str(path),
+              metadata={"napari_pvs": meta_text})
     return path
 
 
-def test_load_checkpoint_refuses_non_finite_weights(tmp_path):
-    import torch
-    from safetensors.torch import save_file
+def _with_weights(src, dst, change):
+    """Copy checkpoint ``src`` to ``dst`` (same metadata) with ``change(state)`` applied."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
+    with safe_open(str(src), framework="pt") as fh:
+        metadata = fh.metadata()
+    state = load_file(str(src))
+    change(state)
+    save_file(state, str(dst), metadata=metadata)
+    return dst
+
+
+def test_load_checkpoint_refuses_non_finite_weights(tmp_path):
     from napari_pvs.model import load_checkpoint
 
     _, _, good = _xs_checkpoint(tmp_path / "good.safetensors")
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    with safe_open(str(good), framework="pt") as fh:
-        metadata = fh.metadata()
-    state = load_file(str(good))
-    key = sorted(state)[3]
-    state[key] = torch.full_like(state[key], float("nan"))
-    bad = tmp_path / "bad.safetensors"
-    save_file(state, str(bad), metadata=metadata)
+    def one_nan(state):
+        key = sorted(state)[3]
+        state[key] = state[key].clone().fill_(float("nan"))
+
+    bad = _with_weights(good, tmp_path / "bad.safetensors", one_nan)
     load_checkpoint(good)
     with pytest.raises(PVSInputError, match=r"bad\.safetensors.*NaN or infinite"):
         load_checkpoint(bad)
@@ -314,21 +321,18 @@ def test_work_grid_refuses_terabyte_grids():
 
 @pytest.mark.slow
 def test_predict_cli_with_bad_models_fails_in_one_line(tmp_path):
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     import nibabel as nib
 
     image = tmp_path / "sub-01_T2w.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(24, 24, 24)).astype(np.float32),
                              np.eye(4)), image)
     _, _, good = _xs_checkpoint(tmp_path / "good.safetensors")
-    with safe_open(str(good), framework="pt") as fh:
-        metadata = fh.metadata()
-    nan_weights = tmp_path / "nan.safetensors"
-    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(good)).items()},
-              str(nan_weights), metadata=metadata)
+
+    def all_nan(state):
+        for v in state.values():
+            v.fill_(float("nan"))
+
+    nan_weights = _with_weights(good, tmp_path / "nan.safetensors", all_nan)
     models = [nan_weights]
     for case in ("json-list", "deeply-nested", "n-channels-100000", "spacing-0", "spacing-0.001"):
         models.append(_raw_checkpoint(tmp_path / f"{case}.safetensors", BAD_META[case]))
@@ -337,7 +341,8 @@ def test_predict_cli_with_bad_models_fails_in_one_line(tmp_path):
     ens.write_text(json.dumps(["fold_0.safetensors"]))
     models.append(ens)
     for model in models:
-        rc, out, err = run_cli("predict", image, "-o", tmp_path / f"out-{model.stem}", "--model", model)
+        rc, out, err = run_cli("predict", image, "-o", tmp_path / f"out-{model.stem}",
+                               "--model", model)
         assert_clean_failure(rc, out, err, model.name)
 
 

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=N -m napari_pvs.training --store S.pvs.zarr --iterations 200
 
 Every process opens the store read-only; process 0 validates, checkpoints and takes
-the store's write lock only to register the model.  Each process prints the sha256 of its final weights, so one can
+the store's write lock only to register the model.  Each process prints the sha256 of
+its final weights, so one can
 check that data-parallel training kept them in sync.
 """
 

@@ -107,8 +107,9 @@ class FinetuneConfig:
                                 "use e.g. --lr 3e-4")
         for name in ("pos_fraction", "replay_fraction", "val_fraction"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v <= (0.9 if name == "val_fraction" else 1):
-                raise PVSInputError(f"{name} must lie in [0, 1] (val_fraction at most 0.9), got {v!r}")
+            top = 0.9 if name == "val_fraction" else 1
+            if not isinstance(v, (int, float)) or not 0 <= v <= top:
+                raise PVSInputError(f"{name} must lie in [0, {top}], got {v!r}")
         arch_config(self.variant, self.kernel_size)
         if self.target_spacing is not None:
             check_spacing(self.target_spacing, "target_spacing")

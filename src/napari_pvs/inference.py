@@ -93,7 +93,8 @@ def pick_device(preferred: str | None = None) -> str:
         if dev is None or dev.type not in ("cpu", "cuda", "mps"):
             raise PVSInputError(f"unknown device {preferred!r}; use cpu, cuda, cuda:N or mps")
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise PVSInputError(f"device {preferred!r} requested but CUDA is not available; use --device cpu")
+            raise PVSInputError(f"device {preferred!r} requested but CUDA is not available; "
+                                "use --device cpu")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise PVSInputError(f"device {preferred!r} does not exist: this machine has "
                                 f"{torch.cuda.device_count()} CUDA device(s)")
@@ -157,7 +158,8 @@ def work_grid(shape, spacing, target) -> tuple[int, ...]:
     spacing = np.asarray(spacing, dtype=float)
     target = np.broadcast_to(np.asarray(target, dtype=float), (3,))
     if not np.all(np.isfinite(target) & (target > 0)):
-        raise PVSInputError(f"invalid target spacing {tuple(target)}; it must be positive mm values")
+        raise PVSInputError(f"invalid target spacing {tuple(target)}; it must be positive mm "
+                            "values")
     if np.all(np.abs(target / spacing - 1) <= 0.01):
         out = tuple(int(n) for n in shape)
     else:
@@ -376,9 +378,9 @@ def predict_volume(
             xf = np.ascontiguousarray(np.flip(x, ax)) if axes else x
             logits = runner(xf)
             if not np.all(np.isfinite(logits)):
-                raise PVSInputError(f"model {meta.get('id') or '(unnamed)'} produced NaN or infinite "
-                                    "outputs; the model is broken (its training diverged?): predict "
-                                    "with another model")
+                raise PVSInputError(f"model {meta.get('id') or '(unnamed)'} produced NaN or "
+                                    "infinite outputs; the model is broken (its training "
+                                    "diverged?): predict with another model")
             p = _foreground(logits).astype(np.float64)
             if axes:
                 p = np.flip(p, tuple(a + 1 for a in axes))

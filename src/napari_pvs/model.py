@@ -94,7 +94,8 @@ def check_spacing(values, what: str = "target spacing") -> list[float]:
     except (TypeError, ValueError):
         out = []
     if len(out) != 3 or not all(lo <= v <= hi for v in out):  # NaN fails the comparison
-        raise PVSInputError(f"{what} must be 3 voxel sizes between {lo} and {hi} mm, got {values!r}")
+        raise PVSInputError(f"{what} must be 3 voxel sizes between {lo} and {hi} mm, "
+                            f"got {values!r}")
     return out
 
 
@@ -129,9 +130,11 @@ def check_meta(meta, source: str = "metadata") -> dict[str, Any]:
     for key, (lo, hi) in _ARCH_INTS.items():
         if not _whole(arch.get(key), lo, hi):
             raise PVSInputError(f"{source}: arch.{key} must be a whole number from {lo} to {hi}, "
-                                f"got {arch.get(key)!r}; the checkpoint is corrupt or not for napari-pvs")
+                                f"got {arch.get(key)!r}; the checkpoint is corrupt or not "
+                                "for napari-pvs")
     if arch.get("kernel_size") not in (3, 5, 7) or isinstance(arch.get("kernel_size"), bool):
-        raise PVSInputError(f"{source}: arch.kernel_size must be 3, 5 or 7, got {arch.get('kernel_size')!r}")
+        raise PVSInputError(f"{source}: arch.kernel_size must be 3, 5 or 7, "
+                            f"got {arch.get('kernel_size')!r}")
     for key, hi in (("exp_r", 16), ("block_counts", 64)):
         v = arch.get(key)
         if not isinstance(v, list) or len(v) != 9 or not all(_whole(e, 1, hi) for e in v):
@@ -418,7 +421,8 @@ def _load_single(path: str | os.PathLike[str], device: str = "cpu"):
                             "is truncated or corrupt") from None
     import torch
 
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    broken = [k for k, v in state.items()
+              if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         raise PVSInputError(f"{path}: {len(broken)} weight tensors hold NaN or infinite values "
                             f"(e.g. {broken[0]}); the model is broken (its training diverged?): "

@@ -141,7 +141,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only what nnU-Net v1 plans hold; the rest is refused.
 
     Allowed: ``collections.OrderedDict`` and numpy arrays (through ``_reconstruct`` or
-    ``_frombuffer``, up to ``MAX_ARRAY_BYTES``), dtypes and scalars.  No builtin callable is allowed.
+    ``_frombuffer``, up to ``MAX_ARRAY_BYTES``), dtypes and scalars.  No builtin
+    callable is allowed.
 
     Parameters
     ----------
@@ -193,8 +194,9 @@ def safe_load_pickle(path: str | os.PathLike[str]) -> Any:
         raise PVSInputError(f"{path} does not exist")
     size = path.stat().st_size
     if size > MAX_PICKLE_BYTES:
-        raise PVSInputError(f"{path} is {size / 2**20:.0f} MB; nnU-Net plans are far smaller (limit "
-                            f"{MAX_PICKLE_BYTES // 2**20} MB): is it the plans.pkl of the release?")
+        raise PVSInputError(f"{path} is {size / 2**20:.0f} MB; nnU-Net plans are far smaller "
+                            f"(limit {MAX_PICKLE_BYTES // 2**20} MB): is it the plans.pkl of the "
+                            "release?")
     data = path.read_bytes()
     try:
         _scan(data, str(path))
@@ -325,7 +327,8 @@ def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -
             raise PVSInputError(f"{ckpt} cannot be read with weights_only=True "
                                 f"({type(exc).__name__}); it is truncated, corrupt or holds "
                                 "objects other than tensors") from None
-        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        broken = [k for k, v in state.items()
+                  if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if broken:
             raise PVSInputError(f"{ckpt}: {len(broken)} weight tensors hold NaN or infinite values "
                                 f"(e.g. {broken[0]}); this fold is broken, import a good copy")
@@ -392,8 +395,8 @@ def load_ensemble(path: str | os.PathLike[str]) -> list[Path]:
             raise PVSInputError(f"{path}: member {str(m)[:80]!r} is not a .safetensors file name")
         member = (path.parent / m).resolve()
         if Path(m).is_absolute() or member.parent != folder:
-            raise PVSInputError(f"{path}: member {m!r} lies outside the ensemble's folder {folder}; "
-                                "members must be files beside ensemble.json")
+            raise PVSInputError(f"{path}: member {m!r} lies outside the ensemble's folder "
+                                f"{folder}; members must be files beside ensemble.json")
         out.append(path.parent / m)
     missing = [m.name for m in out if not m.is_file()]
     if missing:
