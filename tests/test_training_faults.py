@@ -82,7 +82,7 @@ def store_path(tmp_path_factory, cohort):
     (["--patch", "7"], "got (7, 7, 7)"), (["--patch", "0"], "got (0, 0, 0)"),
     (["--lr", "inf"], "got inf"), (["--lr", "nan"], "got nan"), (["--lr", "0"], "got 0.0"),
     (["--epoch", "0"], "--epoch"), (["--device", "bogus"], "'bogus'"),
-    (["--device", "cuda"], "'cuda'"),
+    (["--device", "cuda"], "'cuda'"), (["--wait", "nan"], "nan"), (["--wait", "-1"], "-1"),
 ])
 def test_train_cli_bad_settings_fail_in_one_line(store_path, args, needle):
     if args == ["--device", "cuda"]:

@@ -256,7 +256,10 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
     split (cross-validation folds); otherwise ``val_fraction`` of the corrected subjects
     are held out, seeded.
     """
+    from napari_pvs._store_checks import check_wait
+
     cfg = (config or FinetuneConfig()).validate()
+    wait = check_wait(wait)  # now, not when registering after the whole run
     work = Path(work_dir) if work_dir else store.path / "training" / "current"
     try:
         work.mkdir(parents=True, exist_ok=True)
