@@ -7,6 +7,9 @@
    memory, then sliced), vs ``np.load(mmap_mode="r")`` slices.  Target >= 200/s.
 3. Store size of the sparse label version as a fraction of the raw 16 MiB.
    Target <= 5 %.
+4. The price of integrity: a checked read of the subject (``read_image`` +
+   ``read_labels``: decode, then compare the SHA-256 recorded at write time) vs a plain
+   decode of the same zarr arrays.  Target: the check adds <= 50 %.
 
 Run:  python benchmarks/bench_store.py
 """
@@ -98,6 +101,19 @@ def main() -> None:
               f"{cached:.0f}/s after decoding the subject once in {decode:.2f} s (target >= 200/s: "
               f"{'met' if cached >= 200 else 'MISSED'}); np.load mmap {mm:.0f}/s; "
               f"ratio cached/mmap {cached / mm:.2f}x")
+
+        t_plain, t_checked = [], []
+        for _ in range(3):
+            t = time.perf_counter()
+            np.asarray(img_z[...]), np.asarray(lab_z[...])
+            t_plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            store.read_image("s1"), store.read_labels("s1")
+            t_checked.append(time.perf_counter() - t)
+        plain, checked = float(np.median(t_plain)), float(np.median(t_checked))
+        print(f"read a subject ({N}^3 float32 image + uint8 labels): checked {checked:.3f} s, plain "
+              f"zarr decode {plain:.3f} s, ratio {checked / plain:.2f}x (target <= 1.5x: "
+              f"{'met' if checked <= 1.5 * plain else 'MISSED'})")
         store.close()
 
 

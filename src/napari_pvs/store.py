@@ -476,9 +476,10 @@ class CorrectionsStore:
                                 f"that is not subject {subject!r}'s ({info['image_sha256'][:12]}...)")
         if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
             raise PVSInputError(f"labels must be integers, got {labels.dtype}")
-        if labels.size and (labels.min() < 0 or labels.max() > 255):
+        if labels.dtype not in (np.uint8, np.bool_) and labels.size and (
+                labels.min() < 0 or labels.max() > 255):
             raise PVSInputError("label values must lie in 0..255")
-        return labels.astype(np.uint8)
+        return labels.astype(np.uint8, copy=False)
 
     @staticmethod
     def _version_attrs(number, parent, author, source, summary, labels) -> dict[str, Any]:
@@ -502,13 +503,15 @@ class CorrectionsStore:
         info = self.info(subject)
         labels = self._check_labels(subject, info, labels, affine, image_sha256)
         parent = info["latest"]
-        diff = {"voxels_painted": int(labels.astype(bool).sum()), "voxels_erased": 0}
+        diff = {"voxels_painted": int(np.count_nonzero(labels)), "voxels_erased": 0}
         if parent is not None:
             try:
-                old = self.read_labels(subject, parent) > 0
-                new = labels > 0
-                diff = {"voxels_painted": int((new & ~old).sum()),
-                        "voxels_erased": int((old & ~new).sum())}
+                old = self.read_labels(subject, parent) != 0
+                new = labels != 0
+                changed = old ^ new
+                painted = int(np.count_nonzero(changed & new))
+                diff = {"voxels_painted": painted,
+                        "voxels_erased": int(np.count_nonzero(changed)) - painted}
             except StoreCorruptError as exc:  # a new version is how damage gets repaired
                 diff = {"voxels_painted": diff["voxels_painted"], "voxels_erased": None,
                         "parent_damaged": exc.detail}
