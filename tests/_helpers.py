@@ -82,11 +82,15 @@ def run_cli(*args: str, tty: bool = False, timeout: float = 600, cwd=None, env=N
 
 
 def assert_clean_failure(rc: int, out: str, err: str, *needles: str) -> None:
-    """A bad input: non-zero exit, no traceback, one ``napari-pvs: error:`` line naming ``needles``."""
+    """A bad input: non-zero exit, no traceback, one ``napari-pvs[ SUBCOMMAND]: error:`` line
+    naming ``needles``."""
     text = out + err
     assert rc != 0, f"expected failure, got exit 0:\n{text}"
     assert "Traceback" not in text, text
-    lines = [line for line in text.splitlines() if line.startswith("napari-pvs: error:")]
+    import re
+
+    # ours ("napari-pvs: error: ...") or argparse's ("napari-pvs predict: error: argument ...")
+    lines = [line for line in text.splitlines() if re.match(r"napari-pvs( [a-z-]+)*: error: ", line)]
     assert lines, f"no 'napari-pvs: error:' line in:\n{text}"
     for needle in needles:
         assert needle in lines[-1], f"{needle!r} not in {lines[-1]!r}"

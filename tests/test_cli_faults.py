@@ -160,6 +160,16 @@ CASES = [
     ("phantom-os-error", lambda t: ["phantom", "/proc/napari-pvs-faults/x", "--sites", "1",
                                     "--per-site", "1", "--size-mm", "32"],
      "/proc/napari-pvs-faults"),
+    # option values out of range are refused by the parser, before any work
+    ("predict-tta-0", lambda t: ["predict", _img(t), "--tta", "0", "-o", t / "o"], "--tta"),
+    ("predict-tta-99", lambda t: ["predict", _img(t), "--tta", "99", "-o", t / "o"], "99"),
+    ("predict-overlap-1.5", lambda t: ["predict", _img(t), "--overlap", "1.5", "-o", t / "o"],
+     "1.5"),
+    ("predict-overlap-nan", lambda t: ["predict", _img(t), "--overlap", "nan", "-o", t / "o"],
+     "nan"),
+    ("phantom-size-nan", lambda t: ["phantom", t / "o", "--size-mm", "nan"], "--size-mm"),
+    ("phantom-size-huge", lambda t: ["phantom", t / "o", "--size-mm", "1e6"], "1e6"),
+    ("model-ls-missing", lambda t: ["model", "ls", t / "nope"], "nope"),
 ]
 
 

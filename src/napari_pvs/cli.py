@@ -174,6 +174,9 @@ def _cmd_model(args: argparse.Namespace) -> int:
         print(f"{ens}: ensemble of {len(load_ensemble(ens))} folds; use it with "
               f"`napari-pvs predict IMAGE -o OUT --model {ens}`")
     elif args.model_command == "ls":
+        if not Path(args.folder).is_dir():
+            raise PVSInputError(f"{args.folder} is not a folder; pass a model registry folder "
+                                "(e.g. STORE.pvs.zarr/models) or the output folder of import-nnunet")
         models = M.ModelRegistry(args.folder).list()
         if not models:
             print(f"no models in {args.folder}")
@@ -257,6 +260,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind, lo: float, hi: float, *, hi_open: bool = False, what: str = "a number"):
+    """An argparse ``type``: ``kind`` (int or float) within [lo, hi] (or [lo, hi)), finite."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        inside = lo <= value < hi if hi_open else lo <= value <= hi
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: use {what} from {lo:g} to {hi:g}"
+                f"{' (exclusive)' if hi_open else ''}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="napari-pvs", description="PVS segmentation in brain MRI")
     ap.add_argument("--version", action="version", version=f"napari-pvs {__version__}")
@@ -267,7 +288,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--per-site", type=int, default=per_site, help="subjects per site")
         p.add_argument("--modality", choices=("T2w", "T1w"), default="T2w")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--size-mm", type=float, default=size_mm,
+        p.add_argument("--size-mm", type=_number(float, 32, 320, what="a field of view in mm"),
+                       default=size_mm,
                        help="field of view in mm (the anatomy scales with it)")
 
     p = sub.add_parser("demo", help="main job: phantom cohort -> baseline -> Dice per subject")
@@ -293,12 +315,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("T2w", "T1w"),
                    help="contrast (default: from the BIDS suffix of the file name, else T2w)")
     p.add_argument("--volume", type=int, help="volume index for 4D files")
-    p.add_argument("--tta", type=int, default=None,
+    p.add_argument("--tta", type=_number(int, 1, 8, what="a count of mirror variants"), default=None,
                    help="mirror TTA variants, 1-8 (MedNeXt only; default: the model's, else 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
                    help="window runner on CPU (default: the fastest installed)")
-    p.add_argument("--overlap", type=float, default=None,
+    p.add_argument("--overlap", type=_number(float, 0, 1, hi_open=True, what="a fraction"),
+                   default=None,
                    help="sliding-window overlap in [0, 1) (default: the model's, else 0.5)")
     p.set_defaults(func=_cmd_predict)
 
