@@ -118,8 +118,17 @@ def test_a_non_finite_loss_stops_the_run_in_process(tmp_path, cohort):
 
 
 # ---------------------------------------------------------------- lock-free training
+_LONG_RUNS = {  # (argv after the store, the first stdout line once the store is open)
+    "train": (["train", "--iterations", "40", "--epoch", "40", "--patch", "32", "--lr", "3e-3",
+               "--wait", "60"], "start:"),
+    "evaluate": (["evaluate", "--scheme", "kfold:2", "--iterations", "20", "--patch", "32",
+                  "--batch-size", "1", "--wait", "60"], "kfold:2: 2 folds"),
+}
+
+
 @pytest.mark.slow
-def test_a_commit_succeeds_while_train_runs(tmp_path, cohort):
+@pytest.mark.parametrize("command", sorted(_LONG_RUNS))
+def test_a_commit_succeeds_while_train_runs(tmp_path, cohort, command):
     from napari_pvs.io import load_volume, save_labels
 
     path = _store(tmp_path / "s.pvs.zarr", cohort)
@@ -129,14 +138,14 @@ def test_a_commit_succeeds_while_train_runs(tmp_path, cohort):
     centre = tuple(n // 2 for n in edited.shape)
     edited[centre] = 1 - edited[centre]
     fixed = save_labels(tmp_path / "fixed.nii.gz", edited, labels)
+    argv, first = _LONG_RUNS[command]
     train = subprocess.Popen(
-        [sys.executable, "-m", "napari_pvs.cli", "train", "--store", str(path), "--iterations",
-         "40", "--epoch", "40", "--patch", "32", "--lr", "3e-3", "--wait", "60"],
+        [sys.executable, "-m", "napari_pvs.cli", argv[0], "--store", str(path), *argv[1:]],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        line = train.stdout.readline()  # "start: ...": training has opened the store
-        assert line.startswith("start:"), line + train.stderr.read()
+        line = train.stdout.readline()  # the run has opened the store and read its versions
+        assert line.startswith(first), line + train.stderr.read()
         t0 = time.monotonic()
         with CorrectionsStore.open(path, writable=True, wait=0):  # the lock is free at once
             assert train.poll() is None
@@ -150,11 +159,11 @@ def test_a_commit_succeeds_while_train_runs(tmp_path, cohort):
         if train.poll() is None:
             train.kill()
     assert train.returncode == 0, err_train
-    assert "done: mednext-" in out_train
-    print(f"commit during training took {seconds:.1f} s")
+    assert "done: mednext-" in out_train or "results:" in out_train
+    print(f"commit during {command} took {seconds:.1f} s")
     with CorrectionsStore.open(path) as store:
         assert store.latest_version(subject) == 2
-        assert len(store.models.list()) == 1
+        assert len(store.models.list()) == (1 if command == "train" else 2)  # one per fold
 
 
 def test_resume_after_a_finished_run_registers_no_duplicate(tmp_path, cohort):

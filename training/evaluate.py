@@ -230,14 +230,16 @@ def _score_subject(store, sid: str, version: int, net, meta, *, cache_key, backe
 
 def evaluate(store, scheme: str, *, config: FinetuneConfig, out_dir: str | os.PathLike[str],
              seed: int = 12345, init=None, backend: str = "auto",
-             cancel: threading.Event | None = None):
+             cancel: threading.Event | None = None, wait: float = 30.0):
     """Cross-validate fine-tuning on the store's corrections; a generator.
 
     Parameters
     ----------
     store : CorrectionsStore
-        Opened writable: the fold models are registered in it and the splits are
-        saved under ``store.path / "splits"``.
+        Opened read-only (or writable): the label versions are read without the write
+        lock, which is taken (waiting up to ``wait`` seconds) only to register each fold's
+        model, so corrections can be saved while an evaluation runs.  The splits are
+        saved under ``store.path / "splits"`` (atomically).
     scheme : str
         ``"kfold:K"`` or ``"losocv"``.
     config : FinetuneConfig
@@ -255,6 +257,8 @@ def evaluate(store, scheme: str, *, config: FinetuneConfig, out_dir: str | os.Pa
         installed, else torch).
     cancel : threading.Event, optional
         Stops training or prediction when set.
+    wait : float
+        Seconds to wait for the store's write lock when registering a fold's model.
 
     Yields
     ------
@@ -304,7 +308,7 @@ def evaluate(store, scheme: str, *, config: FinetuneConfig, out_dir: str | os.Pa
                             f"subjects, holding out {len(f['val'])}")
         _seed_torch(config.seed)  # finetune builds a new network before it seeds torch
         gen = finetune(store, init=init, config=config, work_dir=out / f"fold_{i}" / "work",
-                       cancel=cancel, train_subjects=f["train"], val_subjects=[])
+                       cancel=cancel, train_subjects=f["train"], val_subjects=[], wait=wait)
         model_id = yield from _relay(gen, lambda ev, i=i, base=done: EvaluateEvent(
             "train", i, n, base + ev.iteration, total, ev.message, train=ev))
         done += config.iterations
@@ -469,11 +473,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size,
                          iterations_per_epoch=max(1, min(50, args.iterations)),
                          device=args.device or "cpu")
-    with CorrectionsStore.open(args.store, writable=True, wait=args.wait) as store:
+    with CorrectionsStore.open(args.store) as store:  # read-only: annotators keep saving
         out = Path(args.out) if args.out else (
             store.path / "evaluation" / scheme_name(args.scheme, args.seed))
         report = run(evaluate(store, args.scheme, config=cfg, out_dir=out, seed=args.seed,
-                              init=args.init, backend=args.backend), _print_event)
+                              init=args.init, backend=args.backend, wait=args.wait),
+                     _print_event)
     print(f"\n{report.markdown}")
     print(f"results: {report.results_csv}\nsummary: {report.summary_md}\n"
           f"plot:    {report.boxplot_png}")
@@ -499,6 +504,8 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="training / prediction device (default cpu)")
     p.add_argument("--backend", default="auto", help="prediction backend",
                    choices=("auto", "torch", "onnxruntime", "openvino"))
-    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the store lock")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="seconds to wait for the store's write lock when registering a fold's "
+                        "model (the evaluation itself never holds it)")
     p.set_defaults(func=_cmd_evaluate)
     return p

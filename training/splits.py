@@ -84,7 +84,7 @@ def load_or_create_splits(path: str | os.PathLike[str], make) -> list[Split]:
         return splits
     splits = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two runs never share a temp file
     tmp.write_text(json.dumps(splits, indent=1))
     os.replace(tmp, path)
     return splits
