@@ -260,38 +260,3 @@ def test_napari_paint_events_protect_painted_voxels():
     s.undo()  # rejected again
     s.accept(blob)  # restores what the rejection erased, not the painted voxels
     assert lab[10:13, 10:13, 10:13].sum() == 25 and lab[11, 11, 11] == 0 and lab[12, 12, 12] == 0
-
-
-def test_paint_undone_in_napari_gives_its_voxels_back_to_the_decisions():
-    """Ctrl-Z in the Labels layer writes back the values from before a stroke without any
-    event; the session must not keep protecting (or losing) those voxels."""
-    from napari.layers import Labels
-
-    from napari_pvs.review import painted_voxels
-
-    lab = _labels()
-    before = lab.copy()
-    s = ReviewSession(lab)
-    layer = Labels(lab)
-    layer.events.paint.connect(lambda e: s.record_paint(*painted_voxels(e.value, lab.shape)))
-    layer.brush_size = 1
-    blob = _ids(s)[27]
-    s.reject(blob)
-    layer.paint((11, 11, 11), 1, refresh=False)  # paints one voxel of the rejected blob back
-    s.accept(blob)  # the painted voxel keeps its paint, the rest comes back
-    layer.undo()  # napari puts back the 0 the rejection had left there
-    assert lab[11, 11, 11] == 0
-    assert s.summary()["voxels_painted_manually"] == 0  # the session sees the undone stroke
-    np.testing.assert_array_equal(lab, before)  # the accepted blob is whole again
-
-    s.reject(blob)
-    layer.paint((11, 11, 11), 2, refresh=False)  # two strokes on one voxel
-    layer.paint((11, 11, 11), 3, refresh=False)
-    layer.undo()  # only the second is undone: the first still wins over the decisions
-    s.accept(blob)
-    assert lab[11, 11, 11] == 2 and s.summary()["voxels_painted_manually"] == 1
-    layer.undo()  # and now the first
-    s.undo()  # rejected again: the voxel is no longer painted, so it is erased too
-    assert lab[10:13, 10:13, 10:13].sum() == 0
-    s.undo()  # unreviewed: everything as it was
-    np.testing.assert_array_equal(lab, before)

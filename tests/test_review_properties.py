@@ -1,12 +1,9 @@
 """Property test of ReviewSession: no sequence of decisions, undos and paints loses labels.
 
-For random small label maps and random sequences of accept, reject, undo, paint,
-napari's own undo of the last paint stroke (Ctrl-Z in the Labels layer, which writes
-back the values from before the stroke without telling anyone) and next, after every
-step (once the session has been asked for its summary, as the widget does) the labels
-equal the model of :mod:`napari_pvs.review` (the original, minus the clusters
-currently rejected, plus the paint strokes still in effect, last paint wins), and the
-summary counters agree with the labels and the decisions.  The
+For random small label maps and random sequences of accept, reject, undo, paint and
+next, after every step the labels equal the model of :mod:`napari_pvs.review`
+(the original, minus the clusters currently rejected, plus the painted voxels, last
+paint wins), and the summary counters agree with the labels and the decisions.  The
 oracle below is written from that model alone: it never looks at how the session
 stores its state.
 """
@@ -20,7 +17,7 @@ from hypothesis import strategies as st
 
 from napari_pvs.review import ReviewSession
 
-OPS = ("accept", "reject", "undo", "paint", "napari-undo", "next")
+OPS = ("accept", "reject", "undo", "paint", "next")
 
 
 @st.composite
@@ -43,16 +40,8 @@ class Oracle:
         self.clusters = clusters.reshape(-1)
         self.decisions: dict[int, str] = {}
         self.stack: list[tuple[int, str | None]] = []
-        self.strokes: list[tuple[np.ndarray, int]] = []  # paint strokes in effect, oldest first
+        self.painted: dict[int, int] = {}  # flat index -> last painted value
         self.events = 0
-
-    @property
-    def painted(self) -> dict[int, int]:
-        """Flat index -> last painted value, over the strokes still in effect."""
-        out: dict[int, int] = {}
-        for idx, value in self.strokes:
-            out.update(dict.fromkeys(idx.tolist(), value))
-        return out
 
     def decide(self, cid: int, kind: str) -> bool:
         previous = self.decisions.get(cid)
@@ -95,12 +84,12 @@ class Oracle:
 
 
 def check(s: ReviewSession, oracle: Oracle, lab: np.ndarray, step) -> None:
-    sm = s.summary()  # any call lets the session see strokes undone in napari
     flat = lab.reshape(-1)
     want = oracle.labels()
     bad = np.flatnonzero(flat != want)
     assert not len(bad), f"after {step}: {len(bad)} voxels differ from the model, e.g. {bad[:5]}"
     assert s.decisions == oracle.decisions, step
+    sm = s.summary()
     kinds = list(oracle.decisions.values())
     assert sm["clusters_accepted"] == kinds.count("accepted"), step
     assert sm["clusters_rejected"] == kinds.count("rejected"), step
@@ -126,7 +115,6 @@ def test_review_sequences_never_lose_labels(lab, data):
     check(s, oracle, lab, "start")
     order = s.order("voxels")
     current = None
-    napari_history: list[tuple[np.ndarray, np.ndarray]] = []  # the Labels layer's undo stack
     for _ in range(data.draw(st.integers(1, 30), label="steps")):
         op = data.draw(st.sampled_from(OPS), label="op")
         if op in ("accept", "reject"):
@@ -145,25 +133,15 @@ def test_review_sequences_never_lose_labels(lab, data):
             idx = np.unique(data.draw(voxels, label="voxels"))
             flat = lab.reshape(-1)
             idx = idx[flat[idx] != value]
-            before = flat[idx].copy()
             flat[idx] = value
             if data.draw(st.booleans(), label="multi-index"):
                 event = s.record_paint(np.unravel_index(idx, lab.shape), value)
             else:
                 event = s.record_paint(idx, value)
             assert (event is not None) == bool(len(idx))
-            if len(idx):
-                oracle.strokes.append((idx, value))
-                napari_history.append((idx, before))
+            oracle.painted.update(dict.fromkeys(idx.tolist(), value))
             oracle.events += bool(len(idx))
             step = ("paint", idx.tolist(), value)
-        elif op == "napari-undo":
-            # Ctrl-Z in the Labels layer: the values from before the last stroke come back
-            if napari_history:
-                idx, before = napari_history.pop()
-                lab.reshape(-1)[idx] = before
-                oracle.strokes.pop()
-            step = ("napari-undo",)
         else:
             current = s.next_unreviewed(order, after=current)
             unreviewed = [c for c in order if c not in oracle.decisions]

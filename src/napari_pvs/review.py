@@ -37,15 +37,6 @@ started)::
 So accepting a rejected cluster, or undoing its rejection, restores the voxels the
 rejection erased except those painted since; rejecting never erases a painted voxel.
 
-napari's own undo of a paint stroke (Ctrl-Z in the Labels layer) writes the values
-from before the stroke back into the array without any event.  The session keeps its
-paint strokes on a stack, with the values each one wrote; before every decision, undo,
-paint and summary it checks the newest stroke, and when the labels no longer hold what
-that stroke wrote, the stroke was undone: it is dropped, and its voxels get the value
-the model gives without it (an earlier stroke's value, 0 in a rejected cluster, or the
-original).  Undoing strokes in napari therefore never leaves voxels that a decision
-should have restored.
-
 The counters of :meth:`ReviewSession.summary` follow the labels: ``clusters_accepted``
 and ``clusters_rejected`` count the clusters in each state; ``voxels_rejected`` counts
 the voxels that are 0 because their cluster is rejected (its unpainted voxels);
@@ -188,11 +179,6 @@ class ReviewSession:
         self._erased_values = np.zeros(len(self._voxels), labels.dtype)
         self._painted_mask = np.zeros(labels.size, bool)  # flat: painted in this session
         self._painted_idx = np.zeros(0, np.int64)  # the same, as sorted flat indices
-        # paint strokes, oldest first: (sorted flat indices, the values it wrote or None)
-        self._strokes: list[tuple[np.ndarray, np.ndarray | None]] = []
-        # cluster id * size + flat index of every cluster voxel, ascending (position lookup)
-        self._keys = self.clusters.reshape(-1)[self._voxels].astype(np.int64) * labels.size \
-            + self._voxels
         self._painted_count_only = 0  # voxels reported by count only (cannot be located)
         self.dirty = False
 
@@ -252,10 +238,7 @@ class ReviewSession:
         return order[(start + step) % n]
 
     def summary(self) -> dict[str, int]:
-        """Counts for the edit summary of a saved version (see the module docstring).
-
-        Paint strokes undone in napari since the last call are applied first."""
-        self._sync_paint()
+        """Counts for the edit summary of a saved version (see the module docstring)."""
         kinds = list(self.decisions.values())
         erased = self._erased & ~self._painted_mask[self._voxels]
         return {"clusters": self.n, "clusters_reviewed": self.reviewed,
@@ -298,7 +281,6 @@ class ReviewSession:
 
     def _decide(self, cid: int, kind: str) -> dict[str, Any] | None:
         self._check(cid)
-        self._sync_paint()
         previous = self.decisions.get(cid)
         if previous == kind:
             return None
@@ -342,17 +324,13 @@ class ReviewSession:
         """Revert the last decision: the cluster's previous state, and the voxels that
         decision erased (or restored) restored (or erased again), except those painted
         since.  Returns its cluster id, or None when there is nothing to undo."""
-        self._sync_paint()
         if not self._history:
             return None
         step = self._history.pop()
-        # the whole cluster, not only what the step wrote: a stroke undone in napari since
-        # may have put more of its voxels under the decision
-        pos = self._positions(step.cluster)
         if step.kind == "rejected":
-            self._restore(pos)
-        elif step.previous == "rejected":  # the accept had restored a rejection
-            self._erase(pos)
+            self._restore(step.voxels)
+        else:
+            self._erase(step.voxels)  # empty unless the accept had restored a rejection
         if step.previous is None:
             self.decisions.pop(step.cluster, None)
         else:
@@ -400,67 +378,11 @@ class ReviewSession:
             idx = np.unique(idx.astype(np.int64))
             n = len(idx)
             if n:
-                # napari reports a stroke before it writes it: drop strokes undone before it
-                self._sync_paint(skip=idx)
-                # what the stroke writes; unknown for a stroke of several values, which is
-                # then taken to stay in effect (its undo in napari cannot be told)
-                values = None if value is None else np.full(n, value, self.labels.dtype)
-                self._strokes.append((idx, values))
                 self._painted_mask[idx] = True
                 self._painted_idx = np.union1d(self._painted_idx, idx)
         if not n:
             return None
         return self._event("paint", voxels=n, value=None if value is None else int(value))
-
-    def _sync_paint(self, skip: np.ndarray | None = None) -> None:
-        """Drop the newest paint strokes that napari has undone (the labels no longer hold
-        what they wrote) and give their voxels the model's value without them.
-
-        ``skip``: voxels of a stroke being recorded now, which overwrote the older
-        strokes' values there; they are not compared."""
-        while self._strokes:
-            idx, values = self._strokes[-1]
-            if values is None:
-                return
-            now = np.asarray(self._flat[idx])
-            same = now == values
-            if skip is not None and len(skip):
-                same |= np.isin(idx, skip, assume_unique=True)
-            if same.all():
-                return
-            self._strokes.pop()
-            self._unpaint(idx)
-
-    def _unpaint(self, idx: np.ndarray) -> None:
-        """Voxels ``idx`` lose the paint of a dropped stroke: each takes the value of the
-        newest remaining stroke that painted it, else the decisions' value."""
-        painted = np.concatenate([i for i, _ in self._strokes]) if self._strokes else \
-            np.zeros(0, np.int64)
-        self._painted_idx = np.unique(painted)
-        self._painted_mask[idx] = False
-        self._painted_mask[self._painted_idx] = True
-        value = np.zeros(len(idx), self.labels.dtype)
-        left = np.ones(len(idx), bool)
-        for sidx, svals in reversed(self._strokes):  # newest stroke first
-            where = np.searchsorted(sidx, idx).clip(max=len(sidx) - 1)
-            hit = left & (sidx[where] == idx)
-            value[hit] = self._flat[idx[hit]] if svals is None else svals[where[hit]]
-            left &= ~hit
-        free = idx[left]  # painted by no remaining stroke: back under the decisions
-        cid = self.clusters.reshape(-1)[free]
-        rejected = np.zeros(self.n + 1, bool)
-        rejected[[c for c, k in self.decisions.items() if k == "rejected"]] = True
-        gone = rejected[cid]
-        fv = self._original.reshape(-1)[free]
-        if gone.any():
-            pos = np.searchsorted(self._keys, cid[gone].astype(np.int64) * self.labels.size
-                                  + free[gone])
-            fresh = ~self._erased[pos]
-            self._erased_values[pos[fresh]] = fv[gone][fresh]
-            self._erased[pos] = True
-            fv[gone] = 0
-        value[left] = fv
-        self._flat[idx] = value
 
     # ------------------------------------------------------------------ saving
     def save(self, store, subject: str, *, author: str, image_sha256: str | None = None,
