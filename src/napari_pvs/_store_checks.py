@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
+from ._nifti_checks import one_line
 
 __all__ = ["StoreCorruptError", "StoreLockedError", "StoreWarning", "StoreWriteError",
            "check_site", "check_subject_id", "check_wait", "open_array", "read_verified"]
@@ -85,12 +86,6 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
 
 
-def _one_line(exc: BaseException) -> str:
-    from ._nifti_checks import one_line
-
-    return one_line(exc)
-
-
 def open_array(store: Path, path: Path, where: str, remedy: str | None = None):
     """The zarr array at ``path`` (read-only); :class:`StoreCorruptError` if its metadata
     is missing or unreadable."""
@@ -102,7 +97,7 @@ def open_array(store: Path, path: Path, where: str, remedy: str | None = None):
     try:
         return zarr.open_array(str(path), mode="r")
     except Exception as exc:
-        raise StoreCorruptError(store, where, f"unreadable metadata: {_one_line(exc)}",
+        raise StoreCorruptError(store, where, f"unreadable metadata: {one_line(exc)}",
                                 remedy) from None
 
 
@@ -115,7 +110,7 @@ def read_verified(store: Path, path: Path, where: str, remedy: str | None = None
     except MemoryError:
         raise
     except Exception as exc:  # numcodecs / zarr decode errors of a truncated or garbled chunk
-        raise StoreCorruptError(store, where, f"a chunk cannot be decoded: {_one_line(exc)}",
+        raise StoreCorruptError(store, where, f"a chunk cannot be decoded: {one_line(exc)}",
                                 remedy) from None
     if recorded is not None and _sha256(data) != recorded:
         raise StoreCorruptError(store, where, "its content does not match the checksum recorded "

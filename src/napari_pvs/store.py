@@ -86,8 +86,9 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
+from ._nifti_checks import one_line
 from ._store_checks import (_CHUNKS, _ID, _RESTORE, StoreCorruptError, StoreLockedError,
-                            StoreWarning, StoreWriteError, _fsync_dir, _one_line, _sha256,
+                            StoreWarning, StoreWriteError, _fsync_dir, _sha256,
                             _write_labels, check_site, check_subject_id, check_wait, open_array,
                             read_verified)
 
@@ -134,7 +135,7 @@ class CorrectionsStore:
             self.root = zarr.open_group(str(self.path), mode="r+" if writable else "r")
             info = dict(self.root.attrs).get("napari_pvs", {})
         except Exception as exc:  # zarr raises several error types for broken metadata
-            raise PVSInputError(f"{self.path}: cannot open the zarr store ({_one_line(exc)}); "
+            raise PVSInputError(f"{self.path}: cannot open the zarr store ({one_line(exc)}); "
                                 f"{_RESTORE}") from None
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise PVSInputError(f"{self.path} is a zarr store but not a napari-pvs store")
@@ -168,7 +169,7 @@ class CorrectionsStore:
             (path / "models").mkdir(exist_ok=True)
             (path / "events.jsonl").touch()
         except OSError as exc:
-            raise StoreWriteError(f"cannot create the store {path} ({_one_line(exc)})") from None
+            raise StoreWriteError(f"cannot create the store {path} ({one_line(exc)})") from None
         return cls(path, writable=True, wait=0.0)
 
     @classmethod
@@ -235,7 +236,7 @@ class CorrectionsStore:
             if raw and not raw.endswith(b"\n"):
                 os.truncate(log, raw.rfind(b"\n") + 1)
         except OSError as exc:
-            warnings.warn(f"{log}: cannot remove a torn last line ({_one_line(exc)})", StoreWarning,
+            warnings.warn(f"{log}: cannot remove a torn last line ({one_line(exc)})", StoreWarning,
                           stacklevel=3)
         for sid in self.subjects():
             try:
@@ -253,7 +254,7 @@ class CorrectionsStore:
                 step()
             except Exception as exc:  # ENOSPC, EIO ...: the committed data is complete
                 warnings.warn(f"{what} is saved, but updating the store afterwards failed "
-                              f"({_one_line(exc)}); the next writer repairs the latest pointer",
+                              f"({one_line(exc)}); the next writer repairs the latest pointer",
                               StoreWarning, stacklevel=3)
 
     def _write_dir(self, tmp: Path, final: Path, write: Callable[[Path], None], what: str,
@@ -274,7 +275,7 @@ class CorrectionsStore:
             if isinstance(exc, PVSInputError) or not isinstance(exc, Exception):
                 raise
             raise StoreWriteError(f"could not write {what} to store {self.path} "
-                                  f"({_one_line(exc)}); nothing was saved: free disk space (or "
+                                  f"({one_line(exc)}); nothing was saved: free disk space (or "
                                   "fix the error) and try again") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -297,7 +298,7 @@ class CorrectionsStore:
             return zarr.open_group(str(self.path / "subjects" / subject), mode=mode)
         except Exception as exc:
             raise StoreCorruptError(self.path, f"subject {subject} metadata",
-                                    f"unreadable: {_one_line(exc)}", _RESTORE) from None
+                                    f"unreadable: {one_line(exc)}", _RESTORE) from None
 
     def info(self, subject: str) -> dict[str, Any]:
         """The subject's attributes (site, modality, geometry, status, latest ...)."""
