@@ -21,6 +21,58 @@ def assert_same_geometry(written: Path, source: Path, atol: float = ATOL) -> Non
         np.testing.assert_allclose(got, want, atol=atol)
 
 
+def write_raw_nifti(path: Path, header, payload: bytes) -> Path:
+    """NIfTI-1 header bytes + payload, written as they are (nibabel's save would repair a
+    broken header); gzip-compressed when ``path`` ends in ``.gz``."""
+    import gzip
+
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\x00" * 4 + payload
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def oversized_nifti(path: Path) -> Path:
+    """A header claiming 1000 x 1000 x 750 float32 voxels (3e9 bytes) over 1 KB of data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 750))
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    return write_raw_nifti(path, header, np.zeros(256, np.float32).tobytes())
+
+
+def flip_middle_bytes(path: Path, n: int = 16) -> Path:
+    """Invert ``n`` bytes in the middle of the file (a corrupt copy)."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + n] = bytes(b ^ 0xFF for b in raw[mid : mid + n])
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def truncate_half(path: Path) -> Path:
+    """Keep the first half of the file (an interrupted copy)."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return path
+
+
+def store_from_cohort(path, cohort, corrected=None):
+    """A new store at ``path`` holding each phantom of ``cohort`` (image and regions), with
+    its true labels committed for the subjects in ``corrected`` (default: all); returns
+    the store, open and writable (close it, or use it as a context manager)."""
+    from napari_pvs.io import load_volume
+    from napari_pvs.store import CorrectionsStore
+
+    store = CorrectionsStore.create(path)
+    for s in cohort:
+        store.add_subject(s.subject, load_volume(s.image), site=s.site,
+                          regions=load_volume(s.regions, as_labels=True).data)
+        if corrected is None or s.subject in corrected:
+            store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data, author="t")
+    return store
+
+
 class PickleBomb:
     """Unpickling this would run ``touch <marker>``: loaders must refuse it."""
 

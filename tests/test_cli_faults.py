@@ -9,14 +9,20 @@ new cases to ``CASES``.
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from _helpers import assert_clean_failure, run_cli
+from _helpers import (
+    assert_clean_failure,
+    flip_middle_bytes,
+    oversized_nifti,
+    run_cli,
+    truncate_half,
+    write_raw_nifti,
+)
 
 
 def _nifti(path: Path, data=None, affine=None) -> Path:
@@ -28,45 +34,21 @@ def _nifti(path: Path, data=None, affine=None) -> Path:
     return path
 
 
-def _raw(path: Path, header, payload: bytes) -> Path:
-    """Header bytes + payload, written as they are (nibabel would repair the header)."""
-    header["vox_offset"] = 352
-    raw = header.binaryblock + b"\x00" * 4 + payload
-    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
-    return path
-
-
-def _oversized(path: Path) -> Path:
-    header = nib.Nifti1Header()
-    header.set_data_shape((1000, 1000, 750))  # 3e9 bytes of float32 claimed
-    header.set_data_dtype(np.float32)
-    header.set_sform(np.eye(4), code=1)
-    return _raw(path, header, np.zeros(256, np.float32).tobytes())
-
-
 def _bad_affine(path: Path, sform: np.ndarray) -> Path:
     header = nib.Nifti1Header()
     header.set_data_shape((8, 8, 8))
     header.set_data_dtype(np.float32)
     header.set_sform(sform, code=2)
-    return _raw(path, header, np.ones(512, np.float32).tobytes(order="F"))
+    return write_raw_nifti(path, header, np.ones(512, np.float32).tobytes(order="F"))
 
 
 def _corrupt_gz(path: Path) -> Path:
     data = np.add.outer(np.arange(40), np.arange(40))[:, :, None] * np.ones(30)
-    _nifti(path, data.astype(np.int16))
-    raw = bytearray(path.read_bytes())
-    mid = len(raw) // 2
-    raw[mid : mid + 16] = bytes(b ^ 0xFF for b in raw[mid : mid + 16])
-    path.write_bytes(bytes(raw))
-    return path
+    return flip_middle_bytes(_nifti(path, data.astype(np.int16)))
 
 
 def _truncated_gz(path: Path) -> Path:
-    _nifti(path)
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
-    return path
+    return truncate_half(_nifti(path))
 
 
 def _labels(path: Path, value=1, shift_mm=0.0, shape=(8, 8, 8)) -> Path:
@@ -112,9 +94,9 @@ CASES = [
                                                              np.zeros((4, 4, 4, 3), np.float32)),
                                            "--volume", "7", "-o", t / "o"],
      "volume=7 is out of range"),
-    ("predict-oversized-nii", lambda t: ["predict", _oversized(t / "huge.nii"), "-o", t / "o"],
+    ("predict-oversized-nii", lambda t: ["predict", oversized_nifti(t / "huge.nii"), "-o", t / "o"],
      "huge.nii is truncated or corrupt: its header claims 3,000,000,352 bytes"),
-    ("predict-oversized-gz", lambda t: ["predict", _oversized(t / "huge.nii.gz"), "-o", t / "o"],
+    ("predict-oversized-gz", lambda t: ["predict", oversized_nifti(t / "huge.nii.gz"), "-o", t / "o"],
      "huge.nii.gz is truncated or corrupt: its header claims 3,000,000,352 bytes"),
     ("predict-zero-affine", lambda t: ["predict", _bad_affine(t / "z.nii", np.zeros((4, 4))),
                                        "-o", t / "o"], "z.nii has no usable voxel-to-world"),

@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+from _helpers import store_from_cohort
 
 from napari_pvs import PVSInputError
 from napari_pvs.dataset import write_phantom_cohort
@@ -33,14 +34,7 @@ def cohort(tmp_path_factory):
     return write_phantom_cohort(root, n_sites=2, per_site=2, size_mm=48)
 
 
-def _make_store(path, cohort, corrected=None):
-    store = CorrectionsStore.create(path)
-    for s in cohort:
-        store.add_subject(s.subject, load_volume(s.image), site=s.site,
-                          regions=load_volume(s.regions, as_labels=True).data)
-        if corrected is None or s.subject in corrected:
-            store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data, author="t")
-    return store
+_make_store = store_from_cohort
 
 
 @pytest.fixture(scope="module")

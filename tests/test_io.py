@@ -11,7 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from _helpers import assert_same_geometry
+from _helpers import (
+    assert_same_geometry,
+    flip_middle_bytes,
+    oversized_nifti,
+    truncate_half,
+    write_raw_nifti,
+)
 
 from napari_pvs import PVSInputError
 from napari_pvs import io as pvs_io
@@ -143,19 +149,11 @@ def _valid_gz(tmp_path: Path, name: str = "scan.nii.gz") -> Path:
 
 
 def _truncated(tmp_path: Path) -> Path:
-    path = _valid_gz(tmp_path, "cut.nii.gz")
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
-    return path
+    return truncate_half(_valid_gz(tmp_path, "cut.nii.gz"))
 
 
 def _corrupt(tmp_path: Path) -> Path:
-    path = _valid_gz(tmp_path, "flipped.nii.gz")
-    raw = bytearray(path.read_bytes())
-    middle = len(raw) // 2
-    raw[middle : middle + 16] = bytes(b ^ 0xFF for b in raw[middle : middle + 16])
-    path.write_bytes(bytes(raw))
-    return path
+    return flip_middle_bytes(_valid_gz(tmp_path, "flipped.nii.gz"))
 
 
 def _truncated_plain(tmp_path: Path) -> Path:
@@ -363,19 +361,6 @@ def test_is_nifti_path():
 # ----------------------------------------------------------------------------- oversized headers
 
 
-def _oversized(tmp_path: Path, suffix: str) -> Path:
-    """A header claiming 1000 x 1000 x 750 float32 voxels (3e9 bytes) over 1 KB of data."""
-    header = nib.Nifti1Header()
-    header.set_data_shape((1000, 1000, 750))
-    header.set_data_dtype(np.float32)
-    header.set_sform(np.eye(4), code=1)
-    header["vox_offset"] = 352
-    raw = header.binaryblock + b"\x00" * 4 + np.zeros(256, np.float32).tobytes()
-    path = tmp_path / f"huge{suffix}"
-    path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
-    return path
-
-
 def _peak_rss_of_load(path: Path) -> tuple[str, int]:
     """Load *path* in a fresh interpreter; its error message and its peak RSS in bytes.
 
@@ -405,7 +390,7 @@ def _peak_rss_of_load(path: Path) -> tuple[str, int]:
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_oversized_header_is_refused_before_allocating(tmp_path, suffix):
-    path = _oversized(tmp_path, suffix)
+    path = oversized_nifti(tmp_path / f"huge{suffix}")
     assert path.stat().st_size < 1500
     with pytest.raises(PVSInputError) as exc:
         load_volume(path)
@@ -428,11 +413,9 @@ def _raw_nifti(path: Path, edit) -> Path:
     header.set_data_shape((6, 6, 6))
     header.set_data_dtype(np.float32)
     header.set_zooms((0.8, 0.8, 0.8))
-    header["vox_offset"] = 352
     edit(header)
     data = np.arange(216, dtype=np.float32).reshape(6, 6, 6)
-    path.write_bytes(header.binaryblock + b"\x00" * 4 + data.tobytes(order="F"))
-    return path
+    return write_raw_nifti(path, header, data.tobytes(order="F"))
 
 
 def _sform(matrix, code=2):

@@ -7,6 +7,7 @@ import signal
 import threading
 
 import pytest
+from _helpers import store_from_cohort
 
 from napari_pvs.dataset import write_phantom_cohort
 from napari_pvs.store import CorrectionsStore
@@ -17,16 +18,10 @@ from napari_pvs.training.worker import _parse_config, config_args
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
-    from napari_pvs.io import load_volume
-
     tmp = tmp_path_factory.mktemp("job")
     cohort = write_phantom_cohort(tmp / "c", n_sites=1, per_site=2, size_mm=48)
     path = tmp / "j.pvs.zarr"
-    with CorrectionsStore.create(path) as store:
-        for s in cohort:
-            store.add_subject(s.subject, load_volume(s.image), site=s.site,
-                              regions=load_volume(s.regions, as_labels=True).data)
-            store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data, author="t")
+    store_from_cohort(path, cohort).close()
     return path
 
 

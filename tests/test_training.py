@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from _helpers import store_from_cohort
 
 from napari_pvs.dataset import write_phantom_cohort
 from napari_pvs.store import CorrectionsStore
@@ -22,15 +23,7 @@ def cohort(tmp_path_factory):
 
 
 def _store(path, cohort, with_labels=("siteA01", "siteA02", "siteB01")):
-    from napari_pvs.io import load_volume
-
-    store = CorrectionsStore.create(path)
-    for s in cohort:
-        store.add_subject(s.subject, load_volume(s.image), site=s.site,
-                          regions=load_volume(s.regions, as_labels=True).data)
-        if s.subject in with_labels:
-            store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data, author="t")
-    return store
+    return store_from_cohort(path, cohort, corrected=with_labels)
 
 
 def test_training_never_sees_uncorrected_labels(tmp_path, cohort):

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from _helpers import PickleBomb, assert_clean_failure, run_cli
+from _helpers import PickleBomb, assert_clean_failure, run_cli, store_from_cohort
 
 from napari_pvs._errors import PVSInputError
 from napari_pvs.dataset import write_phantom_cohort
@@ -27,13 +27,7 @@ def cohort(tmp_path_factory):
 
 
 def _store(path, cohort):
-    from napari_pvs.io import load_volume
-
-    with CorrectionsStore.create(path) as store:
-        for s in cohort:
-            store.add_subject(s.subject, load_volume(s.image), site=s.site,
-                              regions=load_volume(s.regions, as_labels=True).data)
-            store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data, author="t")
+    store_from_cohort(path, cohort).close()
     return path
 
 
