@@ -152,6 +152,7 @@ CASES = [
     ("phantom-size-nan", lambda t: ["phantom", t / "o", "--size-mm", "nan"], "--size-mm"),
     ("phantom-size-huge", lambda t: ["phantom", t / "o", "--size-mm", "1e6"], "1e6"),
     ("model-ls-missing", lambda t: ["model", "ls", t / "nope"], "nope"),
+    ("store-is-a-file", lambda t: ["store", "ls", _file(t / "lab.pvs.zarr")], "is a file"),
 ]
 
 

@@ -178,6 +178,9 @@ class CorrectionsStore:
         """Open a store; ``writable`` takes the write lock, waiting up to ``wait`` seconds."""
         wait = check_wait(wait)
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise PVSInputError(f"{path} is a file, not a napari-pvs store (a NAME.pvs.zarr "
+                                "folder); pass the store folder")
         if not path.is_dir():
             raise PVSInputError(f"store {path} does not exist; create it with `napari-pvs store init`")
         return cls(path, writable, wait)
