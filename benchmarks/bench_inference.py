@@ -76,9 +76,9 @@ def _job(kind, size_mm, kwargs, model):
         import torch
         from monai.inferers import sliding_window_inference
 
-        from napari_pvs.inference import _zscore
+        from napari_pvs.preprocess import zscore
 
-        x = torch.from_numpy(_zscore(image[None].astype(np.float32), roi)[None])
+        x = torch.from_numpy(zscore(image[None].astype(np.float32), roi)[None])
         with torch.inference_mode():
             logits = sliding_window_inference(x, roi_size=tuple(meta["preprocessing"]["patch_size"]),
                                               sw_batch_size=1, predictor=net, overlap=0.5,

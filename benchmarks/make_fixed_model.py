@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from napari_pvs.inference import _zscore, run
+from napari_pvs.inference import run
+from napari_pvs.preprocess import zscore
 from napari_pvs.model import arch_config, build_network, default_meta, save_checkpoint
 from napari_pvs.phantom import make_phantom
 from napari_pvs.training.loop import TrainingVolume, fit
@@ -27,7 +28,7 @@ def main() -> None:
     for seed in (1, 2):
         p = make_phantom(seed, size_mm=112)
         roi = p.regions > 0
-        vols.append(TrainingVolume(_zscore(p.image[None], roi)[0], p.labels, roi))
+        vols.append(TrainingVolume(zscore(p.image[None], roi)[0], p.labels, roi))
     torch.manual_seed(0)
     arch = arch_config("XS", 3)
     t = time.perf_counter()

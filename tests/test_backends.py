@@ -195,6 +195,7 @@ def test_bad_backend_device_and_batch_raise_valueerror(net, monkeypatch):
     with pytest.raises(ValueError, match=r"not installed; pip install .*napari-pvs\[cpu\]"):
         make_runner(net, window=WINDOW, backend="openvino")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="CPU only"):
         make_runner(net, window=WINDOW, backend="onnxruntime", device="cuda:0")
     runner = make_runner(net, window=WINDOW, batch_size=2, backend="torch")

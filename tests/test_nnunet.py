@@ -15,15 +15,10 @@ from _helpers import PickleBomb
 
 from napari_pvs import PVSInputError
 from napari_pvs.cli import main
-from napari_pvs.inference import (
-    _importance,
-    _nnunet_normalise,
-    _spline_resize,
-    predict_volume,
-    run,
-    window_starts,
-)
+from napari_pvs._sliding import importance, window_starts
+from napari_pvs.inference import predict_volume, run
 from napari_pvs.model import load_checkpoint, read_meta
+from napari_pvs.preprocess import nnunet_normalise, spline_resize
 from napari_pvs.nnunet import import_nnunet, infer_architecture, read_plans, safe_load_pickle
 
 FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
@@ -146,7 +141,7 @@ def test_window_steps_follow_nnunet_v1():
 
 
 def test_gaussian_importance_map():
-    w = _importance((32, 32, 32))
+    w = importance((32, 32, 32))
     assert w.shape == (32, 32, 32)
     np.testing.assert_allclose(w, w[::-1, ::-1, ::-1], atol=1e-6)  # centred between 15 and 16
     # sigma = patch / 8 = 4 voxels: 4.5 voxels off the peak along one axis, relative to
@@ -159,12 +154,12 @@ def test_gaussian_importance_map():
 def test_nonct_normalisation_inside_the_nonzero_mask():
     img = np.zeros((1, 4, 4, 4), np.float32)
     img[0, 1:3, 1:3, 1:3] = [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
-    out = _nnunet_normalise(img, {"normalization_schemes": ["nonCT"], "use_mask_for_norm": [True]})
+    out = nnunet_normalise(img, {"normalization_schemes": ["nonCT"], "use_mask_for_norm": [True]})
     vals = np.arange(1, 9, dtype=float)
     expected = (vals - vals.mean()) / (vals.std() + 1e-8)
     np.testing.assert_allclose(np.sort(out[0][img[0] > 0]), expected, atol=1e-6)
     assert np.all(out[0][img[0] == 0] == 0)
-    glob = _nnunet_normalise(img, {"normalization_schemes": ["nonCT"], "use_mask_for_norm": [False]})
+    glob = nnunet_normalise(img, {"normalization_schemes": ["nonCT"], "use_mask_for_norm": [False]})
     np.testing.assert_allclose(glob[0], (img[0] - img[0].mean()) / (img[0].std() + 1e-8), atol=1e-6)
 
 
@@ -172,7 +167,7 @@ def test_third_order_spline_resampling_interpolates_the_samples():
     rng = np.random.default_rng(0)
     line = rng.normal(size=10).astype(np.float32)
     img = np.broadcast_to(line[:, None, None], (10, 4, 4))[None].copy()
-    out = _spline_resize(img, (30, 4, 4))[0, :, 2, 2]
+    out = spline_resize(img, (30, 4, 4))[0, :, 2, 2]
     # x3 with pixel-centre mapping: new voxel 3k + 1 sits exactly on old voxel k, where an
     # interpolating spline must reproduce the sample
     np.testing.assert_allclose(out[1::3], line, atol=1e-4)

@@ -314,7 +314,7 @@ def test_bad_checkpoint_metadata_is_refused_before_anything_is_built(tmp_path, c
 
 
 def test_work_grid_refuses_terabyte_grids():
-    from napari_pvs.inference import work_grid
+    from napari_pvs.preprocess import work_grid
 
     assert work_grid((64, 64, 64), (1.0, 1.0, 1.0), (0.5, 0.5, 0.5)) == (128, 128, 128)
     for target in ((0.001,) * 3, (0.0,) * 3):

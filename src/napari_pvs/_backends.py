@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._errors import PVSInputError
 from ._onnx_cache import (
     ExportError,
     OnnxExport,
@@ -60,6 +61,7 @@ __all__ = [
     "available_backends",
     "default_cache_dir",
     "make_runner",
+    "pick_device",
 ]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -215,7 +217,7 @@ def make_runner(net, *, window, batch_size: int = 1, device: str = "cpu",
     backend = str(backend).lower()
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")
-    dev = _check_device(device)
+    dev = pick_device(device).split(":")[0]
     net.eval()
     if backend == "torch" or (backend == "auto" and dev != "cpu"):
         return _TorchRunner(net, window=window, batch_size=batch_size, device=device)
@@ -397,20 +399,38 @@ def _importable(name: str) -> bool:
     return True
 
 
-def _check_device(device: str) -> str:
-    """Device type of ``device``; ValueError if unknown or not available."""
+def pick_device(preferred: str | None = None) -> str:
+    """``preferred`` if given and available, else CUDA, then Apple MPS, then CPU.
+
+    The one device check of the package: prediction, training and the runners use it.
+
+    Raises
+    ------
+    PVSInputError
+        (a ValueError) naming the device and what to use instead.
+    """
     import torch
 
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
+    if not preferred or preferred == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'mps'") from None
+        dev = torch.device(preferred)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise PVSInputError(f"unknown device {preferred!r}; use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available in this torch build "
-                         f"({torch.__version__}); use device='cpu'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS is not available; use device='cpu'")
-    return dev.type
+        raise PVSInputError(f"device {preferred!r} requested but CUDA is not available in this "
+                            f"torch build ({torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PVSInputError(f"device {preferred!r} does not exist: this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not mps_ok:
+        raise PVSInputError(f"device {preferred!r} requested but Apple MPS is not available; "
+                            "use --device cpu")
+    return str(preferred)
 
 
 def _num_threads() -> int:
