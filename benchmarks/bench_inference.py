@@ -50,8 +50,13 @@ def _phantom(size_mm):
 
 def _network(name):
     """(net, meta, cache key) of the benchmark network ``name``."""
-    from napari_pvs.model import (arch_config, build_network, checkpoint_hash, default_meta,
-                                  load_checkpoint)
+    from napari_pvs.model import (
+        arch_config,
+        build_network,
+        checkpoint_hash,
+        default_meta,
+        load_checkpoint,
+    )
 
     if name == "xs":
         net, meta = load_checkpoint(MODEL)

@@ -14,12 +14,12 @@ import torch
 from _helpers import PickleBomb
 
 from napari_pvs import PVSInputError
-from napari_pvs.cli import main
 from napari_pvs._sliding import importance, window_starts
+from napari_pvs.cli import main
 from napari_pvs.inference import predict_volume, run
 from napari_pvs.model import load_checkpoint, read_meta
-from napari_pvs.preprocess import nnunet_normalise, spline_resize
 from napari_pvs.nnunet import import_nnunet, infer_architecture, read_plans, safe_load_pickle
+from napari_pvs.preprocess import nnunet_normalise, spline_resize
 
 FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
 TRAINER = (FIXTURE / "nnUNet/3d_fullres/Task900_PVSTiny"

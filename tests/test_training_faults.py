@@ -359,8 +359,7 @@ def _ensemble(folder, members):
 
 
 def test_ensemble_members_must_lie_in_its_folder(tmp_path):
-    from napari_pvs.model import load_checkpoint
-    from napari_pvs.nnunet import load_ensemble
+    from napari_pvs.model import load_checkpoint, load_ensemble
 
     _xs_checkpoint(tmp_path / "outside" / "m.safetensors")
     _xs_checkpoint(tmp_path / "ens" / "fold_0.safetensors")
@@ -380,7 +379,7 @@ def test_ensemble_members_must_lie_in_its_folder(tmp_path):
                                  {"format": "napari-pvs-ensemble", "members": "fold_0.safetensors"},
                                  {"format": "napari-pvs-ensemble", "members": [{"a": 1}]}])
 def test_malformed_ensembles_fail_in_one_line(tmp_path, doc):
-    from napari_pvs.nnunet import load_ensemble
+    from napari_pvs.model import load_ensemble
 
     path = tmp_path / "ensemble.json"
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))

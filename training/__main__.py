@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     ap.add_argument("--work-dir")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))

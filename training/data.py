@@ -4,8 +4,9 @@
   person made or confirmed: the subject's status must be ``corrected`` and versions
   whose ``source`` starts with ``model:`` (raw model output) are skipped.  Uncorrected
   predictions never reach training.
-* :class:`SubjectCache` keeps decoded, resampled, normalised subjects in memory within
-  a byte budget (least recently used out first).
+* :class:`SubjectCache` keeps decoded subjects in memory within a byte budget (least
+  recently used out first), each prepared by :func:`napari_pvs.preprocess.preprocess`
+  with the model's own preprocessing, as inference prepares it.
 * :class:`PatchSampler` draws patches: at least ``pos_fraction`` centred on PVS
   voxels, and half of those, when the subject has them, on voxels that its latest
   correction changed (recent corrections weigh more).  Patches are augmented with
@@ -16,10 +17,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from napari_pvs.preprocess import preprocess
 
 __all__ = ["PatchSampler", "SubjectCache", "SubjectData", "corrected_versions", "load_subject"]
 
@@ -55,13 +59,15 @@ class SubjectData:
         return self.image.nbytes + self.labels.nbytes + self.roi.nbytes + extra
 
 
-def load_subject(store, subject: str, version: int, target_spacing) -> SubjectData:
-    """Decode one subject's image, ``version`` labels and ROI onto the model grid."""
-    from napari_pvs.inference import _resize, _zscore, work_grid
+def load_subject(store, subject: str, version: int, pre: Mapping[str, Any] | None) -> SubjectData:
+    """Decode one subject's image, ``version`` labels and ROI onto the model grid.
 
+    The image goes through :func:`napari_pvs.preprocess.preprocess` with the model's
+    preprocessing ``pre`` (its ``meta["preprocessing"]``; None: the source grid and a
+    z-score), exactly as inference prepares it; labels, ROI and recent edits follow with
+    nearest-neighbour resampling.
+    """
     info = store.info(subject)
-    spacing = np.asarray(info["spacing"], dtype=float)
-    work = work_grid(tuple(info["shape"]), spacing, target_spacing if target_spacing else spacing)
     image = np.asarray(store.read_image(subject), dtype=np.float32)
     regions = store.read_regions(subject)
     roi = (regions > 0) if regions is not None else image != 0
@@ -70,24 +76,18 @@ def load_subject(store, subject: str, version: int, target_spacing) -> SubjectDa
     recent = None
     if parent is not None:
         recent = labels ^ (store.read_labels(subject, parent) > 0)
-    img = _zscore(_resize(image[None], work, "trilinear"), _resize_mask(roi, work))[0]
-
-    return SubjectData(subject, str(info.get("site", "unknown")), version, img.astype(np.float32),
-                       _resize_mask(labels, work).astype(np.uint8), _resize_mask(roi, work),
-                       None if recent is None or not recent.any() else _resize_mask(recent, work))
-
-
-def _resize_mask(mask: np.ndarray, shape) -> np.ndarray:
-    from napari_pvs.inference import _resize
-
-    return _resize(mask.astype(np.float32), shape, "nearest") > 0.5
+    prep = preprocess(image, info["spacing"], roi, pre)
+    return SubjectData(subject, str(info.get("site", "unknown")), version, prep.image[0],
+                       prep.mask_to_model(labels).astype(np.uint8), prep.mask,
+                       None if recent is None or not recent.any() else prep.mask_to_model(recent))
 
 
 class SubjectCache:
     """Decoded subjects in memory within ``budget_bytes`` (LRU eviction)."""
 
-    def __init__(self, store, versions: dict[str, int], target_spacing, budget_bytes: int = 2**30):
-        self.store, self.versions, self.target = store, dict(versions), target_spacing
+    def __init__(self, store, versions: dict[str, int], pre: Mapping[str, Any] | None,
+                 budget_bytes: int = 2**30):
+        self.store, self.versions, self.pre = store, dict(versions), pre
         self.budget = int(budget_bytes)
         self._items: OrderedDict[str, SubjectData] = OrderedDict()
         self.loads = 0
@@ -96,7 +96,7 @@ class SubjectCache:
         if subject in self._items:
             self._items.move_to_end(subject)
             return self._items[subject]
-        data = load_subject(self.store, subject, self.versions[subject], self.target)
+        data = load_subject(self.store, subject, self.versions[subject], self.pre)
         self.loads += 1
         self._items[subject] = data
         while len(self._items) > 1 and sum(d.nbytes for d in self._items.values()) > self.budget:

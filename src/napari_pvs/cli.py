@@ -162,7 +162,8 @@ def _cmd_model(args: argparse.Namespace) -> int:
         print(f"{out}: k{meta['arch']['kernel_size']} model from {meta['provenance']['parent']}, "
               f"id {meta['id']}")
     elif args.model_command == "import-nnunet":
-        from .nnunet import import_nnunet, load_ensemble
+        from .model import load_ensemble
+        from .nnunet import import_nnunet
 
         ens = import_nnunet(args.folder, args.out)
         for member in load_ensemble(ens):

@@ -22,7 +22,6 @@ hint, and a disagreement gives a warning.
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import re
@@ -34,20 +33,17 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
+from .model import VARIANTS, build_network, map_official_state_dict, save_checkpoint, write_ensemble
 
 __all__ = [
-    "ENSEMBLE_FORMAT",
     "RestrictedUnpickler",
     "import_nnunet",
     "infer_architecture",
-    "load_ensemble",
     "read_plans",
     "safe_load_pickle",
 ]
 
-ENSEMBLE_FORMAT = "napari-pvs-ensemble"
 MAX_PICKLE_BYTES = 32 * 2**20  # a plans.pkl of thousands of cases is well under 1 MB
-MAX_ENSEMBLE_BYTES = 2**20
 MAX_ARRAY_BYTES = 16 * 2**20
 # What nnU-Net v1 plans are made of: besides the opcodes for dict, list, tuple, str,
 # numbers and bytes, only OrderedDict and numpy arrays, dtypes and scalars.  No builtin
@@ -274,8 +270,6 @@ def infer_architecture(state: dict) -> dict[str, Any]:
                                 f"blocks {exp}); not a MedNeXt v1 network")
     ds = all(f"out_{i}.conv_out.weight" in state for i in range(1, 5))
     variant = "custom"
-    from .model import VARIANTS
-
     for name, cfg in VARIANTS.items():
         if cfg["n_channels"] == n and cfg["exp_r"] == exp and cfg["block_counts"] == counts:
             variant = name
@@ -297,7 +291,6 @@ def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -
     """
     import torch
 
-    from .model import VARIANTS, build_network, map_official_state_dict, save_checkpoint
 
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
@@ -363,42 +356,5 @@ def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -
         }
         path = save_checkpoint(out / f"{fold_dir.name}.safetensors", net, meta, extra_state=ds)
         members.append(path.name)
-    ens = out / "ensemble.json"
-    tmp = ens.with_name(".ensemble.json.tmp")
-    tmp.write_text(json.dumps({"format": ENSEMBLE_FORMAT, "format_version": 1,
-                               "members": members, "source_folder": str(folder.resolve()),
-                               "trainer": trainer, "plans": plans_id}, indent=1))
-    os.replace(tmp, ens)
-    return ens
-
-
-def load_ensemble(path: str | os.PathLike[str]) -> list[Path]:
-    """Member checkpoint paths of an ensemble file (all must exist inside its folder)."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_ENSEMBLE_BYTES:
-            raise PVSInputError(f"{path} is larger than {MAX_ENSEMBLE_BYTES // 1024} KB; it is not "
-                                "an ensemble file")
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise PVSInputError(f"{path} is not a readable ensemble file ({type(exc).__name__}: "
-                            f"{str(exc)[:120]})") from None
-    members = doc.get("members") if isinstance(doc, dict) else None
-    if not isinstance(doc, dict) or doc.get("format") != ENSEMBLE_FORMAT or not members \
-            or not isinstance(members, list) or len(members) > 64:
-        raise PVSInputError(f"{path} is not a {ENSEMBLE_FORMAT} file: it must be a JSON object "
-                            "with a list of 1 to 64 member file names")
-    folder = path.parent.resolve()
-    out = []
-    for m in members:
-        if not isinstance(m, str) or not m.endswith(".safetensors"):
-            raise PVSInputError(f"{path}: member {str(m)[:80]!r} is not a .safetensors file name")
-        member = (path.parent / m).resolve()
-        if Path(m).is_absolute() or member.parent != folder:
-            raise PVSInputError(f"{path}: member {m!r} lies outside the ensemble's folder "
-                                f"{folder}; members must be files beside ensemble.json")
-        out.append(path.parent / m)
-    missing = [m.name for m in out if not m.is_file()]
-    if missing:
-        raise PVSInputError(f"{path}: member checkpoint(s) {missing} are missing beside it")
-    return out
+    return write_ensemble(out / "ensemble.json", members, source_folder=str(folder.resolve()),
+                          trainer=trainer, plans=plans_id)

@@ -16,6 +16,11 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
+from .baseline import segment_frangi
+from .clusters import cluster_table, label_clusters
+from .inference import PredictionCancelled, Progress, predict_volume, run
+from .io import check_same_grid, load_volume, save_labels, save_map, strip_nifti_suffix
+from .model import checkpoint_hash, load_checkpoint
 
 __all__ = [
     "ArrayPrediction",
@@ -38,8 +43,6 @@ def modality_from_name(path: str | os.PathLike[str], given: str | None = None) -
 
 def load_roi(roi: str | os.PathLike[str], like) -> np.ndarray:
     """Load a mask / region map (integer labels) and check it lies on the grid of ``like``."""
-    from .io import check_same_grid, load_volume
-
     vol = load_volume(roi, as_labels=True)
     check_same_grid(vol, like, what="ROI")
     return vol.data
@@ -90,59 +93,39 @@ def predict_file(
     device: str | None = None,
     backend: str = "auto",
     overlap: float | None = None,
+    registry=None,
     progress: Callable | None = None,
 ) -> dict[str, Path]:
     """Segment one NIfTI image; returns the written files by kind.
 
-    Always writes ``OUTDIR/<stem>_pvs.nii.gz`` (uint8 labels).  A MedNeXt checkpoint
-    (``model`` = a ``.safetensors`` file, or an ensemble ``.json``) also writes ``<stem>_prob.nii.gz``
-    and ``<stem>_uncertainty.nii.gz`` (float32), and ``<stem>_clusters.csv``, the
-    per-cluster table (:mod:`napari_pvs.clusters`).  All keep the source geometry.
-    ``tta`` and ``overlap`` default to the checkpoint's own settings (8 flips and 0.5
-    for imported nnU-Net models), else 1 flip and 0.5.
+    Load, :func:`predict_array`, save.  Always writes ``OUTDIR/<stem>_pvs.nii.gz`` (uint8
+    labels).  A MedNeXt model (a ``.safetensors`` file, an ensemble ``.json``, or a model
+    id of ``registry``) also writes ``<stem>_prob.nii.gz`` and
+    ``<stem>_uncertainty.nii.gz`` (float32), and ``<stem>_clusters.csv``, the per-cluster
+    table (:mod:`napari_pvs.clusters`).  All keep the source geometry.  ``tta`` and
+    ``overlap`` default to the checkpoint's own settings (8 flips and 0.5 for imported
+    nnU-Net models), else 1 flip and 0.5.
     """
-    from .io import load_volume, save_labels, save_map, strip_nifti_suffix
-
     image = Path(image)
     outdir = check_output_folder(outdir, "outdir")
     vol = load_volume(image, volume=volume)
-    roi_labels = load_roi(roi, vol) if roi is not None else None
-    mask = None if roi_labels is None else roi_labels > 0
+    regions = load_roi(roi, vol) if roi is not None else None
+    if model != "baseline" and registry is None and not Path(model).is_file():
+        raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint "
+                            "file (give --store to name a model of a store's registry)")
+    gen = predict_array(vol.data, vol.spacing, model, affine=vol.affine, roi=regions,
+                        modality=modality_from_name(image, modality), tta=tta, device=device,
+                        backend=backend, overlap=overlap, registry=registry)
+    pred = run(gen, progress)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = strip_nifti_suffix(image.name)
     outs: dict[str, Path] = {}
-    if model == "baseline":
-        from .baseline import segment_frangi
-
-        result = segment_frangi(vol.data, vol.spacing, roi=mask,
-                                modality=modality_from_name(image, modality))
-        labels = result.labels
-    else:
-        ckpt = Path(model)
-        if not ckpt.is_file():
-            raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint file")
-        from .inference import predict_volume, run
-        from .model import checkpoint_hash, load_checkpoint
-
-        net, meta = load_checkpoint(ckpt)
-        pre = meta.get("preprocessing", {})
-        tta = int(tta or pre.get("tta") or 1)  # imported nnU-Net models mirror all axes
-        overlap = float(pre.get("overlap", 0.5) if overlap is None else overlap)
-        pred = run(predict_volume(vol.data, vol.spacing, net, meta, roi=mask, tta=tta, device=device,
-                                  backend=backend, overlap=overlap, cache_key=checkpoint_hash(ckpt)),
-                   progress)
-        labels = pred.labels
+    if pred.probability is not None:
         outs["probability"] = save_map(outdir / f"{stem}_prob.nii.gz", pred.probability, like=vol)
         outs["uncertainty"] = save_map(outdir / f"{stem}_uncertainty.nii.gz", pred.uncertainty,
                                        like=vol)
-        from .clusters import cluster_table, label_clusters
-
-        clusters, _ = label_clusters(labels)
-        table = cluster_table(clusters, probability=pred.probability, uncertainty=pred.uncertainty,
-                              regions=None if roi_labels is None else roi_labels,
-                              affine=vol.affine, spacing=vol.spacing)
-        outs["clusters"] = table.to_csv(outdir / f"{stem}_clusters.csv")
-    outs["labels"] = save_labels(outdir / f"{stem}_pvs.nii.gz", labels, like=vol)
+        outs["clusters"] = pred.table.to_csv(outdir / f"{stem}_clusters.csv")
+    outs["labels"] = save_labels(outdir / f"{stem}_pvs.nii.gz", pred.labels, like=vol)
     return outs
 
 
@@ -166,8 +149,6 @@ class ArrayPrediction:
 
 def load_model(model: str, registry=None, device: str = "cpu"):
     """``(network, metadata, cache key)`` of a registry id or a checkpoint file."""
-    from .model import checkpoint_hash, load_checkpoint
-
     path = Path(model)
     if not path.is_file():
         if registry is None:
@@ -189,6 +170,7 @@ def predict_array(
     tta: int | None = None,
     device: str | None = None,
     backend: str = "auto",
+    overlap: float | None = None,
     registry=None,
     cancel=None,
 ) -> Generator[Any, None, ArrayPrediction]:
@@ -205,9 +187,11 @@ def predict_array(
         For the table's world centroids.
     roi : ndarray, optional
         Region map or mask on the image grid (integers; 1 WM, 2 BG name the regions).
-    tta, device, backend, cancel :
-        As in :func:`napari_pvs.inference.predict_volume` (``tta`` defaults to the
-        checkpoint's setting, else 1).
+    tta, device, backend, overlap, cancel :
+        As in :func:`napari_pvs.inference.predict_volume` (``tta`` and ``overlap``
+        default to the checkpoint's settings, else 1 flip and 0.5).
+    registry : ModelRegistry, optional
+        Where a model id is looked up.
 
     Yields
     ------
@@ -217,9 +201,6 @@ def predict_array(
     -------
     ArrayPrediction
     """
-    from .clusters import cluster_table, label_clusters
-    from .inference import PredictionCancelled, Progress, predict_volume
-
     t0 = time.perf_counter()
     image = np.asarray(image)
     if image.ndim != 3:
@@ -233,8 +214,6 @@ def predict_array(
     mask = None if regions is None else regions > 0
     out: dict[str, Any] = {}
     if model == "baseline":
-        from .baseline import segment_frangi
-
         yield Progress(0, 1, "Frangi vesselness")
         result = segment_frangi(image, spacing, roi=mask, modality=modality)
         labels, out["vesselness"] = result.labels, result.vesselness
@@ -242,15 +221,17 @@ def predict_array(
     else:
         net, meta, key = load_model(model, registry)
         pre = meta.get("preprocessing", {})
+        overlap = float(pre.get("overlap", 0.5) if overlap is None else overlap)
         pred = yield from predict_volume(image, spacing, net, meta, roi=mask,
                                          tta=int(tta or pre.get("tta") or 1), device=device,
-                                         backend=backend, overlap=float(pre.get("overlap", 0.5)),
-                                         cache_key=key, cancel=cancel)
+                                         backend=backend, overlap=overlap, cache_key=key,
+                                         cancel=cancel)
         labels, out["probability"], out["uncertainty"] = pred.labels, pred.probability, pred.uncertainty
         model = meta.get("id") or model
     if cancel is not None and cancel.is_set():
         raise PredictionCancelled("prediction cancelled")
     clusters, _ = label_clusters(labels)
+    # a WM (1) / BG (2) region map names the clusters' regions; a plain mask does not
     table = cluster_table(clusters, probability=out.get("probability"),
                           uncertainty=out.get("uncertainty"),
                           regions=None if regions is None or regions.max() > 2 else regions,

@@ -1,0 +1,135 @@
+"""One path from image to prediction and from corrections to model.
+
+Training and inference prepare a subject with the same function
+(:func:`napari_pvs.preprocess.preprocess`), so a model fine-tuned on the store sees
+exactly what it is later run on, and a model over-fitted to a subject reproduces that
+subject's labels through ``napari-pvs predict``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _helpers import store_from_cohort
+
+from napari_pvs.cli import main
+from napari_pvs.dataset import write_phantom_cohort
+from napari_pvs.inference import predict_volume, run
+from napari_pvs.io import load_volume
+from napari_pvs.metrics import voxel_dice
+from napari_pvs.model import load_checkpoint
+from napari_pvs.preprocess import work_grid
+from napari_pvs.training.data import PatchSampler
+from napari_pvs.training.finetune import FinetuneConfig, finetune
+
+FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
+TRAINER = (FIXTURE / "nnUNet/3d_fullres/Task900_PVSTiny"
+           / "nnUNetTrainerV2_MedNeXt_tiny_kernel5__nnUNetPlansv2.1_trgSp_0.8x0.8x0.8")
+
+
+@pytest.fixture(scope="module")
+def fold(tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported")
+    assert main(["model", "import-nnunet", str(TRAINER), str(out)]) == 0
+    return out / "fold_0.safetensors"
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    # site C scans at 1.2 mm: every path resamples to the models' 0.8 mm
+    s = write_phantom_cohort(tmp_path_factory.mktemp("c"), n_sites=3, per_site=1, size_mm=40)[2]
+    assert load_volume(s.image).spacing == pytest.approx((1.2, 1.2, 1.2))
+    return s
+
+
+class _Recorder(torch.nn.Module):
+    """The real network, remembering every input it is given."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().cpu().numpy().copy())
+        return self.net(x)
+
+
+def _cfg(**kw):
+    base = dict(iterations=2, iterations_per_epoch=2, patch=(32, 32, 32), batch_size=2,
+                lr=1e-4, val_fraction=0.0, cache_budget_mb=256, seed=0, augment=False,
+                device="cpu")
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_fine_tuning_an_imported_fold_trains_on_what_inference_feeds_it(tmp_path, fold, subject,
+                                                                        monkeypatch):
+    store = store_from_cohort(tmp_path / "s.pvs.zarr", [subject])
+    seen = []
+    real = PatchSampler.patch_at
+
+    def patch_at(self, d, centre):  # the real method; the test keeps what it returned
+        img, lab = real(self, d, centre)
+        seen.append((np.asarray(centre), img))
+        return img, lab
+
+    monkeypatch.setattr(PatchSampler, "patch_at", patch_at)
+    model_id = run(finetune(store, init=str(fold), config=_cfg(), work_dir=tmp_path / "w"))
+    assert len(seen) == 4  # 2 iterations x 2 patches
+    meta = store.models.list()[-1]
+    assert meta["id"] == model_id and meta["preprocessing"]["normalization"] == "nnunet_v1"
+
+    # what inference feeds the network for the same subject: one 128^3 window (the plans'
+    # patch) with the 0.8 mm grid centred in it
+    net, meta = store.models.load(model_id)
+    rec = _Recorder(net)
+    image = np.asarray(store.read_image(subject.subject), np.float32)
+    roi = store.read_regions(subject.subject) > 0
+    run(predict_volume(image, store.info(subject.subject)["spacing"], rec, meta, roi=roi,
+                       backend="torch", tta=1))
+    assert len(rec.inputs) == 1
+    window = rec.inputs[0][0, 0]
+    work = work_grid(image.shape, (1.2,) * 3, (0.8,) * 3)
+    lo = [(128 - n) // 2 for n in work]
+    fed = window[tuple(slice(a, a + n) for a, n in zip(lo, work))]
+    assert np.all(window[: lo[0]] == 0)  # padding, not image
+    for centre, patch in seen:
+        start = np.clip(centre - 16, 0, np.maximum(np.array(work) - 32, 0))
+        crop = fed[tuple(slice(a, a + 32) for a in start)]
+        np.testing.assert_allclose(patch[: crop.shape[0], : crop.shape[1], : crop.shape[2]],
+                                   crop, atol=1e-5)
+    # nnU-Net v1's normalisation (inside the nonzero mask), not a z-score inside the ROI
+    nonzero = fed != 0
+    assert abs(float(fed[nonzero].mean())) < 1e-3 and abs(float(fed[nonzero].std()) - 1) < 1e-3
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["own", "imported"])
+def test_an_overfitted_model_reproduces_its_labels_through_predict(tmp_path, fold, subject, init):
+    store = store_from_cohort(tmp_path / "s.pvs.zarr", [subject])
+    sid = subject.subject
+    cfg = _cfg(iterations=80, iterations_per_epoch=80, lr=3e-3 if init == "own" else 1e-3)
+    events = []
+    gen = finetune(store, init=None if init == "own" else str(fold), config=cfg,
+                   work_dir=tmp_path / "w", train_subjects=[sid], val_subjects=[sid])
+    model_id = run(gen, events.append)
+    (val,) = [e for e in events if e.kind == "validation"]
+    path = store.models.path(model_id)
+    store.close()
+
+    out = tmp_path / "pred"
+    assert main(["predict", str(subject.image), "-o", str(out), "--model", str(path),
+                 "--roi", str(subject.regions), "--tta", "1", "--device", "cpu"]) == 0
+    (labels_file,) = out.glob("*_pvs.nii.gz")
+    got = load_volume(labels_file, as_labels=True).data
+    truth = load_volume(subject.labels, as_labels=True).data
+    roi = load_volume(subject.regions, as_labels=True).data > 0
+    dice = voxel_dice(got, truth, roi)
+    assert val.val_dice > 0.5, f"{init}: training did not fit its subject ({val.val_dice:.3f})"
+    # the same network on the same subject: predict scores what validation reported
+    # (validation counts on the 0.8 mm grid, predict on the 1.2 mm source grid)
+    assert dice == pytest.approx(val.val_dice, abs=0.08), (init, dice, val.val_dice)
+    assert load_checkpoint(path)[1]["id"] == model_id
