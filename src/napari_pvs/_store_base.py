@@ -20,8 +20,17 @@ import numpy as np
 from ._errors import PVSInputError
 from ._fs import atomic_dir, fsync_dir
 from ._nifti_checks import one_line
-from ._store_checks import (_ID, _RESTORE, StoreCorruptError, StoreWarning, StoreWriteError,
-                            check_subject_id, check_wait, open_array, read_verified)
+from ._store_checks import (
+    _ID,
+    _RESTORE,
+    StoreCorruptError,
+    StoreWarning,
+    StoreWriteError,
+    check_subject_id,
+    check_wait,
+    open_array,
+    read_verified,
+)
 from ._store_files import acquire_lock, append_event, cut_torn_line, read_events, release_lock
 from ._store_verify import verify_store
 from .model import ModelRegistry

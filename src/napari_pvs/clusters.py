@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cc3d
 import numpy as np
 
 from ._regions import REGION_NAMES
@@ -36,8 +37,6 @@ __all__ = ["REGION_NAMES", "ClusterTable", "cluster_table", "label_clusters"]
 
 def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """Connected components of ``mask > 0``: ``(labels uint32, number of clusters)``."""
-    import cc3d
-
     if connectivity not in (6, 18, 26):
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
     mask = np.asarray(mask)

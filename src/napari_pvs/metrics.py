@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import cc3d
 import numpy as np
 
 from ._errors import PVSInputError
@@ -105,8 +106,6 @@ def cluster_scores(
     pred: np.ndarray, ref: np.ndarray, *, mask: np.ndarray | None = None, connectivity: int = 26
 ) -> ClusterScores:
     """Cluster Dice, precision and recall of two binary maps (optionally inside ``mask``)."""
-    import cc3d
-
     pred, ref = _check(pred, ref)
     if mask is not None:
         m = np.asarray(mask) > 0

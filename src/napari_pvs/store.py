@@ -76,10 +76,20 @@ import numpy as np
 
 from ._errors import PVSInputError
 from ._store_base import FORMAT, FORMAT_VERSION, MODALITIES, STATUSES, _now, model_registry
+from ._store_checks import (
+    _CHUNKS,
+    _RESTORE,
+    PREDICTION_MAPS,
+    StoreCorruptError,
+    StoreLockedError,
+    StoreWarning,
+    StoreWriteError,
+    _sha256,
+    _write_labels,
+    check_site,
+    check_subject_id,
+)
 from ._store_checks import _ID as _ID  # re-exported: the subject id rule
-from ._store_checks import (_CHUNKS, _RESTORE, PREDICTION_MAPS, StoreCorruptError,
-                            StoreLockedError, StoreWarning, StoreWriteError, _sha256,
-                            _write_labels, check_site, check_subject_id)
 from ._store_predictions import Predictions
 from ._store_versions import LabelVersions
 
