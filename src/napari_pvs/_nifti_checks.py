@@ -1,4 +1,5 @@
-"""Input checks for :mod:`napari_pvs.io`: one-pass hash, gzip integrity, data size, geometry, dimensions.
+"""Input checks for :mod:`napari_pvs.io`: one-pass hash and gzip check, data size,
+geometry, dimensions.
 
 Every failure raises :class:`~napari_pvs.PVSInputError` with a one-line message.
 """
