@@ -32,11 +32,10 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, default=0.8, help="training / prediction spacing (mm)")
     args = ap.parse_args()
     from napari_pvs.baseline import segment_frangi
-    from napari_pvs.dataset import write_phantom_cohort
+    from napari_pvs.dataset import store_from_cohort, write_phantom_cohort
     from napari_pvs.inference import predict_volume, run
     from napari_pvs.io import load_volume
     from napari_pvs.metrics import score
-    from napari_pvs.store import CorrectionsStore
     from napari_pvs.training.finetune import FinetuneConfig, finetune
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,13 +43,9 @@ def main() -> None:
         cohort = write_phantom_cohort(tmp / "cohort", n_sites=4, per_site=3, size_mm=args.size_mm,
                                       seed=args.seed)
         held_out = [s for s in cohort if s.subject.endswith("03")]
-        store = CorrectionsStore.create(tmp / "bench.pvs.zarr")
-        for s in cohort:
-            store.add_subject(s.subject, load_volume(s.image), site=s.site,
-                              regions=load_volume(s.regions, as_labels=True).data)
-            if s not in held_out:
-                store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data,
-                                    author="phantom truth")
+        store = store_from_cohort(tmp / "bench.pvs.zarr", cohort,
+                                  corrected={s.subject for s in cohort if s not in held_out},
+                                  author="phantom truth")
         cfg = FinetuneConfig(iterations=args.iterations, iterations_per_epoch=args.iterations,
                              patch=(48, 48, 48), batch_size=2, lr=args.lr, val_fraction=0.0,
                              variant="XS", kernel_size=3, target_spacing=(args.spacing,) * 3,

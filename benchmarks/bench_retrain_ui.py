@@ -21,17 +21,12 @@ import numpy as np
 
 
 def _store(tmp: Path) -> Path:
-    from napari_pvs.io import Volume
-    from napari_pvs.phantom import make_phantom
-    from napari_pvs.store import CorrectionsStore
+    """Three corrected 80 mm phantoms of one site (1 mm), as the tests' phantom_store."""
+    from napari_pvs.dataset import store_from_cohort, write_phantom_cohort
 
+    cohort = write_phantom_cohort(tmp / "cohort", n_sites=1, per_site=3, size_mm=80.0)
     path = tmp / "bench.pvs.zarr"
-    with CorrectionsStore.create(path) as store:
-        for k in range(3):
-            ph = make_phantom(seed=k, size_mm=80.0, subject=f"b{k}")
-            store.add_subject(f"b{k}", Volume(ph.image, ph.affine, ph.spacing), site="A",
-                              regions=ph.regions)
-            store.commit_labels(f"b{k}", ph.labels, author="truth")
+    store_from_cohort(path, cohort).close()
     return path
 
 

@@ -60,17 +60,11 @@ def truncate_half(path: Path) -> Path:
 def store_from_cohort(path, cohort, corrected=None):
     """A new store at ``path`` holding each phantom of ``cohort`` (image and regions), with
     its true labels committed for the subjects in ``corrected`` (default: all); returns
-    the store, open and writable (close it, or use it as a context manager)."""
-    from napari_pvs.io import load_volume
-    from napari_pvs.store import CorrectionsStore
+    the store, open and writable (close it, or use it as a context manager).  Prefer the
+    ``phantom_store`` fixture (conftest.py), which builds through the same function."""
+    from napari_pvs.dataset import store_from_cohort as build
 
-    store = CorrectionsStore.create(path)
-    for s in cohort:
-        store.add_subject(s.subject, load_volume(s.image), site=s.site,
-                          regions=load_volume(s.regions, as_labels=True).data)
-        if corrected is None or s.subject in corrected:
-            store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data, author="t")
-    return store
+    return build(path, cohort, corrected, author="t")
 
 
 class PickleBomb:

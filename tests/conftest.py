@@ -91,3 +91,48 @@ def oblique_nifti(tmp_path: Path) -> Path:
 
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as _cluster_reference
+
+
+@pytest.fixture(scope="session")
+def phantom_cohort(tmp_path_factory):
+    """``phantom_cohort(n_sites=2, per_site=2, size_mm=48, seed=0)``: a phantom cohort
+    written in the dataset layout (a list of ``SubjectFiles``).  Each setting is written
+    once per session and shared: do not modify its files (copy the folder first)."""
+    from napari_pvs.dataset import write_phantom_cohort
+
+    written: dict[tuple, list] = {}
+
+    def make(n_sites: int = 2, per_site: int = 2, size_mm: float = 48, seed: int = 0) -> list:
+        key = (n_sites, per_site, float(size_mm), seed)
+        if key not in written:
+            root = tmp_path_factory.mktemp(f"cohort{n_sites}x{per_site}_{size_mm:g}mm")
+            written[key] = write_phantom_cohort(root, n_sites=n_sites, per_site=per_site,
+                                                size_mm=size_mm, seed=seed)
+        return written[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def phantom_store(tmp_path_factory, phantom_cohort):
+    """``phantom_store(n_sites=2, per_site=2, size_mm=48, *, seed=0, corrected=None,
+    path=None)``: a new corrections store of a phantom cohort (see ``phantom_cohort``),
+    each subject's image and region map imported and its true labels committed as
+    version 1 for the subjects in ``corrected`` (default: all).  Returns the store,
+    open and writable; every store still open is closed at the end of the session.
+    ``path`` (default: a new folder) is where the store goes."""
+    from napari_pvs.dataset import store_from_cohort
+
+    opened = []
+
+    def make(n_sites: int = 2, per_site: int = 2, size_mm: float = 48, *, seed: int = 0,
+             corrected=None, path=None):
+        cohort = phantom_cohort(n_sites, per_site, size_mm, seed)
+        path = path or tmp_path_factory.mktemp("store") / "s.pvs.zarr"
+        store = store_from_cohort(path, cohort, corrected, author="t")
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()

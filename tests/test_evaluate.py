@@ -7,10 +7,8 @@ import csv
 import json
 
 import pytest
-from _helpers import store_from_cohort
 
 from napari_pvs import PVSInputError
-from napari_pvs.dataset import write_phantom_cohort
 from napari_pvs.inference import run
 from napari_pvs.io import load_volume
 from napari_pvs.store import CorrectionsStore
@@ -29,19 +27,16 @@ CFG = FinetuneConfig(iterations=2, iterations_per_epoch=2, patch=(32, 32, 32), b
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    return write_phantom_cohort(root, n_sites=2, per_site=2, size_mm=48)
-
-
-_make_store = store_from_cohort
+def cohort(phantom_cohort):
+    """The 2 sites x 2 subjects, 48 mm cohort of ``phantom_store()`` (conftest.py)."""
+    return phantom_cohort()
 
 
 @pytest.fixture(scope="module")
-def losocv(tmp_path_factory, cohort):
+def losocv(tmp_path_factory, phantom_store):
     """One LOSOCV run: (store path, report, events, splits file bytes and mtime)."""
     root = tmp_path_factory.mktemp("losocv")
-    with _make_store(root / "s.pvs.zarr", cohort) as store:
+    with phantom_store(path=root / "s.pvs.zarr") as store:
         events = []
         report = run(evaluate(store, "losocv", config=CFG, out_dir=root / "out"), events.append)
     path = report.splits_path
@@ -145,9 +140,9 @@ def test_splits_file_is_created_once_and_reused(losocv):
     assert sorted(p.name for p in report.splits_path.parent.iterdir()) == ["losocv.json"]
 
 
-def test_saved_splits_must_fit_the_store(tmp_path, cohort):
+def test_saved_splits_must_fit_the_store(tmp_path, cohort, phantom_store):
     corrected = ("siteA01", "siteA02")
-    with _make_store(tmp_path / "s.pvs.zarr", cohort, corrected=corrected) as store:
+    with phantom_store(corrected=corrected, path=tmp_path / "s.pvs.zarr") as store:
         with pytest.raises(PVSInputError, match="at least 2 sites"):
             next(evaluate(store, "losocv", config=CFG, out_dir=tmp_path / "out"))
         gen = evaluate(store, "kfold:2", config=CFG, out_dir=tmp_path / "out", seed=3)
@@ -190,8 +185,9 @@ def test_parser_defaults_and_bad_scheme(capsys):
     assert "kfold" in capsys.readouterr().err
 
 
-def test_cli_kfold2_writes_results_and_prints_the_summary(tmp_path, cohort, capsys):
-    _make_store(tmp_path / "s.pvs.zarr", cohort).close()
+def test_cli_kfold2_writes_results_and_prints_the_summary(tmp_path, cohort, phantom_store,
+                                                         capsys):
+    phantom_store(path=tmp_path / "s.pvs.zarr").close()
     args = _parser().parse_args([
         "evaluate", "--store", str(tmp_path / "s.pvs.zarr"), "--scheme", "kfold:2",
         "--iterations", "1", "--batch-size", "1", "--patch", "32", "--out", str(tmp_path / "out")])

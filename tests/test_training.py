@@ -9,25 +9,18 @@ import textwrap
 
 import numpy as np
 import pytest
-from _helpers import store_from_cohort
 
-from napari_pvs.dataset import write_phantom_cohort
 from napari_pvs.store import CorrectionsStore
 from napari_pvs.training.data import PatchSampler, SubjectCache, corrected_versions
 from napari_pvs.training.finetune import FinetuneConfig, finetune
 
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return write_phantom_cohort(tmp_path_factory.mktemp("c"), n_sites=2, per_site=2, size_mm=56)
+COHORT = {"n_sites": 2, "per_site": 2, "size_mm": 56}  # phantom_store's cohort (conftest.py)
+LABELLED = ("siteA01", "siteA02", "siteB01")  # siteB02 stays uncorrected
 
 
-def _store(path, cohort, with_labels=("siteA01", "siteA02", "siteB01")):
-    return store_from_cohort(path, cohort, corrected=with_labels)
-
-
-def test_training_never_sees_uncorrected_labels(tmp_path, cohort):
-    store = _store(tmp_path / "s.pvs.zarr", cohort, with_labels=("siteA01", "siteA02"))
+def test_training_never_sees_uncorrected_labels(tmp_path, phantom_store):
+    store = phantom_store(**COHORT, corrected=("siteA01", "siteA02"),
+                          path=tmp_path / "s.pvs.zarr")
     shape = tuple(store.info("siteB01")["shape"])
     p = np.zeros(shape, np.float32)
     store.save_prediction("siteB01", "m1", probability=p, uncertainty=p, labels=p.astype(np.uint8))
@@ -38,8 +31,8 @@ def test_training_never_sees_uncorrected_labels(tmp_path, cohort):
     store.close()
 
 
-def test_oversampling_hits_pvs_at_the_stated_rate(tmp_path, cohort):
-    store = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_oversampling_hits_pvs_at_the_stated_rate(tmp_path, phantom_store):
+    store = phantom_store(**COHORT, corrected=LABELLED, path=tmp_path / "s.pvs.zarr")
     versions = corrected_versions(store)
     cache = SubjectCache(store, versions, None, 2**30)
     sampler = PatchSampler(cache, sorted(versions), patch=(32, 32, 32), pos_fraction=0.5,
@@ -62,8 +55,8 @@ def _cfg(**kw):
     return FinetuneConfig(**base)
 
 
-def test_finetune_registers_a_model_that_names_its_parent_and_data(tmp_path, cohort):
-    store = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_finetune_registers_a_model_that_names_its_parent_and_data(tmp_path, phantom_store):
+    store = phantom_store(**COHORT, corrected=LABELLED, path=tmp_path / "s.pvs.zarr")
     events = []
     gen = finetune(store, config=_cfg())
     while True:
@@ -97,9 +90,9 @@ _TRAINER = textwrap.dedent("""
 """)
 
 
-def test_resume_after_a_kill_continues_from_the_checkpoint(tmp_path, cohort):
+def test_resume_after_a_kill_continues_from_the_checkpoint(tmp_path, phantom_store):
     path = tmp_path / "s.pvs.zarr"
-    _store(path, cohort).close()
+    phantom_store(**COHORT, corrected=LABELLED, path=path).close()
     work = tmp_path / "work"
     proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(path), str(work)],
                             stdout=subprocess.PIPE, text=True)
@@ -129,12 +122,12 @@ def test_resume_after_a_kill_continues_from_the_checkpoint(tmp_path, cohort):
         gen.close()
 
 
-def test_cancel_stops_training(tmp_path, cohort):
+def test_cancel_stops_training(tmp_path, phantom_store):
     import threading
 
     from napari_pvs.training.finetune import TrainingCancelled
 
-    store = _store(tmp_path / "s.pvs.zarr", cohort)
+    store = phantom_store(**COHORT, corrected=LABELLED, path=tmp_path / "s.pvs.zarr")
     cancel = threading.Event()
     gen = finetune(store, config=_cfg(val_fraction=0.0), cancel=cancel)
     next(gen)
@@ -145,10 +138,10 @@ def test_cancel_stops_training(tmp_path, cohort):
     store.close()
 
 
-def test_train_cli_registers_a_model(tmp_path, cohort, capsys):
+def test_train_cli_registers_a_model(tmp_path, phantom_store, capsys):
     from napari_pvs.cli import main
 
-    _store(tmp_path / "s.pvs.zarr", cohort).close()
+    phantom_store(**COHORT, corrected=LABELLED, path=tmp_path / "s.pvs.zarr").close()
     assert main(["train", "--store", str(tmp_path / "s.pvs.zarr"), "--iterations", "2",
                  "--epoch", "2", "--patch", "32", "--lr", "3e-3"]) == 0
     out = capsys.readouterr().out
@@ -157,12 +150,12 @@ def test_train_cli_registers_a_model(tmp_path, cohort, capsys):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_keep_weights_in_sync(tmp_path, cohort):
+def test_ddp_two_processes_keep_weights_in_sync(tmp_path, phantom_store):
     import os
     import shutil
 
     path = tmp_path / "s.pvs.zarr"
-    _store(path, cohort).close()
+    phantom_store(**COHORT, corrected=LABELLED, path=path).close()
     torchrun = shutil.which("torchrun") or str(__import__("pathlib").Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", "-m",

@@ -13,21 +13,25 @@ import time
 
 import numpy as np
 import pytest
-from _helpers import PickleBomb, assert_clean_failure, run_cli, store_from_cohort
+from _helpers import PickleBomb, assert_clean_failure, run_cli
 
 from napari_pvs._errors import PVSInputError
-from napari_pvs.dataset import write_phantom_cohort
 from napari_pvs.store import CorrectionsStore
 from napari_pvs.training.finetune import FinetuneConfig, TrainingDiverged, finetune
 
+COHORT = {"n_sites": 1, "per_site": 3, "size_mm": 40}  # phantom_store's cohort (conftest.py)
+
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return write_phantom_cohort(tmp_path_factory.mktemp("c"), n_sites=1, per_site=3, size_mm=40)
+def cohort(phantom_cohort):
+    return phantom_cohort(**COHORT)
 
 
-def _store(path, cohort):
-    store_from_cohort(path, cohort).close()
+@pytest.fixture
+def fresh_store_path(phantom_store, tmp_path):
+    """A closed store of the cohort, every subject corrected, at ``tmp_path/s.pvs.zarr``."""
+    path = tmp_path / "s.pvs.zarr"
+    phantom_store(**COHORT, path=path).close()
     return path
 
 
@@ -67,8 +71,11 @@ def test_config_accepts_sane_settings():
 
 
 @pytest.fixture(scope="module")
-def store_path(tmp_path_factory, cohort):
-    return _store(tmp_path_factory.mktemp("s") / "s.pvs.zarr", cohort)
+def store_path(phantom_store):
+    """One closed store for the tests that only read it."""
+    store = phantom_store(**COHORT)
+    store.close()
+    return store.path
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -92,8 +99,8 @@ def test_train_cli_bad_settings_fail_in_one_line(store_path, args, needle):
 # ---------------------------------------------------------------- divergence
 @pytest.mark.slow
 @pytest.mark.parametrize("lr", ["inf", "1e30"])
-def test_train_with_a_diverging_lr_registers_nothing(tmp_path, cohort, lr):
-    path = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_train_with_a_diverging_lr_registers_nothing(fresh_store_path, lr):
+    path = fresh_store_path
     rc, out, err = run_cli("train", "--store", path, "--iterations", "3", "--epoch", "3",
                            "--patch", "32", "--lr", lr)
     assert_clean_failure(rc, out, err, lr if lr == "inf" else "--lr")
@@ -102,8 +109,8 @@ def test_train_with_a_diverging_lr_registers_nothing(tmp_path, cohort, lr):
     assert CorrectionsStore.open(path).models.list() == []
 
 
-def test_a_non_finite_loss_stops_the_run_in_process(tmp_path, cohort):
-    path = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_a_non_finite_loss_stops_the_run_in_process(tmp_path, fresh_store_path):
+    path = fresh_store_path
     with CorrectionsStore.open(path) as store:
         with pytest.raises(TrainingDiverged, match=r"diverged at iteration \d+.*lower --lr"):
             _drain(finetune(store, config=_cfg(iterations=3, iterations_per_epoch=3, lr=1e30),
@@ -122,10 +129,10 @@ _LONG_RUNS = {  # (argv after the store, the first stdout line once the store is
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(_LONG_RUNS))
-def test_a_commit_succeeds_while_train_runs(tmp_path, cohort, command):
+def test_a_commit_succeeds_while_train_runs(tmp_path, fresh_store_path, cohort, command):
     from napari_pvs.io import load_volume, save_labels
 
-    path = _store(tmp_path / "s.pvs.zarr", cohort)
+    path = fresh_store_path
     subject = cohort[0].subject
     labels = load_volume(cohort[0].labels, as_labels=True)
     edited = labels.data.copy()
@@ -160,8 +167,8 @@ def test_a_commit_succeeds_while_train_runs(tmp_path, cohort, command):
         assert len(store.models.list()) == (1 if command == "train" else 2)  # one per fold
 
 
-def test_resume_after_a_finished_run_registers_no_duplicate(tmp_path, cohort):
-    path = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_resume_after_a_finished_run_registers_no_duplicate(tmp_path, fresh_store_path):
+    path = fresh_store_path
     work = tmp_path / "w"
     with CorrectionsStore.open(path) as store:  # read-only: registering takes the lock briefly
         first = _drain(finetune(store, config=_cfg(), work_dir=work))
@@ -172,8 +179,8 @@ def test_resume_after_a_finished_run_registers_no_duplicate(tmp_path, cohort):
         assert not store.writable
 
 
-def test_two_runs_never_share_a_work_folder(tmp_path, cohort):
-    path = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_two_runs_never_share_a_work_folder(tmp_path, fresh_store_path):
+    path = fresh_store_path
     with CorrectionsStore.open(path) as store:
         running = finetune(store, config=_cfg(), work_dir=tmp_path / "w")
         next(running)
@@ -196,8 +203,8 @@ def _corrupt_state(state, content, marker):
 
 
 @pytest.mark.parametrize("content", ["garbage", "bomb", "list"])
-def test_a_corrupt_state_with_resume_fails_in_one_line(tmp_path, cohort, content):
-    path = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_a_corrupt_state_with_resume_fails_in_one_line(tmp_path, fresh_store_path, content):
+    path = fresh_store_path
     marker = tmp_path / "pwned"
     _corrupt_state(tmp_path / "w" / "state.pt", content, marker)
     with CorrectionsStore.open(path) as store:
@@ -207,8 +214,8 @@ def test_a_corrupt_state_with_resume_fails_in_one_line(tmp_path, cohort, content
 
 
 @pytest.mark.slow
-def test_train_cli_with_a_corrupt_state_fails_in_one_line(tmp_path, cohort):
-    path = _store(tmp_path / "s.pvs.zarr", cohort)
+def test_train_cli_with_a_corrupt_state_fails_in_one_line(tmp_path, fresh_store_path):
+    path = fresh_store_path
     _corrupt_state(path / "training" / "current" / "state.pt", "bomb", tmp_path / "pwned")
     rc, out, err = run_cli("train", "--store", path, "--iterations", "2", "--patch", "32",
                            "--resume")

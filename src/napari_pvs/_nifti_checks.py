@@ -1,4 +1,5 @@
-"""Input checks for :mod:`napari_pvs.io`: hash, gzip integrity, data size, geometry, dimensions.
+"""Input checks for :mod:`napari_pvs.io`: one-pass hash and gzip check, data size,
+geometry, dimensions.
 
 Every failure raises :class:`~napari_pvs.PVSInputError` with a one-line message.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +24,11 @@ __all__ = [
     "one_line",
     "pick_volume",
     "scan_nifti",
-    "sha256_file",
     "usable_affine",
 ]
 
 _CHUNK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,13 @@ import numpy as np
 from ._errors import PVSInputError
 from ._nifti_checks import one_line
 
-__all__ = ["StoreCorruptError", "StoreLockedError", "StoreWarning", "StoreWriteError",
+__all__ = ["PREDICTION_MAPS", "StoreCorruptError", "StoreLockedError", "StoreWarning", "StoreWriteError",
            "check_site", "check_subject_id", "check_wait", "open_array", "read_verified"]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CHUNKS = (64, 64, 64)
 _RESTORE = "restore the store folder from a backup"
+PREDICTION_MAPS = ("probability", "uncertainty", "labels")
 
 
 class StoreLockedError(PVSInputError):
@@ -124,11 +124,3 @@ def _write_labels(path: Path, labels: np.ndarray, attrs: dict[str, Any]) -> None
     arr = zarr.create_array(str(path), shape=labels.shape, dtype=np.uint8, chunks=_CHUNKS,
                             fill_value=0, attributes=attrs)
     arr[...] = labels
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,6 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from ._errors import PVSInputError
+from ._reader import _report
+from .io import Volume
+from .store import CorrectionsStore
+
 __all__ = ["get_store_reader", "read_store", "subject_layer_kwargs"]
 
 
@@ -34,8 +39,6 @@ def subject_layer_kwargs(store, subject: str) -> tuple[dict[str, Any], dict[str,
     """``(geometry, metadata)`` layer kwargs of a store subject: ``scale`` and ``affine``
     that put its voxels in world millimetres, and the store / subject / geometry
     metadata the widgets read."""
-    from .io import Volume
-
     info = store.info(subject)
     affine = np.asarray(info["affine"], dtype=float)
     scale, napari_affine = Volume(None, affine, tuple(info["spacing"])).napari_transform()
@@ -47,14 +50,9 @@ def subject_layer_kwargs(store, subject: str) -> tuple[dict[str, Any], dict[str,
 
 def read_store(path) -> list[tuple] | None:
     """Layers of every subject of a store: image, latest labels, uncertainty."""
-    from ._errors import PVSInputError
-    from .store import CorrectionsStore
-
     try:
         store = CorrectionsStore.open(path)
     except PVSInputError as exc:
-        from ._reader import _report
-
         _report(str(exc))
         return None
     layers = []
@@ -62,8 +60,6 @@ def read_store(path) -> list[tuple] | None:
         try:
             layers.extend(_subject_layers(store, sid, visible=k == 0))
         except PVSInputError as exc:  # StoreCorruptError names the subject and version
-            from ._reader import _report
-
             _report(str(exc))
     return layers or None
 

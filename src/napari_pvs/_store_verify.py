@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import PVSInputError
-from .store import PREDICTION_MAPS, StoreCorruptError, _ID
+from ._store_checks import _ID, PREDICTION_MAPS, StoreCorruptError
+from .model import load_checkpoint
 
 __all__ = ["verify_store"]
 
@@ -128,8 +129,6 @@ def _verify_subject(store, sid: str, damage, counts) -> None:
 
 
 def _verify_models(folder: Path, damage, counts) -> None:
-    from .model import load_checkpoint
-
     if not folder.is_dir():
         damage("models", "the model registry folder is missing")
         return

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import cc3d
 import numpy as np
+from skimage.filters import apply_hysteresis_threshold, frangi, threshold_otsu
 
 from ._errors import PVSInputError
 
@@ -73,10 +76,6 @@ def _frangi_tiled(
     GIL, so slabs run in parallel; with a fixed ``gamma`` the result equals one
     whole-volume call up to float rounding (the halo covers the Gaussian support).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from skimage.filters import frangi
-
     def run(block: np.ndarray) -> np.ndarray:
         return frangi(block, sigmas=sigmas, black_ridges=black, alpha=0.5, beta=0.5, gamma=gamma)
 
@@ -141,9 +140,45 @@ def segment_frangi(
     -------
     BaselineResult
     """
-    import cc3d
-    from skimage.filters import apply_hysteresis_threshold, threshold_otsu
+    image, sp, mask = _checked_inputs(image, spacing, roi, modality)
+    h = float(sp.mean())
+    sigmas = [s / h for s in sigmas_mm]
+    box = _roi_box(mask, int(np.ceil(3 * max(sigmas))) + 1)
+    cmask = mask[box]
+    crop = _relative_contrast(image[box], cmask, h)
 
+    black = modality == "T1w"
+    vess = _frangi_tiled(crop, sigmas, black=black, gamma=gamma, workers=workers)
+    vess[~cmask] = 0.0
+    csf_like = crop < 0 if black else crop > 0
+
+    seg, high = _threshold(vess, cmask & csf_like, threshold,
+                           int(np.ceil(min_cluster_mm3 / float(np.prod(sp)))))
+    labels = np.zeros(image.shape, np.uint8)
+    labels[box] = seg > 0
+    full_v = np.zeros(image.shape, np.float32)
+    full_v[box] = vess
+    return BaselineResult(labels=labels, vesselness=full_v, threshold=float(high))
+
+
+def _threshold(vess: np.ndarray, allowed: np.ndarray, threshold: float | None,
+               min_vox: int) -> tuple[np.ndarray, float]:
+    """Hysteresis between ``high`` and ``high / 2`` (``high``: ``threshold``, else the Otsu
+    threshold of the responding allowed voxels), inside ``allowed``, without clusters
+    under ``min_vox`` voxels; returns ``(mask, high)``."""
+    if threshold is None:
+        resp = vess[allowed]
+        resp = resp[resp > 1e-3]
+        high = float(threshold_otsu(resp)) if resp.size > 16 else np.inf
+    else:
+        high = float(threshold)
+    seg = apply_hysteresis_threshold(vess, 0.5 * high, high) & allowed
+    seg = cc3d.dust(seg.astype(np.uint8), threshold=min_vox, connectivity=26, in_place=True)
+    return seg, high
+
+
+def _checked_inputs(image, spacing, roi, modality) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image, spacing as 3 floats, ROI mask)``, refusing what cannot be segmented."""
     image = np.asarray(image)
     if image.ndim != 3:
         raise PVSInputError(f"image must be 3D, got shape {image.shape}")
@@ -156,7 +191,7 @@ def segment_frangi(
         warnings.warn(
             f"voxels are anisotropic ({tuple(np.round(sp, 3))} mm); the Frangi baseline uses "
             "isotropic scales in voxels, so consider resampling to isotropic first",
-            stacklevel=2,
+            stacklevel=3,
         )
     if roi is None:
         mask = image > 0
@@ -168,14 +203,14 @@ def segment_frangi(
     if not mask.any():
         what = "the ROI is empty" if roi is not None else "the image has no positive voxels"
         raise PVSInputError(f"{what}: nothing to segment (check the mask or the image file)")
+    return image, sp, mask
 
-    h = float(sp.mean())
-    sigmas = [s / h for s in sigmas_mm]
-    box = _roi_box(mask, int(np.ceil(3 * max(sigmas))) + 1)
-    crop = image[box].astype(np.float32)
-    cmask = mask[box]
-    # Relative contrast to the ROI median, per mm^2: the Hessian of this image is in
-    # physical units, so one gamma and one threshold rule serve every voxel size.
+
+def _relative_contrast(crop: np.ndarray, cmask: np.ndarray, h: float) -> np.ndarray:
+    """Relative contrast to the ROI median, per mm^2 (float32): the Hessian of this
+    image is in physical units, so one gamma and one threshold rule serve every voxel
+    size."""
+    crop = crop.astype(np.float32)
     med = float(np.median(crop[cmask]))
     if not np.isfinite(med) or med <= 0:
         raise PVSInputError(
@@ -185,24 +220,4 @@ def segment_frangi(
     crop /= med
     crop -= 1.0
     crop /= h * h
-
-    black = modality == "T1w"
-    vess = _frangi_tiled(crop, sigmas, black=black, gamma=gamma, workers=workers)
-    vess[~cmask] = 0.0
-    csf_like = crop < 0 if black else crop > 0
-
-    if threshold is None:
-        resp = vess[cmask & csf_like]
-        resp = resp[resp > 1e-3]
-        high = float(threshold_otsu(resp)) if resp.size > 16 else np.inf
-    else:
-        high = float(threshold)
-    seg = apply_hysteresis_threshold(vess, 0.5 * high, high) & csf_like & cmask
-    min_vox = int(np.ceil(min_cluster_mm3 / float(np.prod(sp))))
-    seg = cc3d.dust(seg.astype(np.uint8), threshold=min_vox, connectivity=26, in_place=True)
-
-    labels = np.zeros(image.shape, np.uint8)
-    labels[box] = seg > 0
-    full_v = np.zeros(image.shape, np.float32)
-    full_v[box] = vess
-    return BaselineResult(labels=labels, vesselness=full_v, threshold=float(high))
+    return crop

@@ -27,17 +27,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cc3d
 import numpy as np
 
-__all__ = ["REGION_NAMES", "ClusterTable", "cluster_table", "label_clusters"]
+from ._regions import REGION_NAMES
 
-REGION_NAMES = {0: "other", 1: "WM", 2: "BG"}
+__all__ = ["REGION_NAMES", "ClusterTable", "cluster_table", "label_clusters"]
 
 
 def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """Connected components of ``mask > 0``: ``(labels uint32, number of clusters)``."""
-    import cc3d
-
     if connectivity not in (6, 18, 26):
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
     mask = np.asarray(mask)
@@ -107,66 +106,109 @@ def cluster_table(
                       ("regions", regions)):
         if arr is not None and np.shape(arr) != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
-    # foreground voxels sorted by cluster: every column is a reduction over runs
-    flat = labels.ravel()
-    fg = np.flatnonzero(flat)
-    lab = flat[fg]
-    order = np.argsort(lab, kind="stable")
-    fg, lab = fg[order], lab[order]
-    first = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if lab.size else np.zeros(0, np.int64)
-    ids = lab[first].astype(np.int64)
-    n = ids.size
-    counts = np.diff(np.r_[first, lab.size]).astype(np.int64)
-    rank = np.repeat(np.arange(n), counts)
-    ijk = np.stack(np.unravel_index(fg, labels.shape), 1).astype(np.float64)
-
-    cols: dict[str, np.ndarray] = {"id": ids, "voxels": counts}
-    cols["volume_mm3"] = counts * float(abs(np.linalg.det(affine[:3, :3])))
-    cen = np.stack([np.bincount(rank, weights=ijk[:, a], minlength=n) for a in range(3)], 1)
-    cen = cen.astype(np.float64)
-    cen /= np.maximum(counts, 1)[:, None]
-    for a, ax in enumerate("ijk"):
-        cols[f"centroid_{ax}"] = cen[:, a]
-    world = cen @ affine[:3, :3].T + affine[:3, 3]
-    for a, ax in enumerate("xyz"):
-        cols[f"centroid_{ax}"] = world[:, a]
-    for a, ax in enumerate("ijk"):
-        cols[f"bbox_{ax}_min"] = np.minimum.reduceat(ijk[:, a], first).astype(np.int64) if n else np.zeros(0, np.int64)
-        cols[f"bbox_{ax}_max"] = np.maximum.reduceat(ijk[:, a], first).astype(np.int64) if n else np.zeros(0, np.int64)
+    runs = _Runs.of(labels)
+    cols = _position_columns(runs, affine)
     for key, arr in (("prob", probability), ("unc", uncertainty)):
-        if arr is None or not n:
-            cols[f"{key}_mean"] = np.full(n, np.nan)
-            cols[f"{key}_max"] = np.full(n, np.nan)
-            continue
-        v = np.asarray(arr).ravel()[fg].astype(np.float64)  # gather first: no full-volume copy
-        cols[f"{key}_mean"] = np.add.reduceat(v, first) / counts
-        cols[f"{key}_max"] = np.maximum.reduceat(v, first)
-    names = np.array([REGION_NAMES[k] for k in range(3)], dtype=object)
-    if regions is None:
-        cols["region"] = np.full(n, "other", dtype=object)
-    else:
-        reg = np.asarray(regions).ravel()[fg].astype(np.int64)
-        reg[(reg < 0) | (reg > 2)] = 0  # codes other than WM (1) / BG (2) count as other
-        per = np.bincount(rank * 3 + reg, minlength=3 * n).reshape(n, 3)
-        cols["region"] = names[per.argmax(1)] if n else np.zeros(0, dtype=object)
-
-    # second moments of the voxel centres in world mm, plus each voxel's own extent
-    xyz = ijk @ affine[:3, :3].T
-    d = xyz - (cen @ affine[:3, :3].T)[rank]
-    cov = np.empty((n, 3, 3))
-    for a in range(3):
-        for b in range(a, 3):
-            cov[:, a, b] = cov[:, b, a] = np.bincount(rank, weights=d[:, a] * d[:, b], minlength=n)
-    cov /= np.maximum(counts, 1)[:, None, None]
-    cov += np.diag(spacing**2 / 12.0)[None]
-    ev = np.linalg.eigvalsh(cov)[:, ::-1] if n else np.zeros((0, 3))  # l1 >= l2 >= l3
-    l1, l2 = ev[:, 0], ev[:, 1]
-    cols["length_mm"] = np.sqrt(12.0 * l1)
-    cols["linearity"] = (l1 - l2) / np.maximum(l1, 1e-12)
-    cols["elongation"] = np.sqrt(l1 / np.maximum(l2, 1e-12))
+        cols.update(_map_columns(runs, key, arr))
+    cols["region"] = _region_column(runs, regions)
+    cols.update(_shape_columns(runs, affine, spacing))
     if uncertainty is not None:
         cols["priority"] = 0.6 * cols["unc_mean"] + 0.4 * (1 - cols["linearity"])
     else:
         pm = np.nan_to_num(cols["prob_mean"], nan=1.0)
         cols["priority"] = 0.6 * (1 - pm) + 0.4 * (1 - cols["linearity"])
     return ClusterTable(cols)
+
+
+@dataclass
+class _Runs:
+    """Foreground voxels sorted by cluster: every column is a reduction over runs."""
+
+    fg: np.ndarray  # flat indices of the foreground voxels, grouped by cluster
+    first: np.ndarray  # start of each cluster's run in ``fg``
+    ids: np.ndarray  # cluster label of each run
+    counts: np.ndarray  # voxels of each run
+    rank: np.ndarray  # run number of each voxel of ``fg``
+    ijk: np.ndarray  # voxel indices (float64) of ``fg``
+    centroid: np.ndarray  # mean voxel index of each run
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> _Runs:
+        flat = labels.ravel()
+        fg = np.flatnonzero(flat)
+        lab = flat[fg]
+        order = np.argsort(lab, kind="stable")
+        fg, lab = fg[order], lab[order]
+        first = (np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if lab.size
+                 else np.zeros(0, np.int64))
+        ids = lab[first].astype(np.int64)
+        n = ids.size
+        counts = np.diff(np.r_[first, lab.size]).astype(np.int64)
+        rank = np.repeat(np.arange(n), counts)
+        ijk = np.stack(np.unravel_index(fg, labels.shape), 1).astype(np.float64)
+        cen = np.stack([np.bincount(rank, weights=ijk[:, a], minlength=n) for a in range(3)], 1)
+        cen = cen.astype(np.float64)
+        cen /= np.maximum(counts, 1)[:, None]
+        return cls(fg, first, ids, counts, rank, ijk, cen)
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.size)
+
+
+def _position_columns(runs: _Runs, affine: np.ndarray) -> dict[str, np.ndarray]:
+    """``id``, ``voxels``, ``volume_mm3``, centroids (voxel and world) and bounding boxes."""
+    n, ijk, first = runs.n, runs.ijk, runs.first
+    cols: dict[str, np.ndarray] = {"id": runs.ids, "voxels": runs.counts}
+    cols["volume_mm3"] = runs.counts * float(abs(np.linalg.det(affine[:3, :3])))
+    for a, ax in enumerate("ijk"):
+        cols[f"centroid_{ax}"] = runs.centroid[:, a]
+    world = runs.centroid @ affine[:3, :3].T + affine[:3, 3]
+    for a, ax in enumerate("xyz"):
+        cols[f"centroid_{ax}"] = world[:, a]
+    for a, ax in enumerate("ijk"):
+        cols[f"bbox_{ax}_min"] = (np.minimum.reduceat(ijk[:, a], first).astype(np.int64) if n
+                                  else np.zeros(0, np.int64))
+        cols[f"bbox_{ax}_max"] = (np.maximum.reduceat(ijk[:, a], first).astype(np.int64) if n
+                                  else np.zeros(0, np.int64))
+    return cols
+
+
+def _map_columns(runs: _Runs, key: str, arr: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``{key}_mean`` and ``{key}_max`` of a map over each cluster (NaN without the map)."""
+    n = runs.n
+    if arr is None or not n:
+        return {f"{key}_mean": np.full(n, np.nan), f"{key}_max": np.full(n, np.nan)}
+    v = np.asarray(arr).ravel()[runs.fg].astype(np.float64)  # gather first: no full-volume copy
+    return {f"{key}_mean": np.add.reduceat(v, runs.first) / runs.counts,
+            f"{key}_max": np.maximum.reduceat(v, runs.first)}
+
+
+def _region_column(runs: _Runs, regions: np.ndarray | None) -> np.ndarray:
+    """The dominant region of each cluster (:data:`~napari_pvs._regions.REGION_NAMES`)."""
+    n, k = runs.n, len(REGION_NAMES)
+    names = np.array([REGION_NAMES[code] for code in range(k)], dtype=object)
+    if regions is None:
+        return np.full(n, REGION_NAMES[0], dtype=object)
+    reg = np.asarray(regions).ravel()[runs.fg].astype(np.int64)
+    reg[(reg < 0) | (reg >= k)] = 0  # codes outside the region table count as other
+    per = np.bincount(runs.rank * k + reg, minlength=k * n).reshape(n, k)
+    return names[per.argmax(1)] if n else np.zeros(0, dtype=object)
+
+
+def _shape_columns(runs: _Runs, affine: np.ndarray, spacing: np.ndarray) -> dict[str, np.ndarray]:
+    """``length_mm``, ``linearity`` and ``elongation`` from the second moments of the voxel
+    centres in world mm, plus each voxel's own extent."""
+    n, rank = runs.n, runs.rank
+    xyz = runs.ijk @ affine[:3, :3].T
+    d = xyz - (runs.centroid @ affine[:3, :3].T)[rank]
+    cov = np.empty((n, 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            cov[:, a, b] = cov[:, b, a] = np.bincount(rank, weights=d[:, a] * d[:, b], minlength=n)
+    cov /= np.maximum(runs.counts, 1)[:, None, None]
+    cov += np.diag(spacing**2 / 12.0)[None]
+    ev = np.linalg.eigvalsh(cov)[:, ::-1] if n else np.zeros((0, 3))  # l1 >= l2 >= l3
+    l1, l2 = ev[:, 0], ev[:, 1]
+    return {"length_mm": np.sqrt(12.0 * l1), "linearity": (l1 - l2) / np.maximum(l1, 1e-12),
+            "elongation": np.sqrt(l1 / np.maximum(l2, 1e-12))}

@@ -22,14 +22,21 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from ._errors import PVSInputError
+from ._regions import REGION_CODES
+from .io import load_volume
+from .phantom import make_cohort
+from .store import CorrectionsStore
 
-__all__ = ["DERIV", "SubjectFiles", "read_cohort", "subject_files", "write_phantom_cohort"]
+__all__ = ["DERIV", "SubjectFiles", "read_cohort", "store_from_cohort", "subject_files",
+           "write_phantom_cohort"]
 
 DERIV = Path("derivatives") / "napari-pvs-phantom"
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -68,8 +75,6 @@ def subject_files(root: Path, subject: str, modality: str, site: str = "unknown"
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
-
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(data, affine)
     img.header.set_qform(affine, code=1)
@@ -95,8 +100,6 @@ def write_phantom_cohort(
     ``progress``, if given, is called as ``progress(message, done, total)``.
     Returns the written subjects in order.
     """
-    from .phantom import REGION_CODES, make_cohort
-
     root = Path(outdir)
     root.mkdir(parents=True, exist_ok=True)
     total = n_sites * per_site
@@ -118,6 +121,13 @@ def write_phantom_cohort(
         written.append(files)
         if progress is not None:
             progress(f"wrote sub-{sid}", k + 1, total)
+    _write_sidecars(root, rows, f"sites={n_sites} per_site={per_site} modality={modality} "
+                    f"seed={seed} size_mm={size_mm}")
+    return written
+
+
+def _write_sidecars(root: Path, rows: list[dict], generated_by: str) -> None:
+    """participants.tsv / .json, the dataset descriptions and the region table."""
     with open(root / "participants.tsv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=_COLUMNS, delimiter="\t", lineterminator="\n")
         w.writeheader()
@@ -132,9 +142,7 @@ def write_phantom_cohort(
     }, indent=1))
     (root / "dataset_description.json").write_text(json.dumps({
         "Name": "napari-pvs synthetic PVS phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw",
-        "GeneratedBy": [{"Name": "napari-pvs phantom", "Description":
-                         f"sites={n_sites} per_site={per_site} modality={modality} seed={seed} "
-                         f"size_mm={size_mm}"}],
+        "GeneratedBy": [{"Name": "napari-pvs phantom", "Description": generated_by}],
     }, indent=1))
     der = root / DERIV
     der.mkdir(parents=True, exist_ok=True)
@@ -145,7 +153,31 @@ def write_phantom_cohort(
         "Name": "napari-pvs phantom ground truth", "BIDSVersion": "1.9.0",
         "DatasetType": "derivative", "GeneratedBy": [{"Name": "napari-pvs phantom"}],
     }, indent=1))
-    return written
+
+
+def store_from_cohort(path: str | Path, cohort: Iterable[SubjectFiles],
+                      corrected: Collection[str] | None = None, *,
+                      author: str = "truth") -> CorrectionsStore:
+    """A new corrections store at ``path`` holding each subject of ``cohort`` (image,
+    site, modality and region map), with its labels committed as version 1 by
+    ``author`` for the subjects in ``corrected`` (default: every subject with labels).
+
+    Returns the store, open and writable (close it, or use it as a context manager).
+    The tests' ``phantom_store`` fixture and the benchmarks build their stores here.
+    """
+    store = CorrectionsStore.create(path)
+    try:
+        for s in cohort:
+            regions = None if s.regions is None else load_volume(s.regions, as_labels=True).data
+            store.add_subject(s.subject, load_volume(s.image), site=s.site, modality=s.modality,
+                              regions=regions)
+            if s.labels is not None and (corrected is None or s.subject in corrected):
+                store.commit_labels(s.subject, load_volume(s.labels, as_labels=True).data,
+                                    author=author)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def _entity(name: str, key: str) -> str | None:

@@ -13,7 +13,7 @@ Negative labels are refused (they would silently count as background), and so is
 region map without any region: it would score nothing and report 1.0.
 
 By region: :func:`score` restricts both maps to the region (WM = 1, BG = 2 in the
-region map, as the phantoms write them) *before* finding clusters, so a PVS that
+region map: :mod:`napari_pvs._regions`) *before* finding clusters, so a PVS that
 crosses from the BG into the WM counts once in each region.  ``count_error`` is
 ``n_pred - n_ref`` clusters.
 """
@@ -22,14 +22,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import cc3d
 import numpy as np
 
 from ._errors import PVSInputError
+from ._regions import SCORED_REGIONS
 from .io import Volume, check_same_grid
 
 __all__ = ["REGIONS", "ClusterScores", "cluster_scores", "score", "voxel_dice"]
 
-REGIONS = {"WM": 1, "BG": 2}
+REGIONS = SCORED_REGIONS  # the regions scored separately (the region table)
 
 
 def _no_negatives(labels: np.ndarray, name: str) -> np.ndarray:
@@ -104,8 +106,6 @@ def cluster_scores(
     pred: np.ndarray, ref: np.ndarray, *, mask: np.ndarray | None = None, connectivity: int = 26
 ) -> ClusterScores:
     """Cluster Dice, precision and recall of two binary maps (optionally inside ``mask``)."""
-    import cc3d
-
     pred, ref = _check(pred, ref)
     if mask is not None:
         m = np.asarray(mask) > 0
