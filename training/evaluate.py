@@ -54,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_pvs._fs import atomic_path
+
 from .data import corrected_versions
 from .finetune import FinetuneConfig, FinetuneEvent, finetune
 from .splits import kfold_splits, load_or_create_splits, losocv_splits
@@ -369,13 +371,11 @@ def _title(kind: str, k: int | None) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
         w.writeheader()
         for r in rows:
             w.writerow({c: f"{r[c]:.6f}" if isinstance(r[c], float) else r[c] for c in COLUMNS})
-    os.replace(tmp, path)
 
 
 def _table(first: str, rows: list[tuple[str, str, dict]]) -> list[str]:
@@ -439,9 +439,8 @@ def _boxplot(path: Path, rows: list[dict], title: str) -> None:
                         Line2D([], [], color="C2", marker="^", ls="", label="mean"),
                         Line2D([], [], color="C0", marker="o", ls="", label="subject")],
                loc="outside lower center", ncols=3, fontsize=10, frameon=False)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
 
 
 # ----------------------------------------------------------------------------- CLI

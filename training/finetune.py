@@ -38,6 +38,7 @@ import numpy as np
 
 from napari_pvs._backends import make_runner, pick_device
 from napari_pvs._errors import PVSInputError
+from napari_pvs._fs import atomic_path
 from napari_pvs._sliding import plan_windows
 from napari_pvs._store_checks import check_wait
 from napari_pvs.inference import blends_logits, predict_preprocessed, run
@@ -102,16 +103,8 @@ def _save_state(path: Path, state: dict) -> None:
     """Write the run's checkpoint atomically (temporary file, fsync, rename)."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_state(path: Path, cfg: FinetuneConfig) -> dict:

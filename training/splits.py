@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_pvs._fs import atomic_write_text
+
 __all__ = ["kfold_splits", "load_or_create_splits", "losocv_splits"]
 
 Split = dict[str, list[str]]
@@ -84,7 +86,5 @@ def load_or_create_splits(path: str | os.PathLike[str], make) -> list[Split]:
         return splits
     splits = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two runs never share a temp file
-    tmp.write_text(json.dumps(splits, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(splits, indent=1))
     return splits

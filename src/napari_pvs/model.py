@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import PVSInputError
+from ._fs import atomic_path, atomic_write_text, sha256_file
 from .network import (
     FORMAT,
     FORMAT_VERSION,
@@ -107,16 +108,11 @@ def save_checkpoint(path: str | os.PathLike[str], net, meta: dict[str, Any],
     meta["arch"]["deep_supervision_heads"] = any(k.startswith("out_blocks.") for k in tensors)
     check_meta(meta, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; use normal permissions
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -176,8 +172,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu"):
 
 def checkpoint_hash(path: str | os.PathLike[str]) -> str:
     """sha256 identifying a checkpoint's content (of every member, for an ensemble)."""
-    from .io import sha256_file
-
     path = Path(path)
     if path.suffix != ".json":
         return sha256_file(path)
@@ -319,10 +313,8 @@ class ModelRegistry:
 def write_ensemble(path: str | os.PathLike[str], members, **provenance) -> Path:
     """Write an ensemble file naming ``members`` (file names beside it), atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"format": ENSEMBLE_FORMAT, "format_version": 1,
-                               "members": list(members), **provenance}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"format": ENSEMBLE_FORMAT, "format_version": 1,
+                                        "members": list(members), **provenance}, indent=1))
     return path
 
 
