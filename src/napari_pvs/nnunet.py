@@ -282,6 +282,30 @@ def _trainer_hint(trainer: str) -> tuple[str | None, int | None]:
     return (m.group(1).upper(), int(m.group(2))) if m else (None, None)
 
 
+def _fold_weights(fold_dir: Path, ckpt: Path) -> dict:
+    """The fold's state dict, read with ``weights_only=True`` and checked finite."""
+    import torch
+
+    if not ckpt.is_file():
+        raise PVSInputError(f"{fold_dir} has no model_final_checkpoint.model; the fold is "
+                            "incomplete (copy it again, or remove the fold folder)")
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = saved["state_dict"]
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise TypeError("state_dict is not a mapping of tensors")
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError
+        raise PVSInputError(f"{ckpt} cannot be read with weights_only=True "
+                            f"({type(exc).__name__}); it is truncated, corrupt or holds "
+                            "objects other than tensors") from None
+    broken = [k for k, v in state.items()
+              if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise PVSInputError(f"{ckpt}: {len(broken)} weight tensors hold NaN or infinite values "
+                            f"(e.g. {broken[0]}); this fold is broken, import a good copy")
+    return state
+
+
 def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Convert an nnU-Net v1 MedNeXt training folder into napari-pvs checkpoints.
 
@@ -289,9 +313,6 @@ def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -
     returns the ensemble file, which :func:`napari_pvs.model.load_checkpoint` and
     ``napari-pvs predict --model`` accept.
     """
-    import torch
-
-
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise PVSInputError(f"{folder} is not a folder; pass the trainer folder that holds plans.pkl "
@@ -308,23 +329,7 @@ def import_nnunet(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -
     members = []
     for fold_dir in folds:
         ckpt = fold_dir / "model_final_checkpoint.model"
-        if not ckpt.is_file():
-            raise PVSInputError(f"{fold_dir} has no model_final_checkpoint.model; the fold is "
-                                "incomplete (copy it again, or remove the fold folder)")
-        try:
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-            state = saved["state_dict"]
-            if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-                raise TypeError("state_dict is not a mapping of tensors")
-        except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError
-            raise PVSInputError(f"{ckpt} cannot be read with weights_only=True "
-                                f"({type(exc).__name__}); it is truncated, corrupt or holds "
-                                "objects other than tensors") from None
-        broken = [k for k, v in state.items()
-                  if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if broken:
-            raise PVSInputError(f"{ckpt}: {len(broken)} weight tensors hold NaN or infinite values "
-                                f"(e.g. {broken[0]}); this fold is broken, import a good copy")
+        state = _fold_weights(fold_dir, ckpt)
         arch = infer_architecture(state)
         known_hint = hint_variant in VARIANTS
         if (known_hint and hint_variant != arch["variant"]) or (
