@@ -27,7 +27,7 @@ new runner checks the file against the manifest and the runtime's logits for the
 against torch's; a failed check deletes the folder and exports again.  Without a
 ``cache_key`` the export goes to a temporary folder removed with the runner.
 
-CPU threads: ``torch.getnum_threads()`` (PyTorch's default, the physical cores
+CPU threads: ``torch.get_num_threads()`` (PyTorch's default, the physical cores
 available to the process) unless ``NAPARI_PVS_NUM_THREADS`` is set.
 """
 
@@ -287,8 +287,8 @@ class _OrtRunner(WindowRunner):
 
         super().__init__(window=window, batch_size=batch_size, in_channels=in_channels)
         opts = ort.SessionOptions()
-        opts.intra_opnum_threads = num_threads()
-        opts.inter_opnum_threads = 1
+        opts.intra_op_num_threads = num_threads()
+        opts.inter_op_num_threads = 1
         opts.enable_cpu_mem_arena = False
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3

@@ -51,6 +51,6 @@ def num_threads() -> int:
         return int(env)
     import torch
 
-    return max(1, torch.getnum_threads())
+    return max(1, torch.get_num_threads())
 
 
