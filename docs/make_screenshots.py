@@ -106,7 +106,8 @@ def main() -> None:
     shot("Retrain", "retrain.png")
 
     tw.repredict()
-    _wait(app, lambda: rw.layer is not None and tw.model_id in rw.layer.name)
+    _wait(app, lambda: rw.layer is not None
+          and (rw.layer.metadata.get("prediction") or {}).get("model") == tw.model_id)
     viewer.layers[f"{cohort[0].subject} image [baseline] PVS"].visible = False
     viewer.layers[f"{cohort[0].subject} image [baseline] clusters"].visible = False
     rw.sort.value = "uncertainty"

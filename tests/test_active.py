@@ -89,3 +89,38 @@ def test_predict_subjects_saves_maps_with_statistics(tmp_path):
     assert {r["model_id"] for r in rows} == {model_id}
     assert not any(math.isnan(r["uncertainty"]) for r in rows)
     store.close()
+
+
+def test_predict_and_save_saves_a_store_subjects_mednext_prediction_only(tmp_path):
+    from napari_pvs.active import predict_and_save
+    from napari_pvs.inference import run
+    from napari_pvs.model import arch_config, build_network, default_meta
+    from napari_pvs.phantom import make_phantom
+
+    path = tmp_path / "p.pvs.zarr"
+    ph = make_phantom(seed=0, size_mm=40.0, site=0, subject="p0")
+    with CorrectionsStore.create(path) as store:
+        store.add_subject("p0", Volume(ph.image, ph.affine, ph.spacing), site="A",
+                          regions=ph.regions)
+        arch = arch_config("XS", 3)
+        model_id = store.models.register(build_network(arch), default_meta(
+            arch, target_spacing=[1.0] * 3, patch_size=[32] * 3))
+
+    def predict(model, subject):
+        return run(predict_and_save(ph.image, ph.spacing, model, affine=ph.affine, roi=ph.regions,
+                                    store_path=path, subject=subject, backend="torch"))
+
+    pred = predict(model_id, "p0")  # the model id resolves in the store's registry
+    assert pred.model == model_id and pred.probability is not None
+    with CorrectionsStore.open(path) as store:
+        assert store.predictions("p0") == [model_id]
+        np.testing.assert_array_equal(store.read_prediction("p0", model_id, "labels"), pred.labels)
+        stats = dict(store.prediction("p0", model_id).attrs["stats"])
+        assert stats == pytest.approx(prediction_stats(pred.uncertainty, pred.labels, ph.regions))
+        assert store.info("p0")["status"] == "predicted"
+        assert rank_subjects(store)[0]["uncertainty"] == pytest.approx(stats["clusters"])
+    # a subject the store does not hold, and the baseline (no probability): nothing saved
+    predict(model_id, "elsewhere")
+    assert predict("baseline", "p0").probability is None
+    with CorrectionsStore.open(path) as store:
+        assert store.subjects() == ["p0"] and store.predictions("p0") == [model_id]

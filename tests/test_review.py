@@ -260,3 +260,79 @@ def test_napari_paint_events_protect_painted_voxels():
     s.undo()  # rejected again
     s.accept(blob)  # restores what the rejection erased, not the painted voxels
     assert lab[10:13, 10:13, 10:13].sum() == 25 and lab[11, 11, 11] == 0 and lab[12, 12, 12] == 0
+
+
+# ---------------------------------------------------------------- signals
+def _record(s):
+    """Every signal the session emits, in order, as (name, args)."""
+    got = []
+    for name in ("decided", "undone", "paint_recorded", "recomputed", "saved", "changed"):
+        getattr(s, name).connect(lambda *args, name=name: got.append((name, args)))
+    return got
+
+
+def test_decisions_undo_and_paint_emit_signals_after_the_change():
+    lab = _labels()
+    s = ReviewSession(lab)
+    got = _record(s)
+    blob, rod = _ids(s)[27], _ids(s)[40]
+    seen = []  # what a listener sees when the signal arrives: the labels already changed
+    s.decided.connect(lambda cid, state: seen.append((state, int(lab[11, 11, 11]))))
+    s.reject(blob)
+    assert got == [("decided", (blob, "rejected")), ("changed", ())]
+    assert seen == [("rejected", 0)]
+    got.clear()
+    assert s.reject(blob) is None and got == []  # a repeated decision: nothing
+    s.accept(rod)
+    s.accept(rod)
+    assert got == [("decided", (rod, "accepted")), ("changed", ())]
+    got.clear()
+    s.undo()
+    s.undo()
+    assert got == [("undone", (rod, "unreviewed")), ("changed", ()),
+                   ("undone", (blob, "unreviewed")), ("changed", ())]
+    got.clear()
+    assert s.undo() is None and got == []  # nothing to undo: nothing
+    s.record_paint(np.zeros(0, np.int64))
+    assert got == []
+    s.record_paint(np.array([0, 1, 1]), 1)
+    s.record_paint(4)
+    assert got == [("paint_recorded", (2,)), ("changed", ()), ("paint_recorded", (4,)),
+                   ("changed", ())]
+
+
+def test_recompute_relabels_keeps_the_log_and_emits():
+    lab = _labels()
+    s = ReviewSession(lab)
+    blob = _ids(s)[27]
+    s.reject(blob)
+    lab[16, 16, 15] = 1  # painted next to the one-voxel cluster, reported by index
+    s.record_paint(np.array([np.ravel_multi_index((16, 16, 15), lab.shape)]), 1)
+    got = _record(s)
+    unc = np.full(lab.shape, 0.25, np.float32)
+    assert s.recompute(uncertainty=unc) == 2  # the rejected blob is gone, the rod remains
+    assert got == [("recomputed", (2,)), ("changed", ())]
+    assert s.decisions == {} and s.undo() is None  # its decisions went with the clusters
+    assert sorted(int(v) for v in s.table.columns["voxels"]) == [2, 40]
+    np.testing.assert_allclose(s.table.columns["unc_mean"], 0.25)
+    assert s.dirty and [e["kind"] for e in s.events] == ["cluster_rejected", "paint"]
+    assert s.painted == 1  # still counted, no longer located
+    with pytest.raises(ValueError, match="unknown maps"):
+        s.recompute(probabilities=unc)
+    with pytest.raises(ValueError):  # a map of another grid changes nothing
+        s.recompute(uncertainty=np.zeros((3, 3, 3), np.float32))
+    assert s.n == 2 and len(got) == 2
+
+
+def test_save_emits_the_version(tmp_path):
+    from napari_pvs.io import Volume
+
+    lab = _labels()
+    store = CorrectionsStore.create(tmp_path / "s.pvs.zarr")
+    store.add_subject("sub01", Volume(np.zeros(lab.shape, np.float32), np.eye(4), (1.0,) * 3))
+    s = ReviewSession(lab)
+    s.reject(_ids(s)[1])
+    got = _record(s)
+    assert s.save(store, "sub01", author="me") == 1
+    assert got == [("saved", (1,)), ("changed", ())]
+    store.close()

@@ -6,36 +6,13 @@ import time
 
 import numpy as np
 import pytest
+from _widget_helpers import phantom_viewer, store_with_model
 from qtpy.QtCore import QTimer
 
 from napari_pvs.io import Volume
 from napari_pvs.store import CorrectionsStore
 
 pytestmark = pytest.mark.gui
-
-
-def _phantom_viewer(viewer, size_mm=64.0, seed=0):
-    from napari_pvs.phantom import make_phantom
-
-    ph = make_phantom(seed=seed, size_mm=size_mm, subject="w")
-    scale, aff = Volume(None, ph.affine, ph.spacing).napari_transform()
-    meta = {"nifti_affine": ph.affine.tolist(), "modality": "T2w"}
-    image = viewer.add_image(ph.image, name="phantom T2w", scale=scale, affine=aff, metadata=meta)
-    regions = viewer.add_labels(ph.regions, name="regions (1 WM, 2 BG)", scale=scale, affine=aff,
-                                metadata=meta, visible=False)
-    return ph, image, regions
-
-
-def _store_with_model(path, ph, spacing=1.0):
-    from napari_pvs.model import arch_config, build_network, default_meta
-
-    store = CorrectionsStore.create(path)
-    store.add_subject("w01", Volume(ph.image, ph.affine, ph.spacing), site="A", regions=ph.regions)
-    arch = arch_config("XS", 3)
-    model_id = store.models.register(build_network(arch), default_meta(
-        arch, target_spacing=[spacing] * 3, patch_size=[32] * 3))
-    store.close()
-    return model_id
 
 
 def _wait_measuring(qtbot, widget, timeout_ms):
@@ -59,12 +36,12 @@ def test_predict_widget_adds_layers_and_keeps_the_viewer_responsive(make_napari_
     from napari_pvs._widgets.predict import BASELINE, PredictWidget
 
     viewer = make_napari_viewer()
-    ph, image, regions = _phantom_viewer(viewer)
+    ph, image, regions = phantom_viewer(viewer)
     w = PredictWidget(viewer)
     qtbot.addWidget(w)
     assert w.image.value is image and w.roi.value is regions  # the region map is the default ROI
     if model == "mednext":
-        model_id = _store_with_model(tmp_path / "s.pvs.zarr", ph)
+        model_id = store_with_model(tmp_path / "s.pvs.zarr", ph)
         state_for(viewer).store = str(tmp_path / "s.pvs.zarr")
         assert w.model.choices == (BASELINE, model_id, "checkpoint file...")
         w.model.value = model_id
@@ -102,8 +79,8 @@ def test_predict_cancel_stops_without_adding_layers(make_napari_viewer, qtbot, t
     from napari_pvs._widgets.predict import PredictWidget
 
     viewer = make_napari_viewer()
-    ph, image, regions = _phantom_viewer(viewer, size_mm=96.0)
-    model_id = _store_with_model(tmp_path / "s.pvs.zarr", ph, spacing=0.5)  # many windows
+    ph, image, regions = phantom_viewer(viewer, size_mm=96.0)
+    model_id = store_with_model(tmp_path / "s.pvs.zarr", ph, spacing=0.5)  # many windows
     state_for(viewer).store = str(tmp_path / "s.pvs.zarr")
     w = PredictWidget(viewer)
     qtbot.addWidget(w)
@@ -117,154 +94,6 @@ def test_predict_cancel_stops_without_adding_layers(make_napari_viewer, qtbot, t
     qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
     assert len(viewer.layers) == n and w.run_button.enabled
     assert progress[-1].done < progress[-1].total
-
-
-def test_review_shortcuts_do_not_collide_with_napari():
-    from napari.layers import Labels
-    from napari.settings import get_settings
-
-    from napari_pvs._widgets.review import KEYS
-
-    taken = {str(k).upper().replace("+", "-") for keys in get_settings().shortcuts.shortcuts.values()
-             for k in keys}
-    taken |= {str(k).upper().replace("+", "-") for k in Labels.class_keymap}
-    ours = {k.upper() for k in KEYS.values()}
-    assert len(ours) == 5 and not ours & taken, ours & taken
-    assert {"E", "P", "F", "M"} <= taken  # the check sees napari's own Labels keys
-
-
-def _predicted_review(viewer, qtbot):
-    """Phantom -> baseline prediction -> review widget on its labels; plants a false
-    positive 3x3x3 blob in the predicted labels first (returns its centre voxel)."""
-    from napari_pvs._widgets.predict import PredictWidget
-    from napari_pvs._widgets.review import ReviewWidget
-
-    ph, image, regions = _phantom_viewer(viewer)
-    pw = PredictWidget(viewer)
-    qtbot.addWidget(pw)
-    pw.run()
-    qtbot.waitUntil(lambda: pw.worker is None, timeout=120_000)
-    labels = viewer.layers["phantom T2w [baseline] PVS"]
-    # a spot in WM with no PVS within 3 voxels: the planted blob is its own cluster
-    wm = np.argwhere(ph.regions == 1)
-    free = next(tuple(int(v) for v in p) for p in wm[len(wm) // 2:]
-                if not labels.data[p[0] - 3:p[0] + 4, p[1] - 3:p[1] + 4, p[2] - 3:p[2] + 4].any())
-    i, j, k = free
-    labels.data[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2] = 1
-    rw = ReviewWidget(viewer)
-    qtbot.addWidget(rw)
-    rw.set_layer(labels)
-    return ph, image, labels, rw, free, pw
-
-
-def test_review_rejects_a_planted_false_positive_with_its_key(make_napari_viewer, qtbot, tmp_path):
-    from qtpy.QtCore import Qt
-
-    viewer = make_napari_viewer(show=True)
-    ph, image, labels, rw, (i, j, k), _ = _predicted_review(viewer, qtbot)
-    s = rw.session
-    cid = int(s.clusters[i, j, k])
-    assert s.row(cid)["voxels"] == 27 and rw.counter.value == f"reviewed 0 of {s.n}"
-    rw.sort.value = "size"
-    sizes = [int(s.row(c)["voxels"]) for c in rw.order()]
-    assert sizes == sorted(sizes, reverse=True)
-    rw.table.horizontalHeader().sectionClicked.emit(2)  # a click on "voxels" reverses the order
-    assert [int(s.row(c)["voxels"]) for c in rw.order()] == sorted(sizes)
-    rw.table.horizontalHeader().sectionClicked.emit(3)  # "uncertainty": NaN for the baseline
-    assert len(rw.order()) == s.n
-    rw.sort.value = "priority"
-    rw.sort.value = "size"
-    rw.go_to(cid)
-    world = labels.data_to_world([i, j, k])
-    np.testing.assert_allclose(viewer.dims.point, world, atol=1.0)  # the planted blob's slice
-    np.testing.assert_allclose(_camera(viewer).center[-2:], np.asarray(world)[-2:], atol=1.0)
-    np.testing.assert_allclose(viewer.layers["review: current cluster"].data[0], world, atol=1e-6)
-    selected = rw.table.selectionModel().selectedRows()
-    assert int(rw.table.item(selected[0].row(), 0).data(Qt.UserRole)) == cid
-    # J on napari's canvas rejects the current cluster, with the labels layer active
-    viewer.layers.selection.active = labels
-    canvas = viewer.window._qt_viewer.canvas.native
-    canvas.setFocus()
-    qtbot.keyClick(canvas, Qt.Key_J)
-    qtbot.waitUntil(lambda: s.decisions.get(cid) == "rejected", timeout=5000)
-    assert labels.data[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].sum() == 0
-    assert rw.current != cid  # moved on to the next cluster
-    assert rw.counter.value == f"reviewed 1 of {s.n}"
-    qtbot.keyClick(canvas, Qt.Key_U)  # undo puts it back
-    qtbot.waitUntil(lambda: cid not in s.decisions, timeout=5000)
-    assert labels.data[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].all()
-    rw.go_to(cid)
-    rw.reject()
-    other = rw.current
-    rw.accept()
-    assert s.decisions == {cid: "rejected", other: "accepted"}
-    # manual painting in the labels layer is a correction too
-    labels.brush_size = 1
-    labels.paint((i, j + 3, k), 1, refresh=True)
-    assert s.painted > 0 and "voxels painted" in rw.edits.value
-    rw.store.value = str(tmp_path / "lab.pvs.zarr")
-    rw.subject.value = "w01"
-    assert rw.save()
-    assert not rw.has_unsaved()
-    with CorrectionsStore.open(tmp_path / "lab.pvs.zarr") as store:
-        saved = np.asarray(store.labels("w01")[...])
-        assert saved[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].sum() == 0
-        np.testing.assert_array_equal(saved, labels.data)
-        meta = store.versions("w01")[-1]
-        assert meta["summary"]["clusters_rejected"] == 1 and meta["summary"]["clusters_accepted"] == 1
-        assert meta["summary"]["voxels_painted_manually"] == s.summary()["voxels_painted_manually"] > 0
-        kinds = [e["kind"] for e in store.events("w01")]
-        assert kinds.count("cluster_rejected") == 2 and "undo" in kinds and "paint" in kinds
-        np.testing.assert_allclose(store.info("w01")["affine"], ph.affine)  # the image's geometry
-        np.testing.assert_array_equal(store.regions("w01")[...], ph.regions)
-    rw.unbind_keys()
-
-
-def test_closing_with_unsaved_corrections_asks_first(make_napari_viewer, qtbot, tmp_path,
-                                                     monkeypatch):
-    from qtpy.QtGui import QCloseEvent
-    from qtpy.QtWidgets import QMessageBox
-
-    viewer = make_napari_viewer()
-    ph, image, labels, rw, _, _ = _predicted_review(viewer, qtbot)
-    window = viewer.window._qt_window
-    asked = []
-
-    def answer(value):
-        def _question(*args, **kwargs):
-            asked.append(args[2])
-            return value
-        return _question
-
-    assert rw._guard.eventFilter(window, QCloseEvent()) is False  # nothing unsaved: no question
-    assert asked == []
-    rw.next()
-    rw.reject()
-    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Cancel))
-    event = QCloseEvent()
-    assert rw._guard.eventFilter(window, event) is True and not event.isAccepted()
-    assert "1 rejected" in asked[-1] and rw.has_unsaved()
-    # Save with no store chosen fails: the window stays open and nothing is lost
-    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Save))
-    assert rw._guard.eventFilter(window, QCloseEvent()) is True and rw.has_unsaved()
-    rw.store.value = str(tmp_path / "c.pvs.zarr")
-    rw.subject.value = "w01"
-    assert rw._guard.eventFilter(window, QCloseEvent()) is False  # saved, then closes
-    assert not rw.has_unsaved()
-    with CorrectionsStore.open(tmp_path / "c.pvs.zarr") as store:
-        assert store.latest_version("w01") == 1
-    rw.reject()
-    # choosing another labels layer over unsaved decisions asks too; Cancel stays
-    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Cancel))
-    truthlike = viewer.add_labels(np.zeros_like(labels.data), name="other labels",
-                                  scale=labels.scale, affine=labels.affine)
-    rw.labels.reset_choices()
-    rw.labels.value = truthlike
-    assert rw.layer is labels and rw.labels.value is labels and rw.has_unsaved()
-    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.Discard))
-    assert rw._guard.eventFilter(window, QCloseEvent()) is False
-    rw.session.dirty = False
-    rw.unbind_keys()
 
 
 def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, qtbot, tmp_path):
@@ -314,10 +143,6 @@ def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, q
     assert row["status"] == "predicted" and row["uncertainty"] == row["uncertainty"]  # not NaN
     with CorrectionsStore.open(path) as store:
         assert store.predictions("q3") == ["m1"]
-
-
-def _camera(viewer):
-    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
 
 
 def test_end_to_end_predict_review_save_retrain_repredict(make_napari_viewer, qtbot, tmp_path):
@@ -455,7 +280,7 @@ def test_screenshot_of_each_widget_docked_in_napari_is_not_blank(make_napari_vie
     classes = {"predict": "PredictWidget", "review": "ReviewWidget", "retrain": "RetrainWidget",
                "queue": "QueueWidget"}
     viewer = make_napari_viewer(show=True)
-    _phantom_viewer(viewer)
+    phantom_viewer(viewer)
     cls = getattr(importlib.import_module(f"napari_pvs._widgets.{name}"), classes[name])
     widget = cls(viewer)
     viewer.window.add_dock_widget(widget, name=name, area="right")

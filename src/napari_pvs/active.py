@@ -5,6 +5,9 @@ prediction with its uncertainty statistics; :func:`rank_subjects` orders the sub
 so that the one to correct next comes first: subjects not yet corrected before
 corrected ones, then by decreasing uncertainty.
 
+:func:`predict_and_save` predicts one image, a store subject's or not, and saves a
+MedNeXt prediction of a store subject the same way (the predict widget's job).
+
 Two uncertainty scores are kept per prediction:
 
 - ``image``: the mean voxel uncertainty inside the subject's region map (WM + BG),
@@ -22,8 +25,13 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
+from .clusters import cluster_table, label_clusters
+from .inference import Progress, run
+from .pipeline import predict_array
+from .store import CorrectionsStore, model_registry
 
-__all__ = ["SCORES", "predict_subjects", "prediction_stats", "rank_subjects", "save_prediction"]
+__all__ = ["SCORES", "predict_and_save", "predict_subjects", "prediction_stats", "rank_subjects",
+           "save_prediction"]
 
 SCORES = ("clusters", "image")
 
@@ -35,8 +43,6 @@ def prediction_stats(uncertainty: np.ndarray, labels: np.ndarray,
     ``table``, the prediction's cluster table with its ``unc_mean`` column, saves
     labelling the clusters again.
     """
-    from .clusters import cluster_table, label_clusters
-
     unc = np.asarray(uncertainty, dtype=np.float32)
     inside = unc[np.asarray(regions) > 0] if regions is not None else unc
     if table is None:
@@ -65,9 +71,6 @@ def predict_subjects(store, model_id: str, subjects: list[str] | None = None, *,
     are skipped unless ``skip_done`` is False.  Yields :class:`~napari_pvs.inference.Progress`
     (one step per subject); returns the subjects predicted.
     """
-    from .inference import Progress, run
-    from .pipeline import predict_array
-
     todo = [s for s in (subjects or store.subjects())
             if not (skip_done and model_id in store.predictions(s))]
     done = []
@@ -83,6 +86,39 @@ def predict_subjects(store, model_id: str, subjects: list[str] | None = None, *,
         done.append(sid)
     yield Progress(len(todo), len(todo), f"{len(done)} subject(s) predicted with {model_id}")
     return done
+
+
+def predict_and_save(image: np.ndarray, spacing, model: str, *, store_path=None,
+                     subject: str | None = None, roi: np.ndarray | None = None,
+                     **predict_kwargs) -> Generator[Any, None, Any]:
+    """Predict an image, and save a MedNeXt prediction when it is a store subject's.
+
+    Parameters
+    ----------
+    image, spacing, model, roi, **predict_kwargs
+        As for :func:`napari_pvs.pipeline.predict_array`; ``model`` may be a model id
+        of the registry of the store at ``store_path``.
+    store_path : path, optional
+        The corrections store (when there is one).
+    subject : str, optional
+        The store subject the image is.  Its prediction (with probability, so not the
+        Frangi baseline) is saved with its uncertainty scores, ``roi`` as its region
+        map, for the active-learning queue; nothing is saved for a subject not in the
+        store.
+
+    Returns
+    -------
+    ArrayPrediction
+        The prediction (a generator: yields ``Progress``, as ``predict_array``).
+    """
+    registry = model_registry(store_path) if store_path else None
+    pred = yield from predict_array(image, spacing, model, roi=roi, registry=registry,
+                                    **predict_kwargs)
+    if store_path and subject and pred.probability is not None:
+        with CorrectionsStore.open(store_path, writable=True, wait=10) as store:
+            if subject in store.subjects():
+                save_prediction(store, subject, pred.model, pred, roi)
+    return pred
 
 
 def _stats(store, sid: str, model_id: str) -> dict[str, float]:

@@ -47,8 +47,10 @@ reported by count only (``record_paint(n)``, or carried over through
 
 Every decision, undo and paint is an event (a dict); :meth:`ReviewSession.save`
 commits the labels as a new version of a store subject, with the edit summary and the
-events, and clears the unsaved flag.  The review widget is a thin layer over this
-class.
+events, and clears the unsaved flag.
+
+Each change emits psygnal signals (see :class:`ReviewSession`), which the review
+widget listens to; a no-op (a repeated decision, nothing to undo) emits nothing.
 """
 
 from __future__ import annotations
@@ -59,12 +61,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from psygnal import Signal
 
+from ._review_arrays import check_labels, flat_indices, painted_voxels
 from .clusters import ClusterTable, cluster_table, label_clusters
 
 __all__ = ["STATES", "Decision", "ReviewSession", "painted_voxels"]
 
 STATES = ("unreviewed", "accepted", "rejected")
+_TIME = "%Y-%m-%dT%H:%M:%S%z"
 
 
 @dataclass
@@ -80,48 +85,6 @@ class Decision:
     kind: str  # "accepted" | "rejected"
     previous: str | None  # the cluster's decision before this step (None: unreviewed)
     voxels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def painted_voxels(atoms, shape: tuple[int, ...]) -> tuple[np.ndarray, int | None]:
-    """Flat indices of the voxels a napari Labels ``paint`` event changed.
-
-    Parameters
-    ----------
-    atoms : sequence
-        ``event.value`` of a Labels layer's ``paint`` event: napari records brush and
-        fill strokes as ``(slice_key, mask, old_values, new_value)`` (``mask`` None when
-        the whole box changed) and ``data_setitem`` edits as
-        ``(indices, old_values, new_value)``.
-    shape : tuple of int
-        Shape of the labels array.
-
-    Returns
-    -------
-    indices : ndarray of int64
-        Sorted, unique flat (C-order) indices of the changed voxels.
-    value : int or None
-        The painted value when the event painted one value, else None.
-    """
-    parts, values = [np.zeros(0, np.int64)], set()
-    for atom in atoms:
-        if len(atom) == 4:
-            key, mask, _old, new = atom
-            ranges = [np.arange(*s.indices(n)) for s, n in zip(key, shape, strict=True)]
-            if mask is None:
-                where = np.meshgrid(*ranges, indexing="ij")
-            else:
-                where = [r[i] for r, i in zip(ranges, np.nonzero(np.asarray(mask)), strict=True)]
-        else:
-            idx, _old, new = atom
-            where = [np.asarray(i) for i in idx]
-        flat = np.ravel_multi_index(tuple(np.ravel(w) for w in where), shape)
-        parts.append(flat.astype(np.int64))
-        values.update(int(v) for v in np.unique(np.asarray(new)))
-    return np.unique(np.concatenate(parts)), (values.pop() if len(values) == 1 else None)
 
 
 class ReviewSession:
@@ -142,28 +105,46 @@ class ReviewSession:
     ------
     ValueError
         Labels that are not a writable 3D integer numpy array, or maps of another shape.
+
+    Signals
+    -------
+    decided(cluster, state), undone(cluster, state now)
+        ``accept`` / ``reject`` changed a cluster's state; ``undo`` reverted a decision.
+    paint_recorded(voxels), recomputed(clusters), saved(version)
+        ``record_paint``, ``recompute``, ``save`` did something.
+    changed()
+        After each of the above: the labels, decisions or summary changed.
     """
+
+    decided = Signal(int, str)
+    undone = Signal(int, str)
+    paint_recorded = Signal(int)
+    recomputed = Signal(int)
+    saved = Signal(int)
+    changed = Signal()
 
     def __init__(self, labels: np.ndarray, *, probability: np.ndarray | None = None,
                  uncertainty: np.ndarray | None = None, regions: np.ndarray | None = None,
                  affine: np.ndarray | None = None, connectivity: int = 26):
-        if not isinstance(labels, np.ndarray):
-            raise ValueError(f"labels must be a numpy array (got {type(labels).__name__}); load it "
-                             "into memory first")
-        if labels.ndim != 3:
-            raise ValueError(f"labels must be 3D, got shape {labels.shape}")
-        if labels.dtype != bool and not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"labels must be integers, got {labels.dtype}")
-        if not labels.flags.writeable:
-            raise ValueError("labels array is read-only; pass a writable copy")
+        check_labels(labels)
         self.labels = labels
         # a flat view (C order) that writes through, whatever the array's memory order
         self._flat = labels.reshape(-1) if labels.flags.c_contiguous else labels.flat
+        self._affine, self._connectivity = affine, connectivity
+        self._maps = {"probability": probability, "uncertainty": uncertainty, "regions": regions}
+        self.events: list[dict[str, Any]] = []
+        self.dirty = False
+        self._painted_count_only = 0  # voxels reported by count only (cannot be located)
+        self._start(self._maps)
+
+    def _start(self, maps: dict[str, np.ndarray | None]) -> None:
+        """Label the clusters of the labels as they are now, with these maps; no decision,
+        undo step or located paint yet.  Changes nothing when the table fails."""
+        labels = self.labels
+        clusters, n = label_clusters(labels, self._connectivity)
+        self.table: ClusterTable = cluster_table(clusters, affine=self._affine, **maps)
+        self.clusters, self.n, self._maps = clusters, n, maps
         self._original = labels.copy()
-        self.clusters, self.n = label_clusters(labels, connectivity)
-        self.table: ClusterTable = cluster_table(
-            self.clusters, probability=probability, uncertainty=uncertainty, regions=regions,
-            affine=affine)
         # voxels of every cluster: flat indices sorted by cluster id, sliced by offsets
         flat = self.clusters.ravel()
         fg = np.flatnonzero(flat)
@@ -172,15 +153,34 @@ class ReviewSession:
         self._offsets = np.r_[0, np.cumsum(np.bincount(flat[fg], minlength=self.n + 1)[1:])]
         self._row_of = {int(c): i for i, c in enumerate(self.table.columns["id"])}
         self.decisions: dict[int, str] = {}  # clusters not in it are unreviewed
-        self.events: list[dict[str, Any]] = []
         self._history: list[Decision] = []
         # per cluster voxel (aligned with _voxels): erased by a rejection, and its value then
         self._erased = np.zeros(len(self._voxels), bool)
         self._erased_values = np.zeros(len(self._voxels), labels.dtype)
         self._painted_mask = np.zeros(labels.size, bool)  # flat: painted in this session
         self._painted_idx = np.zeros(0, np.int64)  # the same, as sorted flat indices
-        self._painted_count_only = 0  # voxels reported by count only (cannot be located)
-        self.dirty = False
+
+    def recompute(self, **maps: np.ndarray | None) -> int:
+        """Relabel the clusters of the labels as they are now (after painting, say).
+
+        The decisions and undo steps go (their clusters are gone); the event log, the
+        unsaved flag and the number of painted voxels stay (the painted voxels are
+        counted, no longer located).  ``maps`` (``probability``, ``uncertainty``,
+        ``regions``) replace those given before; None drops one.  Returns the number
+        of clusters; emits ``recomputed`` and ``changed``.
+        """
+        unknown = sorted(set(maps) - set(self._maps))
+        if unknown:
+            raise ValueError(f"unknown maps {unknown}; give some of {sorted(self._maps)}")
+        painted = self.painted
+        self._start({**self._maps, **maps})
+        self._painted_count_only = painted
+        self._emit(self.recomputed, self.n)
+        return self.n
+
+    def _emit(self, signal, *args) -> None:
+        signal.emit(*args)
+        self.changed.emit()
 
     # ------------------------------------------------------------------ queries
     def cluster_voxels(self, cid: int) -> np.ndarray:
@@ -264,7 +264,7 @@ class ReviewSession:
             raise ValueError(f"no cluster {cid}; clusters are numbered 1..{self.n}")
 
     def _event(self, kind: str, **details) -> dict[str, Any]:
-        event = {"kind": kind, "time": _now(), **details}
+        event = {"kind": kind, "time": time.strftime(_TIME), **details}
         self.events.append(event)
         self.dirty = True
         return event
@@ -294,10 +294,12 @@ class ReviewSession:
         self._history.append(Decision(cid, kind, previous, written))
         self.decisions[cid] = kind
         row = self.row(cid)
-        return self._event(f"cluster_{kind}", cluster=cid, voxels=int(row["voxels"]),
-                           region=str(row["region"]), unc_mean=_num(row["unc_mean"]),
-                           prob_mean=_num(row["prob_mean"]),
-                           centroid_ijk=[round(float(row[f"centroid_{a}"]), 1) for a in "ijk"])
+        event = self._event(f"cluster_{kind}", cluster=cid, voxels=int(row["voxels"]),
+                            region=str(row["region"]), unc_mean=_num(row["unc_mean"]),
+                            prob_mean=_num(row["prob_mean"]),
+                            centroid_ijk=[round(float(row[f"centroid_{a}"]), 1) for a in "ijk"])
+        self._emit(self.decided, cid, kind)
+        return event
 
     def _erase(self, pos: np.ndarray) -> np.ndarray:
         """Erase the cluster voxels at ``pos`` that are unpainted and non-zero (a voxel
@@ -336,6 +338,7 @@ class ReviewSession:
         else:
             self.decisions[step.cluster] = step.previous
         self._event("undo", cluster=step.cluster, undone=step.kind)
+        self._emit(self.undone, step.cluster, self.state(step.cluster))
         return step.cluster
 
     def record_paint(self, voxels, value: int | None = None) -> dict[str, Any] | None:
@@ -362,27 +365,16 @@ class ReviewSession:
                 raise ValueError(f"painted voxel count must be >= 0, got {n}")
             self._painted_count_only += n
         else:
-            if isinstance(voxels, tuple):
-                try:
-                    idx = np.ravel_multi_index(tuple(np.ravel(v) for v in voxels),
-                                               self.labels.shape)
-                except ValueError as exc:
-                    raise ValueError(f"painted voxel indices outside the labels' shape "
-                                     f"{self.labels.shape}: {exc}") from None
-            else:
-                idx = np.asarray(voxels).ravel()
-                if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0
-                                 or idx.max() >= self.labels.size):
-                    raise ValueError("painted voxels must be flat indices in "
-                                     f"0..{self.labels.size - 1}")
-            idx = np.unique(idx.astype(np.int64))
+            idx = flat_indices(voxels, self.labels.shape)
             n = len(idx)
             if n:
                 self._painted_mask[idx] = True
                 self._painted_idx = np.union1d(self._painted_idx, idx)
         if not n:
             return None
-        return self._event("paint", voxels=n, value=None if value is None else int(value))
+        event = self._event("paint", voxels=n, value=None if value is None else int(value))
+        self._emit(self.paint_recorded, n)
+        return event
 
     # ------------------------------------------------------------------ saving
     def save(self, store, subject: str, *, author: str, image_sha256: str | None = None,
@@ -398,6 +390,7 @@ class ReviewSession:
                                       summary=self.summary(), events=self.events)
         self.events = []
         self.dirty = False
+        self._emit(self.saved, version)
         return version
 
 

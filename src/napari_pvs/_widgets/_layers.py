@@ -7,7 +7,14 @@ first ones):
 - ``store``, ``subject``, ``site``: the store subject a layer belongs to;
 - ``modality``: "T2w" or "T1w";
 - ``prediction``: on a predicted labels layer, ``{"model", "image", "probability",
-  "uncertainty", "vesselness", "clusters", "regions"}`` (model id and layer names).
+  "uncertainty", "vesselness", "clusters", "regions"}`` (model id and layer names);
+- ``role``: what a layer the widgets added is (:data:`ROLES`): ``"pvs"`` (the PVS
+  labels to correct), a prediction map (``"probability"``, ``"uncertainty"``,
+  ``"vesselness"``), ``"clusters"`` (the coloured cluster map) or ``"regions"`` (a
+  WM/BG region map);
+- ``codes``: on a region map, its label codes (the sample data's region map has them).
+
+:func:`role` reads a layer's role from these keys, never from its name.
 """
 
 from __future__ import annotations
@@ -16,8 +23,17 @@ import getpass
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from matplotlib import colormaps
 
-__all__ = ["add_prediction_layers", "geometry", "open_store_subject", "user"]
+from .._reader import _contrast_limits
+from .._store_reader import subject_layer_kwargs
+
+__all__ = ["MAPS", "ROLES", "add_prediction_layers", "geometry", "open_store_subject", "role",
+           "user"]
+
+MAPS = ("probability", "uncertainty", "vesselness")
+ROLES = ("pvs", *MAPS, "clusters", "regions")
 
 
 def user() -> str:
@@ -40,6 +56,26 @@ def geometry(layer) -> tuple[np.ndarray, tuple[float, float, float]]:
     return affine, spacing
 
 
+def role(layer, viewer=None) -> str | None:
+    """What ``layer`` is, one of :data:`ROLES`, or None for other layers.
+
+    Its ``role`` metadata, else ``"regions"`` for a layer with region ``codes``; with
+    ``viewer``, else the key under which a prediction in it names the layer (a region
+    map used as the ROI, say).
+    """
+    meta = layer.metadata or {}
+    if meta.get("role") in ROLES:
+        return meta["role"]
+    if meta.get("codes"):
+        return "regions"
+    for other in viewer.layers if viewer is not None else ():
+        names = (other.metadata or {}).get("prediction") or {}
+        for key in ROLES:
+            if names.get(key) == layer.name and other is not layer:
+                return key
+    return None
+
+
 def _geo_kwargs(layer) -> dict[str, Any]:
     return {"scale": layer.scale, "translate": layer.translate, "affine": layer.affine}
 
@@ -57,8 +93,6 @@ def modality(layer) -> str:
 def _cluster_colours(table, uncertain: bool) -> tuple[dict, tuple[float, float]]:
     """Cluster id -> RGBA from the plasma colour map of each cluster's uncertainty
     (or, without uncertainty, of 1 - its mean probability / its size)."""
-    from matplotlib import colormaps
-
     cols = table.columns
     if uncertain:
         value = np.nan_to_num(cols["unc_mean"], nan=0.0)
@@ -86,7 +120,7 @@ def _add_map(viewer, key: str, data: np.ndarray, name: str, metadata: dict, geo:
         hi = float(np.percentile(data[data > 0], 99.5))
     return viewer.add_image(data, name=name, colormap=MAP_COLOURS[key], visible=False,
                             contrast_limits=(0.0, max(hi, 1e-6)), blending="additive",
-                            metadata=dict(metadata), **geo)
+                            metadata={**metadata, "role": key}, **geo)
 
 
 def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> Any:
@@ -95,7 +129,6 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
     PVS labels (editable, visible), probability / uncertainty (or the Frangi
     vesselness), colour-mapped and hidden, and the clusters coloured by uncertainty.
     """
-    import pandas as pd
     from napari.utils.colormaps import DirectLabelColormap
 
     base = f"{image_layer.name} [{pred.model}]"
@@ -104,7 +137,7 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
            if k in ("nifti_affine", "store", "subject", "site", "modality", "spacing", "shape")}
     names = {"model": pred.model, "image": image_layer.name,
              "regions": None if regions_layer is None else regions_layer.name}
-    for key in MAP_COLOURS:
+    for key in MAPS:
         data = getattr(pred, key)
         names[key] = None if data is None else _add_map(viewer, key, data, f"{base} {key}", src,
                                                          geo).name
@@ -117,9 +150,10 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
     clusters = viewer.add_labels(pred.clusters, name=f"{base} clusters", opacity=0.9,
                                  colormap=DirectLabelColormap(color_dict=colours),
                                  features=features,
-                                 metadata={**src, "colour_range": [lo, hi]}, **geo)
+                                 metadata={**src, "colour_range": [lo, hi], "role": "clusters"},
+                                 **geo)
     names["clusters"] = clusters.name
-    labels.metadata = {**src, "prediction": names}
+    labels.metadata = {**src, "prediction": names, "role": "pvs"}
     # the clusters, coloured by uncertainty, lie over the editable labels: voxels painted
     # by hand show in the labels' own colour, rejected clusters vanish from both
     viewer.layers.selection.active = labels
@@ -135,9 +169,6 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None,
     ``with_labels=False`` adds only the image, regions and prediction maps (returns None),
     for a caller that brings its own labels to correct.
     """
-    from .._reader import _contrast_limits
-    from .._store_reader import subject_layer_kwargs
-
     info = store.info(subject)
     geo, meta = subject_layer_kwargs(store, subject)
     image = store.read_image(subject)
@@ -148,7 +179,8 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None,
     reg_layer = None
     if regions is not None:
         reg_layer = viewer.add_labels(regions, name=f"{subject} regions (1 WM, 2 BG)",
-                                      visible=False, opacity=0.3, metadata=dict(meta), **geo)
+                                      visible=False, opacity=0.3,
+                                      metadata={**meta, "role": "regions"}, **geo)
     names: dict[str, Any] = {"model": model_id, "image": img_layer.name,
                              "regions": None if reg_layer is None else reg_layer.name,
                              "probability": None, "uncertainty": None, "vesselness": None,
@@ -172,7 +204,8 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None,
         labels = np.zeros(tuple(info["shape"]), np.uint8)
         name = f"{subject} labels (new)"
     layer = viewer.add_labels(labels, name=name, opacity=0.6,
-                              metadata={**meta, "version": version, "prediction": names}, **geo)
+                              metadata={**meta, "version": version, "prediction": names,
+                                        "role": "pvs"}, **geo)
     viewer.layers.selection.active = layer
     return layer
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from psygnal import Signal
 
+from ..store import model_registry
+
 __all__ = ["ViewerState", "state_for"]
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -51,8 +53,6 @@ class ViewerState:
         """Ids of the current store's registered models, the newest first."""
         if not self.store:
             return []
-        from ..store import model_registry
-
         return [m["id"] for m in model_registry(self.store).list()][::-1]
 
     def add_saver(self, method: Callable[[], bool], pending: Callable[[], bool]) -> None:

@@ -1,10 +1,10 @@
 """Predict widget: segment the chosen image layer in a background thread.
 
 The model is the Frangi baseline, a model of the current store's registry, or a
-checkpoint file.  The worker runs :func:`napari_pvs.pipeline.predict_array`; the
-widget only reads its inputs on the GUI thread and adds the result layers
-(:func:`._layers.add_prediction_layers`).  When the image belongs to a store subject,
-a MedNeXt prediction is saved to the store too, for the active-learning queue.
+checkpoint file.  The worker runs :func:`napari_pvs.active.predict_and_save`, which
+also saves a MedNeXt prediction of a store subject to the store, for the
+active-learning queue; the widget only reads its inputs on the GUI thread and adds the
+result layers (:func:`._layers.add_prediction_layers`).
 """
 
 from __future__ import annotations
@@ -15,33 +15,21 @@ from typing import Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
-from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QProgressBar, QVBoxLayout
 
-from ._layers import add_prediction_layers, geometry, modality, reset_ordered
+from .._errors import PVSInputError
+from ..active import predict_and_save
+from ..inference import PredictionCancelled
+from ._common import ViewerWidget
+from ._layers import MAPS, add_prediction_layers, geometry, modality, reset_ordered, role
 from ._state import state_for
+from ._worker import start_worker
 
-__all__ = ["PredictWidget", "predict_job", "start_prediction"]
+__all__ = ["PredictWidget", "start_prediction"]
 
 BASELINE = "baseline (Frangi)"
 FILE = "checkpoint file..."
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-def predict_job(image, spacing, model, *, affine, roi, modality, tta, device, store_path,
-                subject, cancel):
-    """The worker's generator: predict, then save a MedNeXt prediction to the store."""
-    from ..active import save_prediction
-    from ..pipeline import predict_array
-    from ..store import CorrectionsStore, model_registry
-
-    registry = model_registry(store_path) if store_path else None
-    pred = yield from predict_array(image, spacing, model, affine=affine, roi=roi, modality=modality,
-                                    tta=tta, device=device, registry=registry, cancel=cancel)
-    if store_path and subject and pred.probability is not None:
-        with CorrectionsStore.open(store_path, writable=True, wait=10) as store:
-            if subject in store.subjects():
-                save_prediction(store, subject, pred.model, pred, roi)
-    return pred
 
 
 def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: int = 1,
@@ -53,9 +41,6 @@ def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: in
     GUI thread; failures are napari notifications.
     """
     from napari.utils.notifications import show_error, show_info
-
-    from .._errors import PVSInputError
-    from ._worker import start_worker
 
     image = np.asarray(image_layer.data)
     if image.ndim != 3:
@@ -81,27 +66,23 @@ def start_prediction(viewer, image_layer, model: str, *, roi_layer=None, tta: in
             done(layer)
 
     def _errored(exc):
-        from ..inference import PredictionCancelled
-
         if isinstance(exc, PredictionCancelled):
             show_info(f"{image_layer.name}: prediction cancelled")
         else:
             show_error(f"prediction of {image_layer.name!r} failed: {exc}")
 
-    return start_worker(predict_job, image, spacing, model, affine=affine, roi=roi,
+    return start_worker(predict_and_save, image, spacing, model, affine=affine, roi=roi,
                         modality=modality(image_layer), tta=tta,
                         device=None if device == "auto" else device, store_path=store,
                         subject=subject, cancel=cancel, yielded=progress, returned=_returned,
                         errored=_errored, finished=finished)
 
 
-class PredictWidget(QWidget):
+class PredictWidget(ViewerWidget):
     """Choose image, model, device, TTA and ROI; Run predicts in the background."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        super().__init__(napari_viewer)
         self.worker = None
         self._cancel: threading.Event | None = None
         self.image = ComboBox(label="image", choices=self._images)
@@ -140,13 +121,14 @@ class PredictWidget(QWidget):
 
         return [(lay.name, lay) for lay in self.viewer.layers
                 if isinstance(lay, Image) and lay.ndim == 3 and not lay.rgb
-                and "[" not in lay.name]  # not our own probability maps
+                and role(lay) not in MAPS]  # not our own prediction maps
 
     def _rois(self, _=None) -> list:
         from napari.layers import Labels
 
         return [("none", None)] + [(lay.name, lay) for lay in self.viewer.layers
-                                   if isinstance(lay, Labels) and lay.ndim == 3 and "[" not in lay.name]
+                                   if isinstance(lay, Labels) and lay.ndim == 3
+                                   and role(lay) not in ("pvs", "clusters")]
 
     def _models(self, _=None) -> list:
         return [BASELINE, *self.state.model_ids(), FILE]
@@ -154,10 +136,10 @@ class PredictWidget(QWidget):
     def _refresh(self, *_):
         self.form.reset_choices()
         reset_ordered(self.model)
-        if self.roi.value is None:  # default to a region map of the chosen image, if any
-            for name, layer in self._rois():
-                if layer is not None and "region" in name.lower() and self.image.value is not None \
-                        and layer.data.shape == self.image.value.data.shape:
+        image = self.image.value
+        if self.roi.value is None and image is not None:  # a region map of the image, if any
+            for _name, layer in self._rois()[1:]:
+                if role(layer, self.viewer) == "regions" and layer.data.shape == image.data.shape:
                     self.roi.value = layer
                     break
 
@@ -172,8 +154,6 @@ class PredictWidget(QWidget):
         if value == FILE:
             path = Path(self.checkpoint.value)
             if not path.is_file():
-                from .._errors import PVSInputError
-
                 raise PVSInputError(f"checkpoint {str(path)!r} is not a file: choose a .safetensors "
                                     "checkpoint or an ensemble .json")
             return str(path)
@@ -183,8 +163,6 @@ class PredictWidget(QWidget):
     def run(self) -> Any:
         """Start the prediction; returns the worker (None when the inputs are wrong)."""
         from napari.utils.notifications import show_error
-
-        from .._errors import PVSInputError
 
         if self.worker is not None:
             return self.worker

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, Label, PushButton
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -21,10 +21,14 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
-from ._state import state_for
+from .._errors import PVSInputError
+from ..active import predict_subjects, rank_subjects
+from ..store import CorrectionsStore
+from ._common import StoreEdit, ViewerWidget
+from ._layers import open_store_subject
+from ._worker import start_worker
 
 __all__ = ["QueueWidget"]
 
@@ -32,16 +36,14 @@ COLUMNS = [("subject", "subject"), ("site", "site"), ("status", "status"),
            ("versions", "versions"), ("uncertainty", "uncertainty"), ("clusters", "n_clusters")]
 
 
-class QueueWidget(QWidget):
+class QueueWidget(ViewerWidget):
     """Rank store subjects by uncertainty and open the next one to correct."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        super().__init__(napari_viewer)
         self.rows: list[dict] = []
         self.worker = None
-        self.store = FileEdit(label="store", mode="d", value=self.state.store or "")
+        self.store = StoreEdit(self.state)
         self.score = ComboBox(label="uncertainty", choices=["clusters", "image"], value="clusters",
                               tooltip="clusters: mean over predicted clusters; image: mean over WM+BG")
         self.model = Label(value="model: none")
@@ -69,29 +71,16 @@ class QueueWidget(QWidget):
         self.open_button.clicked.connect(self.open_next)
         self.score.changed.connect(lambda _: self.refresh())
         self.table.cellDoubleClicked.connect(lambda r, _c: self.open(self.rows[r]["subject"]))
-        self.store.changed.connect(self._on_store_edit)
-        self.state.store_changed.connect(self._on_store)
+        self.store.changed.connect(lambda _: self.refresh())
         self.state.model_registered.connect(lambda _: self.refresh())
         if self.state.store:
             self.refresh()
 
-    def _on_store_edit(self, value) -> None:
-        value = str(value)
-        self.state.store = None if value in ("", ".") else value
-        self.refresh()
-
-    def _on_store(self, path: str) -> None:
-        if path and str(self.store.value) != path:
-            self.store.value = path
-
     def _open_store(self, writable: bool = False):
         from napari.utils.notifications import show_error
 
-        from .._errors import PVSInputError
-        from ..store import CorrectionsStore
-
-        path = str(self.store.value)
-        if path in ("", ".") or not Path(path).is_dir():
+        path = self.store.path
+        if path is None or not Path(path).is_dir():
             return None
         try:
             return CorrectionsStore.open(path, writable=writable, wait=5)
@@ -101,8 +90,6 @@ class QueueWidget(QWidget):
 
     def refresh(self) -> list[dict]:
         """Re-rank the store's subjects; returns the rows, the one to correct next first."""
-        from ..active import rank_subjects
-
         store = self._open_store()
         self.rows = [] if store is None else rank_subjects(store, by=self.score.value)
         model = self.rows[0]["model_id"] if self.rows else None
@@ -140,8 +127,6 @@ class QueueWidget(QWidget):
 
     def open(self, subject: str):
         """Add the subject's layers (image, labels to correct, prediction); returns the labels layer."""
-        from ._layers import open_store_subject
-
         store = self._open_store()
         if store is None:
             return None
@@ -154,9 +139,6 @@ class QueueWidget(QWidget):
         """Predict every subject lacking the latest model's prediction; returns the worker."""
         from napari.utils.notifications import show_error, show_info
 
-        from ..active import predict_subjects
-        from ._worker import start_worker
-
         store = self._open_store()
         latest = None if store is None else store.models.latest()
         if latest is None:
@@ -165,8 +147,6 @@ class QueueWidget(QWidget):
         path = str(store.path)
 
         def job():
-            from ..store import CorrectionsStore
-
             with CorrectionsStore.open(path, writable=True, wait=10) as st:
                 return (yield from predict_subjects(st, latest["id"]))
 

@@ -16,10 +16,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
-from qtpy.QtWidgets import QProgressBar, QVBoxLayout, QWidget
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, SpinBox
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtWidgets import QProgressBar, QVBoxLayout
 
-from ._state import state_for
+from .._errors import PVSInputError
+from ..training.finetune import FinetuneConfig, TrainingCancelled
+from ..training.job import TrainingJob
+from ._common import StoreEdit, ViewerWidget
+from ._layers import reset_ordered
+from ._worker import start_worker
+from .predict import start_prediction
 
 __all__ = ["RetrainWidget"]
 
@@ -27,18 +35,16 @@ NEW = "new network (from scratch)"
 LR_FINETUNE, LR_NEW = 3e-4, 3e-3
 
 
-class RetrainWidget(QWidget):
+class RetrainWidget(ViewerWidget):
     """Fine-tune the latest model on the store's corrected subjects."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        super().__init__(napari_viewer)
         self.job = None
         self.worker = None
         self.model_id: str | None = None
         self.history: dict[str, list] = {"it": [], "loss": [], "val_it": [], "val": [], "val_cluster": []}
-        self.store = FileEdit(label="store", mode="d", value=self.state.store or "")
+        self.store = StoreEdit(self.state)
         self.init = ComboBox(label="start from", choices=self._inits)
         self.iterations = SpinBox(label="iterations", min=1, max=100000, value=200)
         self.patch = SpinBox(label="patch (voxels)", min=32, max=256, step=16, value=48)
@@ -59,9 +65,6 @@ class RetrainWidget(QWidget):
             self.status, self.repredict_button])
         self.bar = QProgressBar()
         self.bar.setFormat("%v / %m iterations")
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
         fig = Figure(figsize=(3.6, 2.4), tight_layout=True)
         fig.patch.set_facecolor("#262930")
         self.ax = fig.add_subplot(111)
@@ -79,7 +82,6 @@ class RetrainWidget(QWidget):
         self.retrain_button.clicked.connect(self.retrain)
         self.cancel_button.clicked.connect(self.cancel)
         self.repredict_button.clicked.connect(self.repredict)
-        self.store.changed.connect(self._on_store_edit)
         self.state.store_changed.connect(self._on_store)
         self.state.model_registered.connect(lambda _: self._refresh_inits())
 
@@ -90,18 +92,10 @@ class RetrainWidget(QWidget):
     def _default_lr(self, init) -> None:
         self.lr.value = LR_NEW if init in (None, NEW) else LR_FINETUNE
 
-    def _on_store_edit(self, value) -> None:
-        value = str(value)
-        self.state.store = None if value in ("", ".") else value
-
-    def _on_store(self, path: str) -> None:
-        if path and str(self.store.value) != path:
-            self.store.value = path
+    def _on_store(self, _path: str) -> None:
         self._refresh_inits()
 
     def _refresh_inits(self) -> None:
-        from ._layers import reset_ordered
-
         reset_ordered(self.init)
         self.init.value = self.init.choices[0]  # the newest model
 
@@ -136,9 +130,7 @@ class RetrainWidget(QWidget):
         self.canvas.draw_idle()
 
     # ------------------------------------------------------------------ running
-    def config(self):
-        from ..training.finetune import FinetuneConfig
-
+    def config(self) -> FinetuneConfig:
         n = int(self.iterations.value)
         return FinetuneConfig(iterations=n, iterations_per_epoch=max(1, min(50, n)),
                               patch=(int(self.patch.value),) * 3, lr=float(self.lr.value))
@@ -147,14 +139,10 @@ class RetrainWidget(QWidget):
         """Save pending corrections, then start training; returns the worker or None."""
         from napari.utils.notifications import show_error
 
-        from .._errors import PVSInputError
-        from ..training.job import TrainingJob
-        from ._worker import start_worker
-
         if self.worker is not None:
             return self.worker
-        store = str(self.store.value)
-        if store in ("", "."):
+        store = self.store.path
+        if store is None:
             show_error("choose a corrections store (*.pvs.zarr) to train on")
             return None
         self.state.store = store
@@ -212,8 +200,6 @@ class RetrainWidget(QWidget):
     def _on_error(self, exc) -> None:
         from napari.utils.notifications import show_error, show_info
 
-        from ..training.finetune import TrainingCancelled
-
         if isinstance(exc, TrainingCancelled):
             self.status.value = "cancelled"
             show_info("training cancelled; the store is unchanged")
@@ -248,8 +234,6 @@ class RetrainWidget(QWidget):
 
     def repredict(self):
         """Predict the current image with the new model; returns the worker."""
-        from .predict import start_prediction
-
         image, roi = self._target()
         if self.model_id is None or image is None:
             return None
@@ -260,5 +244,5 @@ class RetrainWidget(QWidget):
             self.status.value = f"re-predicted with {self.model_id}"
 
         return start_prediction(self.viewer, image, self.model_id, roi_layer=roi,
-                                store=str(self.store.value), done=_done,
+                                store=self.store.path, done=_done,
                                 finished=lambda: setattr(self.repredict_button, "enabled", True))

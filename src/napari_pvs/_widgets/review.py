@@ -1,13 +1,15 @@
 """Review widget: triage the predicted PVS clusters one by one.
 
-A thin layer over :class:`napari_pvs.review.ReviewSession`: the table lists the
-clusters of the chosen labels layer (sortable by uncertainty, size, probability or
-region); selecting a row moves the viewer to the cluster and rings it; Accept, Reject
-(erases the cluster from the labels), Previous, Next and Undo have keys that napari's
-Labels layer does not use.  Manual painting in the labels layer counts as a
-correction.  Save commits the labels as a new version of the store subject, with the
-edit summary and every decision as an event.  Closing napari with unsaved
-corrections asks first.
+A thin layer over :class:`napari_pvs.review.ReviewSession`, built from three parts: a
+navigation bar (the labels layer, the order, Previous / Next / Accept / Reject / Undo
+and the progress), the cluster table (sortable by uncertainty, size, probability or
+region; selecting a row moves the viewer to the cluster and rings it) and a save
+panel (``_review_parts``, ``_cluster_table``).  The buttons have keys that napari's
+Labels layer does not use; they are unbound when the widget closes or leaves its dock.
+The widget acts on the session and listens to its signals to update the table, the
+labels and the counters.  Manual painting in the labels layer counts as a correction.
+Save commits the labels as a new version of the store subject, with the edit summary
+and every decision as an event.  Closing napari with unsaved corrections asks first.
 """
 
 from __future__ import annotations
@@ -16,39 +18,20 @@ import re
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton
 from qtpy.QtCore import QEvent, QObject, Qt
 from qtpy.QtGui import QKeySequence
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QHeaderView,
-    QMessageBox,
-    QShortcut,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QDockWidget, QMessageBox, QShortcut, QVBoxLayout
 
-from ._layers import geometry, user
-from ._state import state_for
+from .._errors import PVSInputError
+from ..review import ReviewSession, painted_voxels
+from ._cluster_table import ClusterTable
+from ._common import ViewerWidget
+from ._layers import geometry, role
+from ._review_parts import KEYS, SORT, NavigationBar, SavePanel, commit_review
 
 __all__ = ["KEYS", "ReviewWidget"]
 
-# napari's Labels layer uses 1-7, E, P, F, L, Z, X, B, M and more: these are free
-KEYS = {"accept": "K", "reject": "J", "previous": "Shift-N", "next": "N", "undo": "U"}
-SORT = {"priority": "priority", "uncertainty": "unc_mean", "size": "voxels",
-        "probability": "prob_mean", "region": "region"}
-COLUMNS = [("cluster", "id"), ("status", None), ("voxels", "voxels"), ("uncertainty", "unc_mean"),
-           ("probability", "prob_mean"), ("region", "region"), ("length mm", "length_mm"),
-           ("priority", "priority")]
-STATUS_COLOUR = {"accepted": "#2e7d32", "rejected": "#c62828"}
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "" if np.isnan(v) else f"{v:.3f}"
-    return str(v)
+MAPS = ("probability", "uncertainty", "regions")  # the session's table columns come from them
 
 
 class _CloseGuard(QObject):
@@ -66,75 +49,47 @@ class _CloseGuard(QObject):
         return False
 
 
-class ReviewWidget(QWidget):
+class ReviewWidget(ViewerWidget):
     """Accept / reject clusters of a PVS labels layer and save them to the store."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
-        self.session = None
+        super().__init__(napari_viewer)
+        self.session: ReviewSession | None = None
         self.layer = None
         self.current: int | None = None
-        self.labels = ComboBox(label="labels", choices=self._labels_choices)
-        self.sort = ComboBox(label="sort by", choices=list(SORT), value="priority")
-        self.store = FileEdit(label="store", mode="d", value=self.state.store or "")
-        self.subject = LineEdit(label="subject")
-        self.counter = Label(value="reviewed 0 of 0")
-        self.edits = Label(value="")
-        for lab in (self.counter, self.edits):
-            lab.native.setWordWrap(True)
-            lab.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
-        b = {name: PushButton(text=f"{name.capitalize()} [{key.replace('-', '+')}]")
-             for name, key in KEYS.items()}
-        self.buttons = b
-        self.save_button = PushButton(text="Save corrections to store")
-        self.refresh_button = PushButton(text="Recompute clusters")
-        self.form = Container(widgets=[
-            self.labels, self.sort,
-            Container(widgets=[b["previous"], b["next"]], layout="horizontal", labels=False),
-            Container(widgets=[b["accept"], b["reject"], b["undo"]], layout="horizontal",
-                      labels=False),
-            self.counter, self.edits], labels=True)
-        self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels([c for c, _ in COLUMNS])
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        self.table.horizontalHeader().sectionClicked.connect(self._on_header)
-        self._descending = True
-        self.table.setMinimumHeight(220)
-        self.save_form = Container(widgets=[self.store, self.subject, self.save_button,
-                                            self.refresh_button])
+        self._cluster_ids: dict[int, np.ndarray] = {}  # cluster map values of rejected clusters
+        self.nav = NavigationBar(self._labels_choices)
+        self.table = ClusterTable()
+        self.save_panel = SavePanel(self.state)
         lay = QVBoxLayout(self)
-        lay.addWidget(self.form.native)
+        lay.addWidget(self.nav)
         lay.addWidget(self.table, 1)
-        lay.addWidget(self.save_form.native)
-
-        b["accept"].clicked.connect(self.accept)
-        b["reject"].clicked.connect(self.reject)
-        b["next"].clicked.connect(self.next)
-        b["previous"].clicked.connect(self.previous)
-        b["undo"].clicked.connect(self.undo)
-        self.save_button.clicked.connect(self.save)
-        self.refresh_button.clicked.connect(lambda: self.set_layer(self.layer, keep_edits=True))
-        self.sort.changed.connect(self._on_sort_choice)
-        self.labels.changed.connect(self._on_labels_choice)
-        self.table.itemSelectionChanged.connect(self._on_row)
-        self.store.changed.connect(lambda v: setattr(self.state, "store", str(v) if str(v) not in
-                                                     ("", ".") else None))
-        for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            ev.connect(self._refresh_choices)
-        self.state.store_changed.connect(self._on_store)
-        self.state.add_saver(self.save, self.has_unsaved)
-        self.state.subject_opened.connect(self._follow)
-        self.state.predicted.connect(self._follow)
+        lay.addWidget(self.save_panel)
+        # the parts' controls, by the names the widget has always had
+        self.labels, self.sort, self.buttons = self.nav.labels, self.nav.sort, self.nav.buttons
+        self.counter, self.edits = self.nav.counter, self.nav.edits
+        self.store, self.subject = self.save_panel.store, self.save_panel.subject
+        self._connect()
+        self._keys: dict[str, tuple] = {}  # key -> (our binding, the one it replaced)
+        self._docked = False
         self._bind_keys()
         self._guard = _CloseGuard(self)
         napari_viewer.window._qt_window.installEventFilter(self._guard)
         self._on_labels_choice(self.labels.value)
+
+    def _connect(self) -> None:
+        for name, fn in self._actions().items():
+            self.buttons[name].clicked.connect(fn)
+        self.save_panel.save_button.clicked.connect(self.save)
+        self.save_panel.refresh_button.clicked.connect(self.recompute)
+        self.sort.changed.connect(lambda value: self.table.sort_by(SORT[value]))
+        self.labels.changed.connect(self._on_labels_choice)
+        self.table.chosen.connect(lambda cid: self.go_to(cid, select=False))
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.connect(self._refresh_choices)
+        self.state.add_saver(self.save, self.has_unsaved)
+        self.state.subject_opened.connect(self._follow)
+        self.state.predicted.connect(self._follow)
 
     # ------------------------------------------------------------------ keys
     def _actions(self):
@@ -142,35 +97,72 @@ class ReviewWidget(QWidget):
                 "previous": self.previous, "undo": self.undo}
 
     def _bind_keys(self) -> None:
+        """Bind the keys on the viewer (its canvas) and on the widget (with focus there)."""
         self._shortcuts = []
         for name, fn in self._actions().items():
             key = KEYS[name]
-            self.viewer.bind_key(key, lambda _v, fn=fn: fn(), overwrite=True)
+            ours = lambda _viewer, fn=fn: fn()  # noqa: E731
+            self._keys[key] = (ours, self.viewer.bind_key(key, ours, overwrite=True))
             sc = QShortcut(QKeySequence(key.replace("-", "+")), self)
             sc.setContext(Qt.WidgetWithChildrenShortcut)
             sc.activated.connect(fn)
             self._shortcuts.append(sc)
 
     def unbind_keys(self) -> None:
-        for key in KEYS.values():
-            self.viewer.bind_key(key, None)
+        """Give the viewer's keys back: each binding ours replaced returns (or none).  A
+        key bound again since (by another widget) keeps that binding."""
+        for key, (ours, previous) in self._keys.items():
+            current = self.viewer.bind_key(key, previous, overwrite=True)
+            if current is not ours:
+                self.viewer.bind_key(key, current, overwrite=True)
+        self._keys = {}
+        for sc in self._shortcuts:
+            sc.setEnabled(False)
+            sc.setParent(None)
+        self._shortcuts = []
+
+    def closeEvent(self, event):  # noqa: N802 (Qt's name)
+        self._release()
+        super().closeEvent(event)
+
+    def event(self, event):
+        if event.type() == QEvent.ParentChange:
+            self._on_parent(self.parent())
+        return super().event(event)
+
+    def _on_parent(self, parent) -> None:
+        """napari docks the widget (a dock becomes its parent), and takes a closed dock's
+        widget out with setParent(None), without closing it."""
+        if isinstance(parent, QDockWidget):
+            parent.installEventFilter(self._guard)  # ask before the dock closes, too
+            if not self._keys:
+                self._bind_keys()
+                self.viewer.window._qt_window.installEventFilter(self._guard)
+            self._docked = True
+        elif parent is None and self._docked:
+            self._docked = False
+            self._release()
+
+    def _release(self) -> None:
+        """The widget leaves the viewer: its keys and its close guard go too."""
+        self.unbind_keys()
+        try:
+            self.viewer.window._qt_window.removeEventFilter(self._guard)
+        except (AttributeError, RuntimeError):  # the viewer's window is gone already
+            pass
 
     # ------------------------------------------------------------------ layers
     def _labels_choices(self, _=None) -> list:
         from napari.layers import Labels
 
         layers = [lay for lay in self.viewer.layers if isinstance(lay, Labels) and lay.ndim == 3
-                  and not lay.name.endswith(" clusters") and "region" not in lay.name.lower()]
+                  and role(lay, self.viewer) not in ("clusters", "regions")]
         # predictions and store subjects first, newest first
         layers.sort(key=lambda lay: "prediction" not in (lay.metadata or {}))
         return [(lay.name, lay) for lay in layers]
 
     def _refresh_choices(self, *_) -> None:
-        self.form.reset_choices()
-
-    def _on_store(self, path: str) -> None:
-        if str(self.store.value) != path and path:
-            self.store.value = path
+        self.nav.form.reset_choices()
 
     def _on_labels_choice(self, layer) -> None:
         if layer is self.layer:
@@ -190,36 +182,40 @@ class ReviewWidget(QWidget):
             return
         self.set_layer(layer)
 
-    def set_layer(self, layer, keep_edits: bool = False) -> None:
-        """Review ``layer`` (a 3D Labels layer); with ``keep_edits`` the pending events stay."""
-        from ..review import ReviewSession
-
-        old = self.session if keep_edits else None
+    def set_layer(self, layer) -> None:
+        """Review ``layer`` (a 3D Labels layer; None: nothing) from scratch."""
         if self.layer is not None and self.layer is not layer:
             self.layer.events.paint.disconnect(self._on_paint)
+        self._watch(self.session, False)
         self.layer, self.session, self.current = layer, None, None
-        self._cluster_ids: dict[int, np.ndarray] = {}  # cluster map values of rejected clusters
-        if layer is None:
-            self._fill_table()
+        self._cluster_ids = {}
+        if layer is not None:
+            if self.labels.value is not layer:
+                self.labels.reset_choices()
+                self.labels.value = layer
+            if not isinstance(layer.data, np.ndarray) or not layer.data.flags.writeable:
+                layer.data = np.array(layer.data)  # lazy store arrays are read-only: edit a copy
+            affine, _ = geometry(layer)
+            self.session = ReviewSession(layer.data, affine=affine, **self._linked(layer))
+            self._watch(self.session, True)
+            layer.events.paint.disconnect(self._on_paint)  # connected once, whatever happened
+            layer.events.paint.connect(self._on_paint)
+            meta = layer.metadata or {}
+            if meta.get("store"):
+                self.store.value = meta["store"]
+            self.subject.value = meta.get("subject") or _subject_from(self._linked_layer("image"))
+        self.table.fill(self.session)
+        self.nav.show_progress(self.session)
+
+    def _watch(self, session: ReviewSession | None, on: bool) -> None:
+        """Listen to ``session``'s signals (or stop listening)."""
+        if session is None:
             return
-        if self.labels.value is not layer:
-            self.labels.reset_choices()
-            self.labels.value = layer
-        if not isinstance(layer.data, np.ndarray) or not layer.data.flags.writeable:
-            layer.data = np.array(layer.data)  # lazy store arrays are read-only: edit a copy
-        maps = self._linked(layer)
-        affine, _ = geometry(layer)
-        self.session = ReviewSession(layer.data, affine=affine, **maps)
-        if old is not None:
-            self.session.events, self.session.painted = old.events, old.painted
-            self.session.dirty = old.dirty
-        layer.events.paint.disconnect(self._on_paint)  # connected once, whatever happened before
-        layer.events.paint.connect(self._on_paint)
-        meta = layer.metadata or {}
-        if meta.get("store"):
-            self.store.value = meta["store"]
-        self.subject.value = meta.get("subject") or _subject_from(self._image_layer())
-        self._fill_table()
+        for signal, slot in ((session.decided, self._on_decided),
+                             (session.undone, self._on_decided),
+                             (session.recomputed, self._on_recomputed),
+                             (session.changed, self._on_changed)):
+            signal.connect(slot) if on else signal.disconnect(slot)
 
     def _linked_layer(self, key: str, layer=None):
         """The layer that ``layer``'s (default: the reviewed one's) prediction metadata
@@ -234,87 +230,46 @@ class ReviewWidget(QWidget):
     def _linked(self, layer) -> dict:
         """Uncertainty, probability and regions on the labels' grid, when the layers exist."""
         out = {}
-        for key in ("probability", "uncertainty", "regions"):
+        for key in MAPS:
             other = self._linked_layer(key, layer)
             if other is not None:
                 out[key] = np.asarray(other.data)
         return out
 
-    def _image_layer(self):
-        return self._linked_layer("image")
-
-    # ------------------------------------------------------------------ table
-    def _fill_table(self) -> None:
-        t = self.table
-        t.blockSignals(True)
-        t.setRowCount(0)
-        self._status_items = {}
-        if self.session is not None:
-            s = self.session
-            key = self._sort_key()
-            ids = s.order(key, descending=self._descending)
-            t.setRowCount(len(ids))
-            for r, cid in enumerate(ids):
-                row = s.row(cid)
-                for c, (_, col) in enumerate(COLUMNS):
-                    value = s.decisions.get(cid, "") if col is None else row[col]
-                    item = QTableWidgetItem(_fmt(value))
-                    if c == 0:
-                        item.setData(Qt.UserRole, int(cid))
-                    if col is None:
-                        self._status_items[cid] = item
-                    t.setItem(r, c, item)
-                self._paint_status(cid)
-        t.blockSignals(False)
-        self._update_counter()
-
-    def _sort_key(self) -> str:
-        return getattr(self, "_header_key", None) or SORT[self.sort.value]
-
-    def _on_sort_choice(self, value) -> None:
-        self._header_key = None
-        self._descending = value != "region"
-        self._fill_table()
-
-    def _on_header(self, column: int) -> None:
-        """A click on a column header sorts by it; a second click reverses the order."""
-        key = COLUMNS[column][1]
-        if key is None:
-            return
-        self._descending = not self._descending if key == self._sort_key() else key != "region"
-        self._header_key = key
-        self._fill_table()
-
     def order(self) -> list[int]:
         """Cluster ids in the table's current (visual) order."""
-        return [int(self.table.item(r, 0).data(Qt.UserRole)) for r in range(self.table.rowCount())]
+        return self.table.order()
 
-    def _paint_status(self, cid: int) -> None:
-        from qtpy.QtGui import QColor
+    # ------------------------------------------------------------------ session signals
+    def _on_decided(self, cid: int, state: str) -> None:
+        """A decision or its undo: the labels, the cluster map and the row follow."""
+        self.layer.refresh()
+        clusters = self._linked_layer("clusters")
+        if clusters is not None:  # rejected clusters vanish from the coloured map as well
+            idx = self.session.cluster_voxels(cid)
+            flat = clusters.data.reshape(-1)
+            if state == "rejected":
+                # keep the map's own ids: they differ from the session's once the clusters
+                # were recomputed after painting
+                self._cluster_ids.setdefault(cid, flat[idx].copy())
+                flat[idx] = 0
+            elif cid in self._cluster_ids:
+                flat[idx] = self._cluster_ids.pop(cid)
+            clusters.refresh()
+        self.table.show_status(cid)
 
-        item = self._status_items.get(cid)
-        if item is None:
-            return
-        status = self.session.decisions.get(cid, "")
-        item.setText(status)
-        item.setForeground(QColor(STATUS_COLOUR.get(status, "#dddddd")))
+    def _on_recomputed(self, _n: int) -> None:
+        self.current = None
+        self._cluster_ids = {}
+        self.table.fill(self.session)
 
-    def _update_counter(self) -> None:
-        s = self.session
-        if s is None:
-            self.counter.value = "no labels layer to review"
-            self.edits.value = ""
-            return
-        self.counter.value = f"reviewed {s.reviewed} of {s.n}"
-        sm = s.summary()
-        self.edits.value = (f"{sm['clusters_rejected']} rejected, {sm['clusters_accepted']} accepted, "
-                            f"{sm['voxels_painted_manually']} voxels painted"
-                            + (" (unsaved)" if s.dirty else ""))
+    def _on_changed(self) -> None:
+        self.nav.show_progress(self.session)
 
-    def _on_row(self) -> None:
-        rows = self.table.selectionModel().selectedRows()
-        if rows:
-            self.go_to(int(self.table.item(rows[0].row(), 0).data(Qt.UserRole)), select=False)
+    def _on_paint(self, event) -> None:
+        if self.session is not None:
+            # the session learns which voxels were painted, so that no decision overwrites them
+            self.session.record_paint(*painted_voxels(event.value, self.layer.data.shape))
 
     # ------------------------------------------------------------------ navigation
     def go_to(self, cid: int, select: bool = True) -> None:
@@ -331,13 +286,7 @@ class ReviewWidget(QWidget):
         camera.center = tuple(world[list(self.viewer.dims.displayed)])  # in displayed-axis order
         self._ring(world, max(6.0, 1.5 * float(row["length_mm"])))
         if select:
-            for r in range(self.table.rowCount()):
-                if int(self.table.item(r, 0).data(Qt.UserRole)) == cid:
-                    self.table.blockSignals(True)
-                    self.table.selectRow(r)
-                    self.table.blockSignals(False)
-                    self.table.scrollToItem(self.table.item(r, 0))
-                    break
+            self.table.select(cid)
 
     def _ring(self, world, size: float) -> None:
         name = "review: current cluster"
@@ -378,9 +327,7 @@ class ReviewWidget(QWidget):
             self.next()
             if self.current is None:
                 return
-        cid = self.current
-        getattr(self.session, what)(cid)
-        self._sync_layers(cid)
+        getattr(self.session, what)(self.current)  # the session's signals update the views
         self.next()
 
     def undo(self) -> None:
@@ -388,35 +335,13 @@ class ReviewWidget(QWidget):
             return
         cid = self.session.undo()
         if cid is not None:
-            self._sync_layers(cid)
             self.go_to(cid)
 
-    def _sync_layers(self, cid: int) -> None:
-        self.layer.refresh()
-        clusters = self._linked_layer("clusters")
-        if clusters is not None:  # rejected clusters vanish from the coloured map as well
-            idx = self.session.cluster_voxels(cid)
-            flat = clusters.data.reshape(-1)
-            if self.session.decisions.get(cid) == "rejected":
-                # keep the map's own ids: they differ from the session's once the clusters
-                # were recomputed after painting
-                self._cluster_ids.setdefault(cid, flat[idx].copy())
-                flat[idx] = 0
-            elif cid in self._cluster_ids:
-                flat[idx] = self._cluster_ids.pop(cid)
-            clusters.refresh()
-        self._paint_status(cid)
-        self._update_counter()
-
-    def _on_paint(self, event) -> None:
-        if self.session is None:
-            return
-        from ..review import painted_voxels
-
-        # the session learns which voxels were painted, so that no decision overwrites them
-        voxels, value = painted_voxels(event.value, self.layer.data.shape)
-        if self.session.record_paint(voxels, value) is not None:
-            self._update_counter()
+    def recompute(self) -> None:
+        """Relabel the clusters of the labels as painted (the decisions made go)."""
+        if self.session is not None:
+            maps = self._linked(self.layer)
+            self.session.recompute(**{key: maps.get(key) for key in MAPS})
 
     # ------------------------------------------------------------------ saving
     def has_unsaved(self) -> bool:
@@ -426,61 +351,31 @@ class ReviewWidget(QWidget):
         """Commit the labels as a new store version; False (with a notification) on failure."""
         from napari.utils.notifications import show_error, show_info
 
-        from .._errors import PVSInputError
-        from ..store import CorrectionsStore
-
         if self.session is None:
             show_error("nothing to save: choose a labels layer to review first")
             return False
-        path = Path(str(self.store.value)) if str(self.store.value) not in ("", ".") else None
+        path = self.store.path
         subject = str(self.subject.value).strip()
         if path is None or not subject:
             show_error("choose a store folder (*.pvs.zarr) and a subject id before saving")
             return False
+        summary = self.session.summary()
+        image = self._linked_layer("image")
         try:
-            if not (path / "zarr.json").is_file():
-                CorrectionsStore.create(path).close()
-            with CorrectionsStore.open(path, writable=True, wait=5) as store:
-                if subject not in store.subjects():
-                    self._add_subject(store, subject)
-                affine, _ = geometry(self.layer)
-                summary = self.session.summary()
-                version = self.session.save(store, subject, author=user(), affine=affine,
-                                            image_sha256=(self.layer.metadata or {}).get("sha256"))
+            version = commit_review(self.session, self.layer, Path(path), subject, image=image,
+                                    regions=self._linked(self.layer).get("regions"))
         except (PVSInputError, OSError, ValueError) as exc:
             show_error(f"corrections NOT saved ({exc}); they are still in the layer")
             return False
-        meta = dict(self.layer.metadata or {})
-        meta.update({"store": str(path), "subject": subject, "version": version})
-        self.layer.metadata = meta
-        image = self._image_layer()
-        if image is not None and image.data.shape == self.layer.data.shape:
-            image.metadata = {**(image.metadata or {}), "store": str(path), "subject": subject}
-        self.state.store = str(path)
-        self._update_counter()
+        self.layer.metadata = {**(self.layer.metadata or {}), "store": path, "subject": subject,
+                               "version": version}
+        if image is not None:
+            image.metadata = {**(image.metadata or {}), "store": path, "subject": subject}
+        self.state.store = path
         show_info(f"saved {subject} v{version}: {summary['clusters_rejected']} clusters rejected, "
                   f"{summary['clusters_accepted']} accepted, {summary['voxels_painted_manually']} "
                   "voxels painted")
         return True
-
-    def _add_subject(self, store, subject: str) -> None:
-        from .._errors import PVSInputError
-        from ..io import Volume
-
-        image = self._image_layer()
-        if image is None or image.data.shape != self.layer.data.shape:
-            raise PVSInputError(f"subject {subject!r} is not in {store.path} and the image these "
-                                "labels were drawn on is not open; add it with `napari-pvs store "
-                                "import` first")
-        affine, spacing = geometry(image)
-        meta = image.metadata or {}
-        regions = self._linked(self.layer).get("regions")
-        from ._layers import modality
-
-        store.add_subject(subject, Volume(np.asarray(image.data, np.float32), affine, spacing,
-                                          sha256=meta.get("sha256")),
-                          site=str(meta.get("site") or "unknown"), modality=modality(image),
-                          regions=None if regions is None else regions.astype(np.uint8))
 
     def confirm_close(self) -> bool:
         """Ask what to do with unsaved corrections; True lets the window close (or the
@@ -492,13 +387,6 @@ class ReviewWidget(QWidget):
         if answer == QMessageBox.Save:
             return self.save()
         return answer == QMessageBox.Discard
-
-    def showEvent(self, event):  # noqa: N802 (Qt's name)
-        dock = self.parent()
-        if dock is not None and not getattr(self, "_dock_guarded", False):
-            dock.installEventFilter(self._guard)
-            self._dock_guarded = True
-        super().showEvent(event)
 
 
 def _subject_from(layer) -> str:
