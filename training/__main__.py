@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from napari_pvs.store import CorrectionsStore
+
+from .finetune import FinetuneConfig, finetune
+
 
 def main(argv=None) -> int:
-    from napari_pvs.store import CorrectionsStore
-
-    from .finetune import FinetuneConfig, finetune
-
     ap = argparse.ArgumentParser(prog="python -m napari_pvs.training")
     ap.add_argument("--store", required=True)
     ap.add_argument("--init", help="model id or .safetensors to start from")

@@ -44,6 +44,7 @@ from napari_pvs._store_checks import check_wait
 from napari_pvs.inference import blends_logits, predict_preprocessed, run
 from napari_pvs.metrics import cluster_scores, voxel_dice
 from napari_pvs.model import arch_config, build_network, default_meta, load_checkpoint
+from napari_pvs.store import CorrectionsStore
 
 from ._distributed import barrier, distributed, shard_subjects
 from .config import FinetuneConfig
@@ -152,8 +153,6 @@ def _register(store, net, meta: dict, parent, wait: float) -> str:
         model_id = store.models.register(net, meta)
         store.log_event(None, "model", {"model_id": model_id, "parent": parent})
         return model_id
-    from napari_pvs.store import CorrectionsStore
-
     with CorrectionsStore.open(store.path, writable=True, wait=wait) as locked:
         return _register(locked, net, meta, parent, wait)
 

@@ -28,7 +28,10 @@ import threading
 from collections.abc import Generator
 from pathlib import Path
 
-from .finetune import FinetuneConfig, FinetuneEvent, TrainingCancelled
+from napari_pvs.store import CorrectionsStore
+
+from .finetune import FinetuneConfig, FinetuneEvent, TrainingCancelled, finetune
+from .worker import config_args
 
 __all__ = ["MODES", "TrainingFailed", "TrainingJob"]
 
@@ -74,7 +77,6 @@ class TrainingJob:
             proc.terminate()  # SIGTERM: the worker sets its cancel flag and exits cleanly
 
     def command(self) -> list[str]:
-        from .worker import config_args
 
         cmd = [sys.executable, "-m", "napari_pvs.training.worker", "--store", str(self.store),
                "--wait", str(self.wait), *config_args(self.config)]
@@ -87,10 +89,6 @@ class TrainingJob:
         return (yield from self._subprocess())
 
     def _thread(self):
-        from napari_pvs.store import CorrectionsStore
-
-        from .finetune import finetune
-
         with CorrectionsStore.open(self.store) as store:  # the lock is taken only to register
             return (yield from finetune(store, init=self.init, config=self.config,
                                         cancel=self._cancel, wait=self.wait))

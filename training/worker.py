@@ -17,6 +17,10 @@ import signal
 import sys
 import threading
 
+from napari_pvs.store import CorrectionsStore
+
+from .finetune import FinetuneConfig, TrainingCancelled, finetune
+
 EXIT_ERROR, EXIT_CANCELLED = 2, 3
 
 
@@ -39,8 +43,6 @@ def config_args(cfg) -> list[str]:
 
 
 def _parse_config(ns: argparse.Namespace):
-    from .finetune import FinetuneConfig
-
     kwargs = {}
     for f in dataclasses.fields(FinetuneConfig):
         raw = getattr(ns, f.name)
@@ -62,8 +64,6 @@ def _parse_config(ns: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    from .finetune import FinetuneConfig
-
     ap = argparse.ArgumentParser(prog="python -m napari_pvs.training.worker")
     ap.add_argument("--store", required=True)
     ap.add_argument("--init", help="model id or .safetensors to start from")
@@ -82,10 +82,6 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
-        from napari_pvs.store import CorrectionsStore
-
-        from .finetune import TrainingCancelled, finetune
-
         cfg = _parse_config(args).validate()
         # read-only: the store's write lock is taken only to register the model
         with CorrectionsStore.open(args.store) as store:
