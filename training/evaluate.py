@@ -59,6 +59,7 @@ from napari_pvs._fs import atomic_path
 from .data import corrected_versions
 from .finetune import FinetuneConfig, FinetuneEvent, finetune
 from .splits import kfold_splits, load_or_create_splits, losocv_splits
+from .trainer import relay
 
 __all__ = ["COLUMNS", "METRICS", "EvaluateEvent", "EvaluationReport", "add_evaluate_parser",
            "evaluate", "parse_scheme", "scheme_name"]
@@ -198,16 +199,6 @@ def _splits(path: Path, kind: str, k: int | None, seed: int, versions: dict, sit
     return splits, new
 
 
-def _relay(gen, wrap):
-    """Yield ``wrap(event)`` for each event of ``gen``; return its return value."""
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield wrap(event)
-
-
 def _seed_torch(seed: int) -> None:
     import torch
 
@@ -311,7 +302,7 @@ def evaluate(store, scheme: str, *, config: FinetuneConfig, out_dir: str | os.Pa
         _seed_torch(config.seed)  # finetune builds a new network before it seeds torch
         gen = finetune(store, init=init, config=config, work_dir=out / f"fold_{i}" / "work",
                        cancel=cancel, train_subjects=f["train"], val_subjects=[], wait=wait)
-        model_id = yield from _relay(gen, lambda ev, i=i, base=done: EvaluateEvent(
+        model_id = yield from relay(gen, lambda ev, i=i, base=done: EvaluateEvent(
             "train", i, n, base + ev.iteration, total, ev.message, train=ev))
         done += config.iterations
         net, meta = store.models.load(model_id)

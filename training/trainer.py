@@ -26,7 +26,7 @@ import numpy as np
 
 from napari_pvs._errors import PVSInputError
 
-__all__ = ["TrainEvent", "Trainer", "TrainingCancelled", "TrainingDiverged"]
+__all__ = ["TrainEvent", "Trainer", "TrainingCancelled", "TrainingDiverged", "relay"]
 
 
 class TrainingCancelled(RuntimeError):
@@ -186,9 +186,14 @@ class Trainer:
 
     def _relay(self, gen):
         """Yield a hook's events through :meth:`on_event`; return its value."""
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            yield self.on_event(event)
+        return (yield from relay(gen, self.on_event))
+
+
+def relay(gen, wrap: Callable):
+    """Yield ``wrap(event)`` for each event of the generator ``gen``; return its value."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield wrap(event)
