@@ -28,6 +28,8 @@ __all__ = [
     "CacheInvalid",
     "ExportError",
     "OnnxExport",
+    "cached_exports",
+    "clean_exports",
     "export_dir",
     "export_onnx",
     "in_channels",
@@ -128,6 +130,42 @@ def export_dir(root: Path, cache_key: str) -> Path:
     tag = re.sub(r"[^A-Za-z0-9._-]", "_",
                  f"onnx{_OPSET}-f{_EXPORT_FORMAT}-torch{torch.__version__}")
     return Path(root) / "exports" / key / tag
+
+
+def _size(path: Path) -> int:
+    """Bytes of the files under ``path`` (files that vanish meanwhile count as 0)."""
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:
+            continue
+    return total
+
+
+def cached_exports(root: Path) -> list[tuple[Path, int]]:
+    """Every export folder under ``root`` (and every temporary one a killed export left
+    behind), with its size in bytes, largest first."""
+    exports = Path(root) / "exports"
+    if not exports.is_dir():
+        return []
+    found = [p for key in exports.iterdir() if key.is_dir() for p in key.iterdir() if p.is_dir()]
+    return sorted(((p, _size(p)) for p in found), key=lambda e: (-e[1], str(e[0])))
+
+
+def clean_exports(root: Path, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove the cached exports under ``root`` (see :func:`cached_exports`); returns
+    what was (with ``dry_run``: would be) removed.  A later prediction exports again."""
+    entries = cached_exports(root)
+    if dry_run:
+        return entries
+    for path, _ in entries:
+        shutil.rmtree(path)
+        try:
+            path.parent.rmdir()  # the weights' folder, once it holds no export
+        except OSError:
+            pass
+    return entries
 
 
 def _sweep_tmp(parent: Path) -> None:

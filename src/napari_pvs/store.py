@@ -653,3 +653,10 @@ class CorrectionsStore:
     def models(self):
         """The store's model registry."""
         return model_registry(self.path)
+
+    def remove_model(self, model_id: str) -> None:
+        """Remove a registered model (one file: the unlink is atomic) and log it."""
+        self._require_writable()
+        path = self.models.path(model_id)  # refuses an unknown or malformed id
+        path.unlink()
+        self.log_event(None, "model_removed", {"model_id": model_id})
