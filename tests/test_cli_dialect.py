@@ -13,7 +13,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from _helpers import assert_clean_failure, run_cli, store_from_cohort
 
 from napari_pvs._backends import BACKENDS
@@ -268,6 +267,28 @@ def test_evaluate_removes_the_fold_models_unless_asked_to_keep_them(store, tmp_p
             removed = {e["model_id"] for e in opened.events() if e["kind"] == "model_removed"}
         assert folds <= removed
         assert "removed the 2 fold models" in out
+
+
+@pytest.mark.slow
+def test_evaluate_interrupted_after_a_fold_removes_that_fold_model(store, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    before = _registry(store)
+    proc = subprocess.Popen([sys.executable, "-m", "napari_pvs.cli", "evaluate", "--store",
+                             str(store), "--scheme", "kfold:2", "--iterations", "1", "--patch",
+                             "32", "--batch-size", "1", "-o", str(tmp_path / "ev")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("fold 1 (2/2"):  # fold 0's model is registered by now
+            break
+    assert len(_registry(store) - before) == 1
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert _registry(store) == before
+    assert not (tmp_path / "ev" / "results.csv").exists()
 
 
 # ----------------------------------------------------------------------------- cache

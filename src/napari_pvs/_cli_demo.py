@@ -82,8 +82,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed, size_mm=args.size_mm,
         progress=lambda m, d, n: print(f"  phantom [{d}/{n}] {m}", flush=True),
     )
-    print(f"  cohort written in {time.perf_counter() - t0:.1f} s; segmenting with the Frangi baseline "
-          "inside each subject's WM+BG mask", flush=True)
+    print(f"  cohort written in {time.perf_counter() - t0:.1f} s; segmenting with the Frangi "
+          "baseline inside each subject's WM+BG mask", flush=True)
     rows = _score_cohort(subjects, out)
     vd = np.array([r["voxel_dice"] for r in rows])
     cd = np.array([r["cluster_dice"] for r in rows])

@@ -50,10 +50,10 @@ def _import_nnunet(args: argparse.Namespace) -> None:
     members = load_ensemble(ens)
     for member in members:
         meta = M.read_meta(member)
-        a = meta["arch"]
-        print(f"{member}: {meta['provenance']['fold']}, MedNeXt {a['variant']} k{a['kernel_size']}, "
-              f"{a['in_channels']}->{a['out_channels']} channels, spacing "
-              f"{meta['preprocessing']['target_spacing']}, patch {meta['preprocessing']['patch_size']}")
+        a, pre = meta["arch"], meta["preprocessing"]
+        print(f"{member}: {meta['provenance']['fold']}, MedNeXt {a['variant']} "
+              f"k{a['kernel_size']}, {a['in_channels']}->{a['out_channels']} channels, spacing "
+              f"{pre['target_spacing']}, patch {pre['patch_size']}")
     print(f"{ens}: ensemble of {len(members)} folds; use it with "
           f"`napari-pvs predict IMAGE -o OUT --model {ens}`")
 

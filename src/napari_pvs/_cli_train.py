@@ -47,12 +47,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def remove_models(store_path, model_ids: list[str], wait: float) -> list[str]:
-    """Remove ``model_ids`` from the store's registry under its write lock; returns them."""
+def remove_models(store_path, model_ids: list[str], wait: float) -> None:
+    """Remove ``model_ids`` from the store's registry under its write lock."""
     with CorrectionsStore.open(store_path, writable=True, wait=wait) as store:
         for model_id in model_ids:
             store.remove_model(model_id)
-    return model_ids
 
 
 def _scheme_arg(value: str) -> str:

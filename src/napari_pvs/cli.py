@@ -4,7 +4,7 @@ Subcommands (``napari-pvs COMMAND --help`` describes each)::
 
     napari-pvs demo     [-o DIR] [--sites N] [--per-site M] [--modality T2w|T1w] [--no-viewer]
     napari-pvs phantom  -o OUTDIR [--sites N] [--per-site M] [--modality T2w|T1w] [--seed S]
-    napari-pvs predict  IMAGE [IMAGE ...] -o OUTDIR [--model baseline|FILE|ID --store S] [--roi MASK]
+    napari-pvs predict  IMAGE [IMAGE ...] -o OUTDIR [--model baseline|FILE|ID --store S]
     napari-pvs score    PRED GT [--regions REGIONS]
     napari-pvs train    --store S [--init MODEL] [--iterations N] [--device auto]
     napari-pvs evaluate --store S --scheme kfold:K|losocv [-o DIR] [--keep-models]
