@@ -161,12 +161,12 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_draws_inference_and_training_events():
-    from napari_pvs.cli import _ProgressBar
+    from napari_pvs._cli_common import ProgressReport
     from napari_pvs.inference import Progress
     from napari_pvs.training.finetune import FinetuneEvent
 
     term = _Terminal()
-    bar = _ProgressBar("job", stream=term)
+    bar = ProgressReport("job", stream=term)
     bar(Progress(1, 4, "windows"))
     bar(FinetuneEvent(kind="iteration", iteration=2, total=4, loss=0.5))
     bar(FinetuneEvent(kind="iteration", iteration=4, total=4, loss=0.4))
@@ -176,14 +176,17 @@ def test_progress_bar_draws_inference_and_training_events():
     assert frames[2].endswith("s\n")  # the finished bar ends its line
     for total in (0, None, float("nan")):  # no total: the count alone, never a crash
         term = _Terminal()
-        _ProgressBar("job", stream=term)(Progress(3, total))
+        ProgressReport("job", stream=term)(Progress(3, total))
         assert term.getvalue().startswith("\rjob 3 ")
     term = _Terminal()
-    _ProgressBar("job", stream=term)(Progress(9, 4))  # over the total: a full bar
+    ProgressReport("job", stream=term)(Progress(9, 4))  # over the total: a full bar
     assert "[" + "#" * 30 + "] 9/4" in term.getvalue()
-    quiet = io.StringIO()  # not a terminal: nothing
-    _ProgressBar("job", stream=quiet)(Progress(1, 4))
-    assert quiet.getvalue() == ""
+    log = io.StringIO()  # not a terminal: log lines, never a bar drawn in place
+    ProgressReport("job", stream=log)(Progress(1, 4))
+    assert log.getvalue().startswith("job:  25% (1/4), ") and "\r" not in log.getvalue()
+    log = io.StringIO()  # ... and without a total, nothing
+    ProgressReport("job", stream=log)(Progress(1, 0))
+    assert log.getvalue() == ""
 
 
 @pytest.fixture(scope="module")

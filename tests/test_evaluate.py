@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
 import pytest
 
 from napari_pvs import PVSInputError
+from napari_pvs.cli import _parser
 from napari_pvs.inference import run
 from napari_pvs.io import load_volume
 from napari_pvs.store import CorrectionsStore
 from napari_pvs.training.evaluate import (
     COLUMNS,
     METRICS,
-    add_evaluate_parser,
     evaluate,
     parse_scheme,
     scheme_name,
@@ -167,12 +166,6 @@ def test_saved_splits_must_fit_the_store(tmp_path, cohort, phantom_store):
         with pytest.raises(PVSInputError, match="unknown evaluation scheme"):
             next(evaluate(store, "leave-one-out", config=CFG, out_dir=tmp_path / "out"))
     assert not (tmp_path / "s.pvs.zarr" / "splits" / "losocv.json").exists()
-
-
-def _parser():
-    ap = argparse.ArgumentParser(prog="napari-pvs")
-    add_evaluate_parser(ap.add_subparsers(dest="command", required=True))
-    return ap
 
 
 def test_parser_defaults_and_bad_scheme(capsys):

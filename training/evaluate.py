@@ -43,7 +43,6 @@ Outputs (in ``out_dir``)
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
@@ -61,8 +60,8 @@ from .finetune import FinetuneConfig, FinetuneEvent, finetune
 from .splits import kfold_splits, load_or_create_splits, losocv_splits
 from .trainer import relay
 
-__all__ = ["COLUMNS", "METRICS", "EvaluateEvent", "EvaluationReport", "add_evaluate_parser",
-           "evaluate", "parse_scheme", "scheme_name"]
+__all__ = ["COLUMNS", "METRICS", "EvaluateEvent", "EvaluationReport", "evaluate",
+           "parse_scheme", "scheme_name"]
 
 #: Table / plot metrics: (results.csv column, label), in the paper's column order.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -432,70 +431,3 @@ def _boxplot(path: Path, rows: list[dict], title: str) -> None:
                loc="outside lower center", ncols=3, fontsize=10, frameon=False)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _scheme_arg(value: str) -> str:
-    try:
-        parse_scheme(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value.strip().lower()
-
-
-def _print_event(ev: EvaluateEvent) -> None:
-    if ev.kind == "train":
-        if ev.train.kind == "iteration" and (ev.train.iteration % 10 == 0
-                                             or ev.train.iteration == ev.train.total):
-            print(f"  fold {ev.fold}: iteration {ev.train.iteration}/{ev.train.total}, "
-                  f"loss {ev.train.loss:.4f}", flush=True)
-    else:
-        print(("  " if ev.kind == "subject" else "") + ev.message, flush=True)
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from napari_pvs.inference import run
-    from napari_pvs.store import CorrectionsStore
-
-    cfg = FinetuneConfig(iterations=args.iterations, patch=(args.patch,) * 3, lr=args.lr,
-                         batch_size=args.batch_size,
-                         iterations_per_epoch=max(1, min(50, args.iterations)),
-                         device=args.device or "cpu")
-    with CorrectionsStore.open(args.store) as store:  # read-only: annotators keep saving
-        out = Path(args.out) if args.out else (
-            store.path / "evaluation" / scheme_name(args.scheme, args.seed))
-        report = run(evaluate(store, args.scheme, config=cfg, out_dir=out, seed=args.seed,
-                              init=args.init, backend=args.backend, wait=args.wait),
-                     _print_event)
-    print(f"\n{report.markdown}")
-    print(f"results: {report.results_csv}\nsummary: {report.summary_md}\n"
-          f"plot:    {report.boxplot_png}")
-    return 0
-
-
-def add_evaluate_parser(sub) -> argparse.ArgumentParser:
-    """Register ``napari-pvs evaluate`` on an argparse subparsers object; returns its parser."""
-    p = sub.add_parser("evaluate", help="k-fold or leave-one-site-out cross-validation of "
-                                        "fine-tuning on the store's corrections")
-    p.add_argument("--store", required=True)
-    p.add_argument("--scheme", required=True, type=_scheme_arg,
-                   help="kfold:K (e.g. kfold:5) or losocv")
-    p.add_argument("--iterations", type=int, default=200, help="training iterations per fold")
-    p.add_argument("--patch", type=int, default=48, help="patch edge (voxels, multiple of 16)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--batch-size", type=int, default=2, help="patches per training iteration")
-    p.add_argument("--out", default=None,
-                   help="output folder (default <store>/evaluation/<scheme>)")
-    p.add_argument("--seed", type=int, default=12345, help="seed of the k-fold split")
-    p.add_argument("--init", default=None, help="model id or .safetensors every fold starts from "
-                                                "(default: a new MedNeXt)")
-    p.add_argument("--device", default=None, help="training / prediction device (default cpu)")
-    p.add_argument("--backend", default="auto", help="prediction backend",
-                   choices=("auto", "torch", "onnxruntime", "openvino"))
-    p.add_argument("--wait", type=float, default=30.0,
-                   help="seconds to wait for the store's write lock when registering a fold's "
-                        "model (the evaluation itself never holds it)")
-    p.set_defaults(func=_cmd_evaluate)
-    return p

@@ -5,10 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from ._cli_common import ProgressReport, add_out
 from ._errors import PVSInputError
+from .dataset import read_cohort
+from .inference import Progress
+from .io import geometry_from_affine, load_volume, save_labels
+from .pipeline import load_roi
+from .store import (
+    CorrectionsStore,
+    StoreCorruptError,
+    StoreWarning,
+    StoreWriteError,
+    _sha256,
+)
 
 __all__ = ["ImportReport", "add_store_parser", "export_store", "import_folder"]
 
@@ -24,10 +39,6 @@ class ImportReport:
 
 
 def _same_image(store, sid: str, info: dict, vol) -> bool:
-    import numpy as np
-
-    from .store import _sha256
-
     if info.get("image_sha256") and vol.sha256:
         return info["image_sha256"] == vol.sha256
     data = np.asarray(vol.data, dtype=np.float32)
@@ -37,56 +48,62 @@ def _same_image(store, sid: str, info: dict, vol) -> bool:
     return tuple(info["shape"]) == data.shape and np.array_equal(store.read_image(sid), data)
 
 
-def import_folder(store, folder: str | Path, progress=print) -> ImportReport:
+def _import_one(store, s, have: set, report: ImportReport, progress) -> None:
+    """Import (or skip, or complete) one subject of the cohort; record it in ``report``."""
+    try:
+        vol = load_volume(s.image)
+        if s.subject in have:
+            info = store.info(s.subject)
+            if not _same_image(store, s.subject, info, vol):
+                raise PVSInputError(
+                    f"{s.image}: subject {s.subject} is already in the store with another "
+                    f"image (imported from {info.get('source') or 'elsewhere'}); rename one "
+                    "of them")
+            if s.labels is not None and info["latest"] is None:  # imported by an older version
+                lab = load_volume(s.labels, as_labels=True)
+                store.commit_labels(s.subject, lab.data, author="import", source="import",
+                                    affine=lab.affine)
+                progress(f"completed {s.subject}: added its labels")
+            else:
+                progress(f"skipped {s.subject}: already imported (same image)")
+            report.skipped.append(s.subject)
+            return
+        regions = None if s.regions is None else load_roi(s.regions, vol)
+        lab = None if s.labels is None else load_volume(s.labels, as_labels=True)
+        store.add_subject(s.subject, vol, site=s.site, modality=s.modality, regions=regions,
+                          labels=None if lab is None else lab.data,
+                          labels_affine=None if lab is None else lab.affine)
+    except StoreWriteError:
+        raise  # the disk is full or the store unwritable: the next subjects would fail too
+    except PVSInputError as exc:
+        report.failed.append(f"{s.subject}: {exc}")
+        progress(f"failed {s.subject} (reported at the end)")
+        return
+    have.add(s.subject)
+    report.imported.append(s.subject)
+    progress(f"imported {s.subject} (site {s.site}, {s.modality}"
+             f"{', labels' if s.labels else ''}{', regions' if s.regions else ''})")
+
+
+def import_folder(store, folder: str | Path, progress=print,
+                  tick: Callable[[Progress], None] | None = None) -> ImportReport:
     """Import every subject of a BIDS-like / phantom folder into a writable store.
 
     Each subject (image, regions, labels) is imported in one atomic step.  Subjects
     already in the store with the same image are skipped (one imported before its
     labels existed gets them now), so a re-run finishes an interrupted or partly
     failed import.  Subjects whose files cannot be read, or whose id is taken by
-    another image, are collected in the report; the others are imported.
+    another image, are collected in the report; the others are imported.  ``progress``
+    gets one line per subject; ``tick``, after each subject, a :class:`Progress`
+    (subjects done of all).
     """
-    from .dataset import read_cohort
-    from .io import load_volume
-    from .pipeline import load_roi
-    from .store import StoreWriteError
-
     report = ImportReport()
     have = set(store.subjects())
-    for s in read_cohort(folder):
-        try:
-            vol = load_volume(s.image)
-            if s.subject in have:
-                info = store.info(s.subject)
-                if not _same_image(store, s.subject, info, vol):
-                    raise PVSInputError(
-                        f"{s.image}: subject {s.subject} is already in the store with another "
-                        f"image (imported from {info.get('source') or 'elsewhere'}); rename one "
-                        "of them")
-                if s.labels is not None and info["latest"] is None:  # imported by an older version
-                    lab = load_volume(s.labels, as_labels=True)
-                    store.commit_labels(s.subject, lab.data, author="import", source="import",
-                                        affine=lab.affine)
-                    progress(f"completed {s.subject}: added its labels")
-                else:
-                    progress(f"skipped {s.subject}: already imported (same image)")
-                report.skipped.append(s.subject)
-                continue
-            regions = None if s.regions is None else load_roi(s.regions, vol)
-            lab = None if s.labels is None else load_volume(s.labels, as_labels=True)
-            store.add_subject(s.subject, vol, site=s.site, modality=s.modality, regions=regions,
-                              labels=None if lab is None else lab.data,
-                              labels_affine=None if lab is None else lab.affine)
-        except StoreWriteError:
-            raise  # the disk is full or the store unwritable: the next subjects would fail too
-        except PVSInputError as exc:
-            report.failed.append(f"{s.subject}: {exc}")
-            progress(f"failed {s.subject} (reported at the end)")
-            continue
-        have.add(s.subject)
-        report.imported.append(s.subject)
-        progress(f"imported {s.subject} (site {s.site}, {s.modality}"
-                 f"{', labels' if s.labels else ''}{', regions' if s.regions else ''})")
+    cohort = read_cohort(folder)
+    for i, s in enumerate(cohort):
+        _import_one(store, s, have, report, progress)
+        if tick is not None:
+            tick(Progress(i + 1, len(cohort)))
     return report
 
 
@@ -97,11 +114,6 @@ def export_store(store, outdir: str | Path) -> list[Path]:
     exported, and a :class:`~napari_pvs.store.StoreCorruptError` (one subject) or a
     :class:`PVSInputError` (several) names them after the others are written.
     """
-    import numpy as np
-
-    from .io import geometry_from_affine, save_labels
-    from .store import StoreCorruptError
-
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written, damaged = [], []
@@ -131,8 +143,6 @@ def export_store(store, outdir: str | Path) -> list[Path]:
 
 
 def _verify(path: str) -> int:
-    from .store import CorrectionsStore
-
     if not (Path(path) / "zarr.json").is_file():
         CorrectionsStore.open(path)  # raises the usual "not a store" error
     try:
@@ -156,8 +166,6 @@ def _verify(path: str) -> int:
 
 def _show_store_warnings():
     """Show :class:`StoreWarning` as one ``napari-pvs: warning:`` line on stderr."""
-    from .store import StoreWarning
-
     shown = warnings.showwarning
 
     def show(message, category, *args, **kwargs):
@@ -176,41 +184,45 @@ def _cmd(args: argparse.Namespace) -> int:
         return _run(args)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .store import CorrectionsStore
+def _ls(store) -> None:
+    print(f"{'subject':<16} {'site':<10} {'modality':<8} {'status':<11} {'versions':>8} "
+          f"{'latest':>6}  predictions")
+    for sid in store.subjects():
+        info = store.info(sid)
+        print(f"{sid:<16} {info['site']:<10} {info['modality']:<8} {info['status']:<11} "
+              f"{len(store.version_numbers(sid)):>8} {info['latest'] or '-':>6}  "
+              f"{', '.join(store.predictions(sid)) or '-'}")
 
+
+def _import(store, args: argparse.Namespace) -> int:
+    bar = ProgressReport("import")
+    report = import_folder(store, args.folder, progress=bar.note, tick=bar)
+    for line in report.failed:
+        print(f"napari-pvs: error: could not import {line}", file=sys.stderr)
+    print(f"{args.store}: imported {len(report.imported)}, skipped {len(report.skipped)} "
+          f"already imported, failed {len(report.failed)}"
+          + ("; fix the files above and run the same import again (imported subjects "
+             "are skipped)" if report.failed else ""), flush=True)
+    return 1 if report.failed else 0
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.store_command == "init":
         CorrectionsStore.create(args.store).close()
         print(f"created {args.store}")
         return 0
     if args.store_command == "verify":
         return _verify(args.store)
-    if args.store_command in ("ls", "export"):
-        store = CorrectionsStore.open(args.store)
-        if args.store_command == "export":
-            files = export_store(store, args.outdir)
-            print(f"exported the latest labels of {len(files)} subjects to {args.outdir}")
-            return 0
-        print(f"{'subject':<16} {'site':<10} {'modality':<8} {'status':<11} {'versions':>8} "
-              f"{'latest':>6}  predictions")
-        for sid in store.subjects():
-            info = store.info(sid)
-            print(f"{sid:<16} {info['site']:<10} {info['modality']:<8} {info['status']:<11} "
-                  f"{len(store.version_numbers(sid)):>8} {info['latest'] or '-':>6}  "
-                  f"{', '.join(store.predictions(sid)) or '-'}")
+    if args.store_command == "ls":
+        _ls(CorrectionsStore.open(args.store))
+        return 0
+    if args.store_command == "export":
+        files = export_store(CorrectionsStore.open(args.store), args.out)
+        print(f"exported the latest labels of {len(files)} subjects to {args.out}")
         return 0
     with CorrectionsStore.open(args.store, writable=True, wait=args.wait) as store:
         if args.store_command == "import":
-            report = import_folder(store, args.folder)
-            for line in report.failed:
-                print(f"napari-pvs: error: could not import {line}", file=sys.stderr)
-            print(f"{args.store}: imported {len(report.imported)}, skipped {len(report.skipped)} "
-                  f"already imported, failed {len(report.failed)}"
-                  + ("; fix the files above and run the same import again (imported subjects "
-                     "are skipped)" if report.failed else ""), flush=True)
-            return 1 if report.failed else 0
-        from .io import load_volume
-
+            return _import(store, args)
         lab = load_volume(args.labels, as_labels=True)
         v = store.commit_labels(args.subject, lab.data, author=args.author, source="manual",
                                 affine=lab.affine)
@@ -218,27 +230,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+_STORE = "store folder (NAME.pvs.zarr)"
+
+
 def add_store_parser(sub) -> None:
+    """Register ``store`` and its subcommands."""
     p = sub.add_parser("store", help="the zarr corrections store (NAME.pvs.zarr)")
     ssub = p.add_subparsers(dest="store_command", required=True)
     c = ssub.add_parser("init", help="create an empty store")
-    c.add_argument("store")
+    c.add_argument("store", help="new store folder (NAME.pvs.zarr)")
     c = ssub.add_parser("import", help="import a BIDS-like / phantom folder (re-run to resume)")
-    c.add_argument("store")
-    c.add_argument("folder")
+    c.add_argument("store", help=_STORE)
+    c.add_argument("folder", help="BIDS-like folder: sub-*/anat/*_T2w.nii.gz (or _T1w), with "
+                                  "participants.tsv naming the sites")
     c = ssub.add_parser("commit", help="add a new label version from a NIfTI file")
-    c.add_argument("store")
-    c.add_argument("subject")
-    c.add_argument("labels")
-    c.add_argument("--author", required=True)
+    c.add_argument("store", help=_STORE)
+    c.add_argument("subject", help="subject id in the store (e.g. siteA01)")
+    c.add_argument("labels", help="PVS labels (NIfTI) on the subject's image grid")
+    c.add_argument("--author", required=True, help="who made the labels (kept with the version)")
     c = ssub.add_parser("export", help="write the latest labels to NIfTI")
-    c.add_argument("store")
-    c.add_argument("outdir")
+    c.add_argument("store", help=_STORE)
+    add_out(c, "output folder: <subject>_pvs.nii.gz each", positional="OUTDIR")
     c = ssub.add_parser("ls", help="list subjects, sites, status and versions")
-    c.add_argument("store")
+    c.add_argument("store", help=_STORE)
     c = ssub.add_parser("verify", help="check every version, image, prediction, model and the "
                         "event log; exit 1 if anything is damaged")
-    c.add_argument("store")
+    c.add_argument("store", help=_STORE)
     for name in ("import", "commit"):
         ssub.choices[name].add_argument("--wait", type=float, default=0.0,
                                         help="seconds to wait for another writer's lock")

@@ -13,21 +13,23 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import re
 import shutil
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ._fs import atomic_dir, sha256_file
+
 __all__ = [
     "CacheInvalid",
     "ExportError",
     "OnnxExport",
+    "cached_exports",
+    "clean_exports",
     "export_dir",
     "export_onnx",
     "in_channels",
@@ -66,38 +68,35 @@ def export_onnx(net, folder: Path, fingerprint: str) -> OnnxExport:
     c_in = in_channels(net)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _sweep_tmp(folder.parent)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        gen = torch.Generator().manual_seed(0)
-        trace_x = torch.randn((2, c_in, *_TRACE_SPATIAL), generator=gen)
-        probe_x = torch.randn((1, c_in, *_PROBE_SPATIAL), generator=gen)
-        axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
-        kwargs = {"opset_version": _OPSET, "input_names": ["image"], "output_names": ["logits"],
-                  "dynamic_axes": {"image": axes, "logits": axes}}
-        if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5
-            kwargs["dynamo"] = False  # the TorchScript exporter: needs onnx, not onnxscript
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # exporter deprecation and tracer chatter
-                torch.onnx.export(net, (trace_x,), str(tmp / "model.onnx"), **kwargs)
-        except Exception as exc:  # the exporter raises many types; report them as one
-            raise ExportError(f"{type(exc).__name__}: {exc}") from exc
-        with torch.inference_mode():
-            probe_y = net(probe_x)
-        if isinstance(probe_y, (list, tuple)):
-            probe_y = probe_y[0]
-        np.savez(tmp / "probe.npz", x=probe_x.numpy(), y=probe_y.float().numpy())
-        manifest = {"format": _EXPORT_FORMAT, "torch": torch.__version__, "opset": _OPSET,
-                    "weights": fingerprint, "onnx_size": (tmp / "model.onnx").stat().st_size,
-                    "onnx_sha256": _sha256(tmp / "model.onnx"), "created": time.time()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process published it first: keep theirs if it is good
-            return read_export(folder, fingerprint)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(folder) as tmp:
+            tmp.mkdir()
+            gen = torch.Generator().manual_seed(0)
+            trace_x = torch.randn((2, c_in, *_TRACE_SPATIAL), generator=gen)
+            probe_x = torch.randn((1, c_in, *_PROBE_SPATIAL), generator=gen)
+            axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
+            kwargs = {"opset_version": _OPSET, "input_names": ["image"], "output_names": ["logits"],
+                      "dynamic_axes": {"image": axes, "logits": axes}}
+            if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch >= 2.5
+                kwargs["dynamo"] = False  # the TorchScript exporter: needs onnx, not onnxscript
+            try:
+                with warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")  # exporter deprecation and tracer chatter
+                    torch.onnx.export(net, (trace_x,), str(tmp / "model.onnx"), **kwargs)
+            except Exception as exc:  # the exporter raises many types; report them as one
+                raise ExportError(f"{type(exc).__name__}: {exc}") from exc
+            with torch.inference_mode():
+                probe_y = net(probe_x)
+            if isinstance(probe_y, (list, tuple)):
+                probe_y = probe_y[0]
+            np.savez(tmp / "probe.npz", x=probe_x.numpy(), y=probe_y.float().numpy())
+            manifest = {"format": _EXPORT_FORMAT, "torch": torch.__version__, "opset": _OPSET,
+                        "weights": fingerprint, "onnx_size": (tmp / "model.onnx").stat().st_size,
+                        "onnx_sha256": sha256_file(tmp / "model.onnx"), "created": time.time()}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    except OSError:  # another process published it first: keep theirs if it is good
+        if not folder.is_dir():
+            raise
     return read_export(folder, fingerprint)
 
 
@@ -113,7 +112,7 @@ def read_export(folder: Path, fingerprint: str) -> OnnxExport:
         raise CacheInvalid(f"unreadable ({type(exc).__name__}: {exc})") from None
     if manifest.get("format") != _EXPORT_FORMAT or manifest.get("weights") != fingerprint:
         raise CacheInvalid("made by another napari-pvs version or from other weights")
-    if size != manifest.get("onnx_size") or _sha256(onnx_path) != manifest.get("onnx_sha256"):
+    if size != manifest.get("onnx_size") or sha256_file(onnx_path) != manifest.get("onnx_sha256"):
         raise CacheInvalid("model.onnx does not match its manifest (truncated or modified)")
     return entry
 
@@ -128,6 +127,42 @@ def export_dir(root: Path, cache_key: str) -> Path:
     tag = re.sub(r"[^A-Za-z0-9._-]", "_",
                  f"onnx{_OPSET}-f{_EXPORT_FORMAT}-torch{torch.__version__}")
     return Path(root) / "exports" / key / tag
+
+
+def _size(path: Path) -> int:
+    """Bytes of the files under ``path`` (files that vanish meanwhile count as 0)."""
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:
+            continue
+    return total
+
+
+def cached_exports(root: Path) -> list[tuple[Path, int]]:
+    """Every export folder under ``root`` (and every temporary one a killed export left
+    behind), with its size in bytes, largest first."""
+    exports = Path(root) / "exports"
+    if not exports.is_dir():
+        return []
+    found = [p for key in exports.iterdir() if key.is_dir() for p in key.iterdir() if p.is_dir()]
+    return sorted(((p, _size(p)) for p in found), key=lambda e: (-e[1], str(e[0])))
+
+
+def clean_exports(root: Path, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove the cached exports under ``root`` (see :func:`cached_exports`); returns
+    what was (with ``dry_run``: would be) removed.  A later prediction exports again."""
+    entries = cached_exports(root)
+    if dry_run:
+        return entries
+    for path, _ in entries:
+        shutil.rmtree(path)
+        try:
+            path.parent.rmdir()  # the weights' folder, once it holds no export
+        except OSError:
+            pass
+    return entries
 
 
 def _sweep_tmp(parent: Path) -> None:
@@ -158,12 +193,4 @@ def weights_fingerprint(net) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
     return h.hexdigest()

@@ -201,3 +201,10 @@ class CorrectionsStore(LabelVersions, Predictions):
             raise PVSInputError(f"status must be one of {STATUSES}, got {status!r}")
         self._subject(subject, "r+").attrs["status"] = status
         self.log_event(subject, "status", {"status": status})
+
+    def remove_model(self, model_id: str) -> None:
+        """Remove a registered model (one file: the unlink is atomic) and log it."""
+        self._require_writable()
+        path = self.models.path(model_id)  # refuses an unknown or malformed id
+        path.unlink()
+        self.log_event(None, "model_removed", {"model_id": model_id})

@@ -1,0 +1,128 @@
+"""``napari-pvs demo`` (the main job: phantoms -> baseline -> Dice) and ``napari-pvs phantom``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from ._cli_common import add_out, number
+from .dataset import write_phantom_cohort
+from .io import load_volume
+from .metrics import cluster_scores, voxel_dice
+from .pipeline import check_output_folder, predict_file
+
+__all__ = ["add_demo_parsers"]
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    def progress(msg, done, total):
+        print(f"[{done}/{total}] {msg}", flush=True)
+
+    check_output_folder(args.out, "OUTDIR")
+    files = write_phantom_cohort(
+        args.out, n_sites=args.sites, per_site=args.per_site, modality=args.modality,
+        seed=args.seed, size_mm=args.size_mm, progress=progress,
+    )
+    print(f"wrote {len(files)} subjects to {args.out} (participants.tsv lists their sites)")
+    return 0
+
+
+def _score_subject(files, pred_path: Path) -> dict:
+    ref = load_volume(files.labels, as_labels=True).data
+    pred = load_volume(pred_path, as_labels=True).data
+    roi = load_volume(files.regions, as_labels=True).data > 0
+    cs = cluster_scores(pred, ref, mask=roi)
+    return {
+        "subject": files.subject, "site": files.site, "voxel_dice": voxel_dice(pred, ref, roi),
+        "cluster_dice": cs.dice, "cluster_precision": cs.precision, "cluster_recall": cs.recall,
+        "n_pred": cs.n_pred, "n_ref": cs.n_ref,
+    }
+
+
+def _display_available() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) and (
+        os.environ.get("QT_QPA_PLATFORM", "") != "offscreen"
+    )
+
+
+def _score_cohort(subjects, out: Path) -> list[dict]:
+    """Segment each subject with the Frangi baseline and print its scores, one row each."""
+    rows = []
+    print(f"{'subject':<10} {'site':<6} {'voxel':>6} {'vox Dice':>8} {'clu Dice':>8} "
+          f"{'clu P':>6} {'clu R':>6} {'n pred':>6} {'n ref':>6} {'time':>6}")
+    for files in subjects:
+        t = time.perf_counter()
+        pred = predict_file(files.image, out / "predictions", roi=files.regions,
+                            modality=files.modality)["labels"]
+        row = _score_subject(files, pred)
+        row["seconds"] = time.perf_counter() - t
+        rows.append(row)
+        spacing = json.loads(files.regions.with_name(f"sub-{files.subject}_desc-phantom.json")
+                             .read_text())["spacing_mm"]
+        print(f"{row['subject']:<10} {row['site']:<6} {spacing:>4.1f}mm {row['voxel_dice']:>8.3f} "
+              f"{row['cluster_dice']:>8.3f} {row['cluster_precision']:>6.2f} "
+              f"{row['cluster_recall']:>6.2f} {row['n_pred']:>6d} {row['n_ref']:>6d} "
+              f"{row['seconds']:>5.1f}s", flush=True)
+    return rows
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.out, "--out")
+    print(f"napari-pvs {__version__} demo: {args.sites} sites x {args.per_site} {args.modality} "
+          f"phantoms -> {out}", flush=True)
+    t0 = time.perf_counter()
+    subjects = write_phantom_cohort(
+        out / "cohort", n_sites=args.sites, per_site=args.per_site, modality=args.modality,
+        seed=args.seed, size_mm=args.size_mm,
+        progress=lambda m, d, n: print(f"  phantom [{d}/{n}] {m}", flush=True),
+    )
+    print(f"  cohort written in {time.perf_counter() - t0:.1f} s; segmenting with the Frangi "
+          "baseline inside each subject's WM+BG mask", flush=True)
+    rows = _score_cohort(subjects, out)
+    vd = np.array([r["voxel_dice"] for r in rows])
+    cd = np.array([r["cluster_dice"] for r in rows])
+    print(f"mean +/- sd   voxel Dice {vd.mean():.3f} +/- {vd.std():.3f}   "
+          f"cluster Dice {cd.mean():.3f} +/- {cd.std():.3f}")
+    (out / "scores.json").write_text(json.dumps(rows, indent=1))
+    print(f"scores: {out / 'scores.json'}; predictions: {out / 'predictions'}")
+    if args.viewer and _display_available():
+        from ._widgets._demo import show_demo  # Qt and napari: only when a viewer opens
+
+        show_demo(subjects, out, out / "predictions", args.screenshot)
+    elif args.viewer:
+        print("no display found: skipping the napari viewer (open the files with "
+              "`napari <file.nii.gz>` on a desktop)")
+    return 0
+
+
+def _cohort_args(p: argparse.ArgumentParser, sites: int, per_site: int, size_mm: float) -> None:
+    p.add_argument("--sites", type=int, default=sites, help="number of scanner sites")
+    p.add_argument("--per-site", type=int, default=per_site, help="subjects per site")
+    p.add_argument("--modality", choices=("T2w", "T1w"), default="T2w",
+                   help="contrast: T2w (PVS bright) or T1w (PVS dark)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms")
+    p.add_argument("--size-mm", type=number(float, 32, 320, what="a field of view in mm"),
+                   default=size_mm, help="field of view in mm (the anatomy scales with it)")
+
+
+def add_demo_parsers(sub) -> None:
+    """Register ``demo`` and ``phantom``."""
+    p = sub.add_parser("demo", help="main job: phantom cohort -> baseline -> Dice per subject")
+    add_out(p, "output folder (default: ./pvs-demo)", default="pvs-demo", required=False)
+    p.add_argument("--no-viewer", dest="viewer", action="store_false",
+                   help="do not open napari even when a display exists")
+    p.add_argument("--screenshot", metavar="PNG",
+                   help="save a screenshot of the viewer to PNG and exit instead of waiting")
+    _cohort_args(p, 3, 2, 144.0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("phantom", help="write a synthetic multi-site cohort (BIDS-like)")
+    add_out(p, "output folder of the cohort", positional="OUTDIR")
+    _cohort_args(p, 3, 2, 160.0)
+    p.set_defaults(func=_cmd_phantom)

@@ -1,0 +1,105 @@
+"""``napari-pvs predict`` and ``napari-pvs score``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ._backends import BACKENDS
+from ._cli_common import ProgressReport, add_device, add_out, number
+from ._errors import PVSInputError
+from .io import load_volume, strip_nifti_suffix
+from .metrics import score
+from .pipeline import check_output_folder, predict_file
+from .store import CorrectionsStore
+
+__all__ = ["add_predict_parsers", "resolve_model"]
+
+
+def resolve_model(model: str, store: str | None) -> str:
+    """``baseline``, a checkpoint or ensemble file, or (with ``store``) a registry id,
+    as the widgets name models; returns what :func:`predict_file` takes."""
+    if model == "baseline" or Path(model).is_file():
+        return model
+    if store is None:
+        raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint "
+                            "file; for a model of a store's registry add --store STORE")
+    with CorrectionsStore.open(store) as opened:  # read-only: checks that it is a store
+        return str(opened.models.path(model))
+
+
+def _check_names(images: list[str], out: str) -> None:
+    """Refuse before any work two inputs whose outputs would have one name."""
+    by_stem: dict[str, str] = {}
+    for image in images:
+        stem = strip_nifti_suffix(Path(image).name)
+        if stem in by_stem:
+            raise PVSInputError(
+                f"{by_stem[stem]} and {image} would both be written to "
+                f"{Path(out) / stem}_pvs.nii.gz; predict them into different -o folders")
+        by_stem[stem] = image
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.roi is not None and len(args.images) > 1:
+        raise PVSInputError("--roi applies to one image; run predict once per image with its mask")
+    check_output_folder(args.out, "-o")
+    _check_names(args.images, args.out)
+    model = resolve_model(args.model, args.store)
+    for image in args.images:
+        t = time.perf_counter()
+        outs = predict_file(
+            image, args.out, model=model, roi=args.roi, modality=args.modality,
+            volume=args.volume, tta=args.tta, device=args.device, backend=args.backend,
+            overlap=args.overlap, progress=ProgressReport(Path(image).name),
+        )
+        names = ", ".join(str(p) for p in outs.values())
+        print(f"{image} -> {names} ({time.perf_counter() - t:.1f} s)", flush=True)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    pred = load_volume(args.pred, as_labels=True)
+    ref = load_volume(args.gt, as_labels=True)
+    regions = load_volume(args.regions, as_labels=True) if args.regions else None
+    # score() checks that the three lie on one grid (shape and affine), as the store does
+    result = score(pred, ref, regions, connectivity=args.connectivity)
+    print(json.dumps({"pred": str(args.pred), "gt": str(args.gt), "regions": args.regions,
+                      "connectivity": args.connectivity, "scores": result}, indent=1))
+    return 0
+
+
+def add_predict_parsers(sub) -> None:
+    """Register ``predict`` and ``score``."""
+    p = sub.add_parser("predict", help="segment NIfTI images")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="NIfTI image(s) to segment")
+    add_out(p, "output folder", aliases=("--output",))
+    p.add_argument("--model", default="baseline",
+                   help="'baseline' (Frangi vesselness), a MedNeXt checkpoint (.safetensors), "
+                        "an ensemble (.json), or with --store a model id of the store's registry")
+    p.add_argument("--store", metavar="STORE",
+                   help="corrections store whose registry names --model (NAME.pvs.zarr)")
+    p.add_argument("--roi", help="mask on the image grid (nonzero inside), e.g. WM+BG")
+    p.add_argument("--modality", choices=("T2w", "T1w"),
+                   help="contrast (default: from the BIDS suffix of the file name, else T2w)")
+    p.add_argument("--volume", type=int, help="volume index for 4D files")
+    p.add_argument("--tta", type=number(int, 1, 8, what="a count of mirror variants"),
+                   default=None,
+                   help="mirror TTA variants, 1-8 (MedNeXt only; default: the model's, else 1)")
+    add_device(p, "that runs the network")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="window runner on CPU (default: the fastest installed)")
+    p.add_argument("--overlap", type=number(float, 0, 1, hi_open=True, what="a fraction"),
+                   default=None,
+                   help="sliding-window overlap in [0, 1) (default: the model's, else 0.5)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("score", help="voxel and cluster Dice of a prediction (JSON)")
+    p.add_argument("pred", help="predicted PVS labels (NIfTI)")
+    p.add_argument("gt", help="reference labels (NIfTI, same grid)")
+    p.add_argument("--regions", help="region map: 1 WM, 2 BG (scores per region)")
+    p.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26),
+                   help="voxel neighbourhood that joins a cluster (default: 26)")
+    p.set_defaults(func=_cmd_score)
