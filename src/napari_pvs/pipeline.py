@@ -30,6 +30,7 @@ __all__ = [
     "modality_from_name",
     "predict_array",
     "predict_file",
+    "prediction_from_labels",
 ]
 
 
@@ -231,11 +232,23 @@ def predict_array(
         model = meta.get("id") or model
     if cancel is not None and cancel.is_set():
         raise PredictionCancelled("prediction cancelled")
+    return prediction_from_labels(labels, model=str(model), regions=regions, affine=affine,
+                                  spacing=spacing, seconds=time.perf_counter() - t0, **out)
+
+
+def prediction_from_labels(labels: np.ndarray, *, model: str = "baseline",
+                           regions: np.ndarray | None = None, affine=None, spacing=None,
+                           seconds: float = 0.0, **maps) -> ArrayPrediction:
+    """An :class:`ArrayPrediction` of PVS labels: their clusters and cluster table.
+
+    ``maps`` are the prediction's ``probability`` / ``uncertainty`` / ``vesselness``.  A
+    WM (1) / BG (2) region map names the clusters' regions; a plain mask does not.
+    """
+    labels = np.asarray(labels, np.uint8)
     clusters, _ = label_clusters(labels)
-    # a WM (1) / BG (2) region map names the clusters' regions; a plain mask does not
-    table = cluster_table(clusters, probability=out.get("probability"),
-                          uncertainty=out.get("uncertainty"),
+    table = cluster_table(clusters, probability=maps.get("probability"),
+                          uncertainty=maps.get("uncertainty"),
                           regions=None if regions is None or regions.max() > 2 else regions,
                           affine=affine, spacing=spacing)
-    return ArrayPrediction(labels=np.asarray(labels, np.uint8), clusters=clusters, table=table,
-                           model=str(model), seconds=time.perf_counter() - t0, **out)
+    return ArrayPrediction(labels=labels, clusters=clusters, table=table, model=str(model),
+                           seconds=seconds, **maps)

@@ -14,9 +14,8 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
-from ..clusters import cluster_table, label_clusters
 from ..io import load_volume, strip_nifti_suffix
-from ..pipeline import ArrayPrediction
+from ..pipeline import prediction_from_labels
 from ..store import CorrectionsStore
 from ._layers import add_prediction_layers, open_store_subject
 from ._state import state_for
@@ -56,10 +55,8 @@ def _demo_prediction(viewer, subject, pred_dir: Path):
     outline.contour = 1
     labels = load_volume(pred_dir / f"{strip_nifti_suffix(subject.image.name)}_pvs.nii.gz",
                          as_labels=True).data.astype(np.uint8)
-    clusters, _ = label_clusters(labels)
-    affine = np.asarray(image.metadata["nifti_affine"])
-    table = cluster_table(clusters, regions=regions.data, affine=affine)
-    pred = ArrayPrediction(labels=labels, clusters=clusters, table=table, model="baseline")
+    pred = prediction_from_labels(labels, regions=regions.data,
+                                  affine=np.asarray(image.metadata["nifti_affine"]))
     return add_prediction_layers(viewer, image, pred, regions_layer=regions)
 
 
