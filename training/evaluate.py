@@ -129,8 +129,6 @@ def scheme_name(scheme: str, seed: int = 12345) -> str:
 
 def _splits(path: Path, kind: str, k: int | None, seed: int, versions: dict, sites: dict):
     """Load or create the splits and check that they still fit the store."""
-    from napari_pvs import PVSInputError
-
     def make():
         if kind == "losocv":
             return losocv_splits(sites)

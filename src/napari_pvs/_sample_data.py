@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .phantom import REGION_CODES, make_phantom
+
 __all__ = ["phantom_t1w", "phantom_t2w"]
 
 
 def _layers(modality: str) -> list[tuple]:
-    from .phantom import REGION_CODES, make_phantom
-
     ph = make_phantom(seed=0, modality=modality, site=0, subject="sample")
     spacing = np.asarray(ph.spacing)
     scale = tuple(float(s) for s in spacing)
