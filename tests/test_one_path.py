@@ -20,12 +20,12 @@ from napari_pvs.dataset import write_phantom_cohort
 from napari_pvs.inference import predict_volume, run
 from napari_pvs.io import load_volume
 from napari_pvs.metrics import voxel_dice
-from napari_pvs.model import load_checkpoint
 from napari_pvs.preprocess import work_grid
 from napari_pvs.training.data import PatchSampler
 from napari_pvs.training.finetune import FinetuneConfig, finetune
 
 FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
+OVERFIT = Path(__file__).parent / "data" / "overfit"
 TRAINER = (FIXTURE / "nnUNet/3d_fullres/Task900_PVSTiny"
            / "nnUNetTrainerV2_MedNeXt_tiny_kernel5__nnUNetPlansv2.1_trgSp_0.8x0.8x0.8")
 
@@ -107,29 +107,34 @@ def test_fine_tuning_an_imported_fold_trains_on_what_inference_feeds_it(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["own", "imported"])
-def test_an_overfitted_model_reproduces_its_labels_through_predict(tmp_path, fold, subject, init):
+@pytest.mark.parametrize("name", ["own", "imported"])
+def test_an_overfitted_model_reproduces_its_labels_through_predict(tmp_path, subject, name):
+    # own.safetensors / imported.safetensors were fitted to this subject by finetune itself
+    # (tests/data/overfit/make_overfit_models.py: hundreds of iterations); here training
+    # runs a few more and validates on the subject, and predict must agree with it
     store = store_from_cohort(tmp_path / "s.pvs.zarr", [subject])
     sid = subject.subject
-    cfg = _cfg(iterations=80, iterations_per_epoch=80, lr=3e-3 if init == "own" else 1e-3)
     events = []
-    gen = finetune(store, init=None if init == "own" else str(fold), config=cfg,
-                   work_dir=tmp_path / "w", train_subjects=[sid], val_subjects=[sid])
+    gen = finetune(store, init=str(OVERFIT / f"{name}.safetensors"), work_dir=tmp_path / "w",
+                   config=_cfg(iterations=4, iterations_per_epoch=4, lr=1e-5),
+                   train_subjects=[sid], val_subjects=[sid])
     model_id = run(gen, events.append)
     (val,) = [e for e in events if e.kind == "validation"]
-    path = store.models.path(model_id)
+    meta = store.models.list()[-1]
+    assert meta["id"] == model_id
+    assert (meta["preprocessing"]["normalization"] == "nnunet_v1") == (name == "imported")
     store.close()
 
     out = tmp_path / "pred"
-    assert main(["predict", str(subject.image), "-o", str(out), "--model", str(path),
-                 "--roi", str(subject.regions), "--tta", "1", "--device", "cpu"]) == 0
+    assert main(["predict", str(subject.image), "-o", str(out), "--model", model_id,
+                 "--store", str(tmp_path / "s.pvs.zarr"), "--roi", str(subject.regions),
+                 "--tta", "1", "--device", "cpu"]) == 0
     (labels_file,) = out.glob("*_pvs.nii.gz")
     got = load_volume(labels_file, as_labels=True).data
     truth = load_volume(subject.labels, as_labels=True).data
     roi = load_volume(subject.regions, as_labels=True).data > 0
     dice = voxel_dice(got, truth, roi)
-    assert val.val_dice > 0.5, f"{init}: training did not fit its subject ({val.val_dice:.3f})"
+    assert val.val_dice > 0.6, f"{name}: the model does not fit its subject ({val.val_dice:.3f})"
     # the same network on the same subject: predict scores what validation reported
     # (validation counts on the 0.8 mm grid, predict on the 1.2 mm source grid)
-    assert dice == pytest.approx(val.val_dice, abs=0.08), (init, dice, val.val_dice)
-    assert load_checkpoint(path)[1]["id"] == model_id
+    assert dice == pytest.approx(val.val_dice, abs=0.05), (name, dice, val.val_dice)
