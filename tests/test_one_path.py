@@ -138,3 +138,24 @@ def test_an_overfitted_model_reproduces_its_labels_through_predict(tmp_path, sub
     # the same network on the same subject: predict scores what validation reported
     # (validation counts on the 0.8 mm grid, predict on the 1.2 mm source grid)
     assert dice == pytest.approx(val.val_dice, abs=0.05), (name, dice, val.val_dice)
+
+
+def test_predict_file_is_load_predict_array_save(tmp_path, subject):
+    from napari_pvs.pipeline import predict_array, predict_file
+
+    model = str(Path(__file__).parents[1] / "benchmarks" / "data" / "xs_phantom.safetensors")
+    vol = load_volume(subject.image)
+    regions = load_volume(subject.regions, as_labels=True).data
+    outs = predict_file(subject.image, tmp_path / "o", model=model, roi=subject.regions, tta=2,
+                        overlap=0.25, backend="torch")
+    pred = run(predict_array(vol.data, vol.spacing, model, affine=vol.affine, roi=regions, tta=2,
+                             overlap=0.25, backend="torch"))
+    np.testing.assert_array_equal(load_volume(outs["probability"]).data, pred.probability)
+    np.testing.assert_array_equal(load_volume(outs["labels"], as_labels=True).data, pred.labels)
+    # the caller's overlap reaches the windows (it used to be the checkpoint's only)
+    other = run(predict_array(vol.data, vol.spacing, model, roi=regions, tta=2, overlap=0.5,
+                              backend="torch"))
+    assert not np.array_equal(other.probability, pred.probability)
+    # the cluster table names WM / BG regions from the same region map in both
+    written = outs["clusters"].read_text().splitlines()
+    assert len(written) == len(pred.table) + 1 and "region" in written[0]
