@@ -123,7 +123,7 @@ _LONG_RUNS = {  # (argv after the store, the first stdout line once the store is
     "train": (["train", "--iterations", "40", "--epoch", "40", "--patch", "32", "--lr", "3e-3",
                "--wait", "60"], "start:"),
     "evaluate": (["evaluate", "--scheme", "kfold:2", "--iterations", "20", "--patch", "32",
-                  "--batch-size", "1", "--wait", "60"], "kfold:2: 2 folds"),
+                  "--batch-size", "1", "--wait", "60", "--keep-models"], "kfold:2: 2 folds"),
 }
 
 
@@ -145,8 +145,10 @@ def test_a_commit_succeeds_while_train_runs(tmp_path, fresh_store_path, cohort, 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        line = train.stdout.readline()  # the run has opened the store and read its versions
-        assert line.startswith(first), line + train.stderr.read()
+        seen = []  # until the line saying the run has opened the store and read its versions
+        while not (seen and seen[-1].startswith(first)):
+            seen.append(train.stdout.readline())
+            assert seen[-1], "".join(seen) + train.stderr.read()
         t0 = time.monotonic()
         with CorrectionsStore.open(path, writable=True, wait=0):  # the lock is free at once
             assert train.poll() is None

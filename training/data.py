@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_pvs.preprocess import preprocess
+from napari_pvs.preprocess import Preprocessed, preprocess
 
 __all__ = ["PatchSampler", "SubjectCache", "SubjectData", "corrected_versions", "load_subject"]
 
@@ -43,7 +43,9 @@ def corrected_versions(store, subjects: Sequence[str] | None = None) -> dict[str
 
 @dataclass
 class SubjectData:
-    """One subject on the model grid: z-scored image, labels, ROI, recent edits."""
+    """One subject on the model grid (image as the network sees it, labels, ROI, recent
+    edits), with what validation needs to score it as prediction does: the way back to
+    the source grid (``prep``) and the labels and ROI there."""
 
     subject: str
     site: str
@@ -52,11 +54,15 @@ class SubjectData:
     labels: np.ndarray
     roi: np.ndarray
     recent: np.ndarray | None
+    prep: Preprocessed | None = None
+    source_labels: np.ndarray | None = None
+    source_roi: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.recent is None else self.recent.nbytes
-        return self.image.nbytes + self.labels.nbytes + self.roi.nbytes + extra
+        arrays = (self.image, self.labels, self.roi, self.recent, self.source_labels,
+                  self.source_roi)
+        return sum(a.nbytes for a in arrays if a is not None)
 
 
 def load_subject(store, subject: str, version: int, pre: Mapping[str, Any] | None) -> SubjectData:
@@ -79,7 +85,8 @@ def load_subject(store, subject: str, version: int, pre: Mapping[str, Any] | Non
     prep = preprocess(image, info["spacing"], roi, pre)
     return SubjectData(subject, str(info.get("site", "unknown")), version, prep.image[0],
                        prep.mask_to_model(labels).astype(np.uint8), prep.mask,
-                       None if recent is None or not recent.any() else prep.mask_to_model(recent))
+                       None if recent is None or not recent.any() else prep.mask_to_model(recent),
+                       prep, labels, roi)
 
 
 class SubjectCache:

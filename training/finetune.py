@@ -41,7 +41,7 @@ from napari_pvs._errors import PVSInputError
 from napari_pvs._fs import atomic_path
 from napari_pvs._sliding import plan_windows
 from napari_pvs._store_checks import check_wait
-from napari_pvs.inference import blends_logits, predict_preprocessed, run
+from napari_pvs.inference import blends_logits, postprocess, predict_preprocessed, run
 from napari_pvs.metrics import cluster_scores, voxel_dice
 from napari_pvs.model import arch_config, build_network, default_meta, load_checkpoint
 from napari_pvs.store import CorrectionsStore
@@ -77,9 +77,11 @@ def _initial(store, init, cfg):
 def validation_scores(net, meta, data, *, device: str, backend: str = "auto") -> tuple[float, float]:
     """Mean voxel and cluster Dice of ``net`` on preprocessed subjects (``SubjectData``).
 
-    Runs the prediction stages (window plan, runner, TTA merger) on each subject's model-
-    grid image, as :func:`napari_pvs.inference.predict_volume` does after preprocessing;
-    on the CPU the runner is the fast exported runtime when one is installed.
+    The prediction stages of :func:`napari_pvs.inference.predict_volume` after its
+    preprocessing (window plan, runner, TTA merger, back to the source grid,
+    post-processing) run on each cached subject, and the labels are scored on the
+    source grid: validation reports what ``napari-pvs predict`` would score.  On the CPU
+    the runner is the fast exported runtime when one is installed.
     """
     pre = meta.get("preprocessing") or {}
     patch = tuple(int(p) for p in (pre.get("patch_size") or (64, 64, 64)))
@@ -89,12 +91,12 @@ def validation_scores(net, meta, data, *, device: str, backend: str = "auto") ->
         vd, cd = [], []
         for d in data:
             plan = plan_windows(d.image.shape, patch, float(pre.get("overlap", 0.5)), mask=d.roi,
-                                nnunet=pre.get("normalization") == "nnunet_v1")
-            prob, _ = run(predict_preprocessed(d.image[None], plan, runner,
-                                               blend_logits=blends_logits(meta)))
-            labels = (prob >= 0.5) & d.roi
-            vd.append(voxel_dice(labels, d.labels, d.roi))
-            cd.append(cluster_scores(labels, d.labels, mask=d.roi).dice)
+                                nnunet=d.prep.nnunet)
+            prob, var = run(predict_preprocessed(d.image[None], plan, runner,
+                                                 blend_logits=blends_logits(meta)))
+            pred = postprocess(d.prep.to_source(prob), d.prep.to_source(var), d.source_roi)
+            vd.append(voxel_dice(pred.labels, d.source_labels, d.source_roi))
+            cd.append(cluster_scores(pred.labels, d.source_labels, mask=d.source_roi).dice)
     finally:
         net.to(device).train()
     return float(np.mean(vd)), float(np.mean(cd))
