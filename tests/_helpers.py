@@ -21,6 +21,12 @@ def assert_same_geometry(written: Path, source: Path, atol: float = ATOL) -> Non
         np.testing.assert_allclose(got, want, atol=atol)
 
 
+#: The MedNet-PVS release-format fixture (tests/data/mednext_v1/README.md).
+MEDNEXT_FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
+MEDNEXT_RELEASE = (MEDNEXT_FIXTURE / "nnUNet/3d_fullres/Task900_PVSTiny"
+                   / "nnUNetTrainerV2_MedNeXt_tiny_kernel5__nnUNetPlansv2.1_trgSp_0.8x0.8x0.8")
+
+
 def write_raw_nifti(path: Path, header, payload: bytes) -> Path:
     """NIfTI-1 header bytes + payload, written as they are (nibabel's save would repair a
     broken header); gzip-compressed when ``path`` ends in ``.gz``."""

@@ -136,3 +136,16 @@ def phantom_store(tmp_path_factory, phantom_cohort):
     yield make
     for store in opened:
         store.close()
+
+
+@pytest.fixture(scope="session")
+def imported_release(tmp_path_factory) -> Path:
+    """The release-format fixture imported once with ``napari-pvs model import-nnunet``:
+    ``fold_0.safetensors``, ``fold_1.safetensors`` and ``ensemble.json`` in this folder."""
+    from _helpers import MEDNEXT_RELEASE
+
+    from napari_pvs.cli import main
+
+    out = tmp_path_factory.mktemp("imported")
+    assert main(["model", "import-nnunet", str(MEDNEXT_RELEASE), str(out)]) == 0
+    return out

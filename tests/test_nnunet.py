@@ -11,26 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import PickleBomb
+from _helpers import MEDNEXT_FIXTURE, MEDNEXT_RELEASE, PickleBomb
 
 from napari_pvs import PVSInputError
 from napari_pvs._sliding import importance, window_starts
-from napari_pvs.cli import main
 from napari_pvs.inference import predict_volume, run
 from napari_pvs.model import load_checkpoint, read_meta
 from napari_pvs.nnunet import import_nnunet, infer_architecture, read_plans, safe_load_pickle
 from napari_pvs.preprocess import nnunet_normalise, spline_resize
 
-FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
-TRAINER = (FIXTURE / "nnUNet/3d_fullres/Task900_PVSTiny"
-           / "nnUNetTrainerV2_MedNeXt_tiny_kernel5__nnUNetPlansv2.1_trgSp_0.8x0.8x0.8")
+FIXTURE, TRAINER = MEDNEXT_FIXTURE, MEDNEXT_RELEASE
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("imported")
-    assert main(["model", "import-nnunet", str(TRAINER), str(out)]) == 0
-    return out
+@pytest.fixture
+def imported(imported_release):
+    return imported_release
 
 
 def _state(fold):

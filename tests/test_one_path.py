@@ -24,17 +24,12 @@ from napari_pvs.preprocess import work_grid
 from napari_pvs.training.data import PatchSampler
 from napari_pvs.training.finetune import FinetuneConfig, finetune
 
-FIXTURE = Path(__file__).parent / "data" / "mednext_v1"
 OVERFIT = Path(__file__).parent / "data" / "overfit"
-TRAINER = (FIXTURE / "nnUNet/3d_fullres/Task900_PVSTiny"
-           / "nnUNetTrainerV2_MedNeXt_tiny_kernel5__nnUNetPlansv2.1_trgSp_0.8x0.8x0.8")
 
 
-@pytest.fixture(scope="module")
-def fold(tmp_path_factory):
-    out = tmp_path_factory.mktemp("imported")
-    assert main(["model", "import-nnunet", str(TRAINER), str(out)]) == 0
-    return out / "fold_0.safetensors"
+@pytest.fixture
+def fold(imported_release):
+    return imported_release / "fold_0.safetensors"
 
 
 @pytest.fixture(scope="module")
