@@ -39,9 +39,8 @@ import numpy as np
 from napari_pvs._backends import make_runner, pick_device
 from napari_pvs._errors import PVSInputError
 from napari_pvs._fs import atomic_path
-from napari_pvs._sliding import plan_windows
 from napari_pvs._store_checks import check_wait
-from napari_pvs.inference import blends_logits, postprocess, predict_preprocessed, run
+from napari_pvs.inference import predict_prepared, run
 from napari_pvs.metrics import cluster_scores, voxel_dice
 from napari_pvs.model import arch_config, build_network, default_meta, load_checkpoint
 from napari_pvs.store import CorrectionsStore
@@ -90,11 +89,8 @@ def validation_scores(net, meta, data, *, device: str, backend: str = "auto") ->
         runner = make_runner(net, window=patch, device=device, backend=backend)
         vd, cd = [], []
         for d in data:
-            plan = plan_windows(d.image.shape, patch, float(pre.get("overlap", 0.5)), mask=d.roi,
-                                nnunet=d.prep.nnunet)
-            prob, var = run(predict_preprocessed(d.image[None], plan, runner,
-                                                 blend_logits=blends_logits(meta)))
-            pred = postprocess(d.prep.to_source(prob), d.prep.to_source(var), d.source_roi)
+            pred = run(predict_prepared(d.prep, runner, meta, overlap=float(pre.get("overlap", 0.5)),
+                                        roi=d.source_roi))
             vd.append(voxel_dice(pred.labels, d.source_labels, d.source_roi))
             cd.append(cluster_scores(pred.labels, d.source_labels, mask=d.source_roi).dice)
     finally:

@@ -36,7 +36,7 @@ import numpy as np
 from ._backends import make_runner, pick_device
 from ._errors import PVSInputError
 from ._sliding import FLIPS, TTAMerger, WindowPlan, plan_windows
-from .preprocess import preprocess
+from .preprocess import Preprocessed, preprocess
 
 __all__ = [
     "FLIPS",
@@ -45,6 +45,7 @@ __all__ = [
     "Progress",
     "pick_device",
     "postprocess",
+    "predict_prepared",
     "predict_preprocessed",
     "predict_volume",
     "run",
@@ -130,6 +131,37 @@ def blends_logits(meta: dict[str, Any]) -> bool:
     pre = meta.get("preprocessing") or {}
     return pre.get("normalization") != "nnunet_v1" and int(meta["arch"].get("out_channels", 2)) == 2
 
+def predict_prepared(
+    prep: Preprocessed,
+    runner,
+    meta: dict[str, Any],
+    *,
+    overlap: float,
+    roi: np.ndarray | None,
+    tta: int = 1,
+    threshold: float = 0.5,
+    skip_outside_roi: bool = True,
+    cancel: threading.Event | None = None,
+) -> Generator[Progress, None, Prediction]:
+    """Stages 2-5 on an image that :func:`~napari_pvs.preprocess.preprocess` prepared.
+
+    The windows are the runner's; ``roi`` (bool, on the source grid) bounds the labels.
+    :func:`predict_volume` and training's validation both call it, so validation scores
+    exactly what a prediction would.  ``info`` of the result holds the window counts.
+    """
+    patch = tuple(runner.window)
+    plan = plan_windows(prep.work_shape, patch, overlap, mask=prep.mask, nnunet=prep.nnunet,
+                        skip_outside_roi=skip_outside_roi)
+    prob, var = yield from predict_preprocessed(
+        prep.image, plan, runner, tta=tta, blend_logits=blends_logits(meta),
+        model=meta.get("id") or "(unnamed)", cancel=cancel)
+    pred = postprocess(prep.to_source(prob), prep.to_source(var), roi, threshold)
+    pred.info = {"windows": len(plan.windows), "windows_total": plan.n_all,
+                 "patch_size": list(patch), "overlap": overlap,
+                 "work_shape": list(prep.work_shape)}
+    return pred
+
+
 def predict_volume(
     image: np.ndarray,
     spacing,
@@ -182,29 +214,22 @@ def predict_volume(
         When set, the prediction stops before the next batch with
         :class:`PredictionCancelled`.
     """
-    # 23 lines of code: over 60 lines only through the numpydoc docstring above
+    # 17 lines of code: over 60 lines only through the numpydoc docstring above
     t0 = time.perf_counter()
     arch, pre = meta["arch"], meta.get("preprocessing", {})
     if not 1 <= int(tta) <= len(FLIPS):
         raise PVSInputError(f"tta must be between 1 and {len(FLIPS)} flips, got {tta}")
     prep = preprocess(image, spacing, roi, pre, in_channels=int(arch["in_channels"]))
     patch = tuple(int(p) for p in (patch_size or pre.get("patch_size") or (64, 64, 64)))
-    plan = plan_windows(prep.work_shape, patch, overlap, mask=prep.mask, nnunet=prep.nnunet,
-                        skip_outside_roi=skip_outside_roi)
     device = pick_device(device)
     runner = make_runner(net, window=patch, batch_size=int(batch_size or (1 if device == "cpu" else 2)),
                          device=device, backend=backend, cache_key=cache_key)
-    prob, var = yield from predict_preprocessed(
-        prep.image, plan, runner, tta=tta, blend_logits=blends_logits(meta),
-        model=meta.get("id") or "(unnamed)", cancel=cancel)
-    pred = postprocess(prep.to_source(prob), prep.to_source(var),
-                       None if roi is None else np.asarray(roi) > 0, threshold)
-    pred.info = {
-        "model_id": meta.get("id"), "backend": runner.name, "device": device, "tta": int(tta),
-        "windows": len(plan.windows), "windows_total": plan.n_all, "patch_size": list(patch),
-        "overlap": overlap, "work_shape": list(prep.work_shape),
-        "seconds": time.perf_counter() - t0,
-    }
+    pred = yield from predict_prepared(prep, runner, meta, overlap=overlap,
+                                       roi=None if roi is None else np.asarray(roi) > 0, tta=tta,
+                                       threshold=threshold, skip_outside_roi=skip_outside_roi,
+                                       cancel=cancel)
+    pred.info.update({"model_id": meta.get("id"), "backend": runner.name, "device": device,
+                      "tta": int(tta), "seconds": time.perf_counter() - t0})
     return pred
 
 
