@@ -277,11 +277,11 @@ def test_evaluate_interrupted_after_a_fold_removes_that_fold_model(store, tmp_pa
 
     before = _registry(store)
     proc = subprocess.Popen([sys.executable, "-m", "napari_pvs.cli", "evaluate", "--store",
-                             str(store), "--scheme", "kfold:2", "--iterations", "1", "--patch",
+                             str(store), "--scheme", "kfold:2", "--iterations", "30", "--patch",
                              "32", "--batch-size", "1", "-o", str(tmp_path / "ev")],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
-        if line.startswith("fold 1 (2/2"):  # fold 0's model is registered by now
+        if line.startswith("fold 1 (2/2"):  # fold 0 is registered; fold 1 trains 30 iterations
             break
     assert len(_registry(store) - before) == 1
     proc.send_signal(signal.SIGINT)
