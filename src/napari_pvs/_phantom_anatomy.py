@@ -107,3 +107,30 @@ class Anatomy:
         self.wm = inner & ~vent & ~bg & ~thal
         self.vent = vent & brain
         self.brain = brain
+
+    def aseg(self) -> np.ndarray:
+        """The tissue classes as FreeSurfer aseg labels (int32), left / right by world x.
+
+        Cerebral WM 2/41, cortex 3/42, lateral ventricles 4/43, thalamus 10/49, the BG
+        ellipsoid as putamen 12/51 (lateral half) and pallidum 13/52 (medial half),
+        sulcal CSF 24; 0 outside the brain.
+        """
+        x = self.coords[0]
+        left = np.broadcast_to(x < 0, self.wm.shape)
+        out = np.zeros(self.wm.shape, np.int32)
+
+        def put(mask, lh: int, rh: int) -> None:
+            out[mask & left] = lh
+            out[mask & ~left] = rh
+
+        out[self.csf & self.brain] = 24
+        put(self.gm, 3, 42)
+        put(self.wm, 2, 41)
+        put(self.vent, 4, 43)
+        put(self.thalamus, 10, 49)
+        medial = np.zeros(self.wm.shape, bool)
+        for (cx, _, _), _radii in self.bg_centres:
+            medial |= np.broadcast_to((np.abs(x) < abs(cx)) & ((x < 0) == (cx < 0)), self.wm.shape)
+        put(self.bg & ~medial, 12, 51)
+        put(self.bg & medial, 13, 52)
+        return out

@@ -16,16 +16,20 @@ from ._errors import PVSInputError
 from ._nifti_checks import affine_problem
 
 __all__ = [
+    "MGH_SUFFIXES",
     "NIFTI_SUFFIXES",
     "Volume",
     "as_label_array",
     "check_same_grid",
     "geometry_from_affine",
+    "is_mgh_path",
     "is_nifti_path",
     "strip_nifti_suffix",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: FreeSurfer MGH volumes (read only: ``aseg.mgz``, ``T1.mgz`` ...).
+MGH_SUFFIXES = (".mgz", ".mgh")
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,9 +98,14 @@ def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def is_mgh_path(path: str | os.PathLike[str]) -> bool:
+    """Whether *path* ends in ``.mgz`` or ``.mgh`` (case-insensitive): FreeSurfer's format."""
+    return str(path).lower().endswith(MGH_SUFFIXES)
+
+
 def strip_nifti_suffix(name: str) -> str:
-    """Return *name* without a trailing ``.nii`` or ``.nii.gz``."""
-    for suffix in NIFTI_SUFFIXES:
+    """Return *name* without a trailing ``.nii``, ``.nii.gz``, ``.mgz`` or ``.mgh``."""
+    for suffix in (*NIFTI_SUFFIXES, *MGH_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

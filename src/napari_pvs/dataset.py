@@ -23,7 +23,7 @@ import csv
 import json
 import re
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -32,13 +32,14 @@ import numpy as np
 from ._errors import PVSInputError
 from ._regions import REGION_CODES
 from .io import load_volume
-from .phantom import make_cohort
+from .phantom import conformed_aseg, make_cohort
 from .store import CorrectionsStore
 
-__all__ = ["DERIV", "SubjectFiles", "read_cohort", "store_from_cohort", "subject_files",
-           "write_phantom_cohort"]
+__all__ = ["DERIV", "FREESURFER_DERIV", "SubjectFiles", "find_segmentation", "read_cohort",
+           "store_from_cohort", "subject_files", "write_phantom_cohort"]
 
 DERIV = Path("derivatives") / "napari-pvs-phantom"
+FREESURFER_DERIV = Path("derivatives") / "freesurfer"
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _COLUMNS = (
     "participant_id", "site", "modality", "voxel_size_mm", "snr", "seed",
@@ -56,6 +57,7 @@ class SubjectFiles:
     image: Path
     labels: Path | None
     regions: Path | None
+    segmentation: Path | None = None  # an aseg-style segmentation (napari_pvs.regions)
 
 
 def subject_files(root: Path, subject: str, modality: str, site: str = "unknown") -> SubjectFiles:
@@ -93,10 +95,13 @@ def write_phantom_cohort(
     modality: str = "T2w",
     seed: int = 0,
     size_mm: float = 160.0,
+    aseg: bool = False,
     progress=None,
 ) -> list[SubjectFiles]:
     """Generate a phantom cohort and write it in the documented layout.
 
+    ``aseg`` also writes each subject's anatomy as FreeSurfer would, on its conformed
+    256³ 1 mm LIA grid: ``derivatives/freesurfer/sub-<id>/mri/aseg.mgz``.
     ``progress``, if given, is called as ``progress(message, done, total)``.
     Returns the written subjects in order.
     """
@@ -112,6 +117,11 @@ def write_phantom_cohort(
         _save(files.labels, ph.labels, ph.affine)
         _save(files.regions, ph.regions, ph.affine)
         files.regions.with_name(f"sub-{sid}_desc-phantom.json").write_text(json.dumps(ph.meta, indent=1))
+        if aseg:
+            seg = root / FREESURFER_DERIV / f"sub-{sid}" / "mri" / "aseg.mgz"
+            seg.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(conformed_aseg(ph), seg)
+            files = replace(files, segmentation=seg)
         rows.append({
             "participant_id": f"sub-{sid}", "site": ph.meta["site"], "modality": modality,
             "voxel_size_mm": ph.spacing[0], "snr": round(ph.meta["snr"], 2), "seed": ph.meta["seed"],
@@ -185,6 +195,25 @@ def _entity(name: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
+def find_segmentation(root: str | Path, subject: str) -> Path | None:
+    """The aseg-style segmentation of ``subject`` in the dataset's derivatives, if any.
+
+    Looked for, in this order: fMRIPrep's / SynthSeg's BIDS name
+    ``derivatives/*/sub-<id>/anat/*desc-aseg_dseg.nii.gz`` (the T1w-space one first,
+    MNI-space ones are skipped), then FreeSurfer's ``derivatives/*/sub-<id>/mri/aseg.mgz``
+    and any ``derivatives/*/sub-<id>/anat/*aseg.mgz``.
+    """
+    der = Path(root) / "derivatives"
+    if not der.is_dir():
+        return None
+    bids = [p for p in sorted(der.glob(f"*/sub-{subject}/anat/*desc-aseg_dseg.nii*"))
+            if "_space-MNI" not in p.name]
+    bids.sort(key=lambda p: "_space-" in p.name and "_space-T1w" not in p.name)
+    found = [*bids, *sorted(der.glob(f"*/sub-{subject}/mri/aseg.mgz")),
+             *sorted(der.glob(f"*/sub-{subject}/anat/*aseg.mgz"))]
+    return found[0] if found else None
+
+
 def read_cohort(root: str | Path) -> list[SubjectFiles]:
     """List the subjects of a layout folder, with their site.
 
@@ -222,6 +251,7 @@ def read_cohort(root: str | Path) -> list[SubjectFiles]:
                 sid, site, modality, image,
                 files.labels if files.labels.is_file() else None,
                 files.regions if files.regions.is_file() else None,
+                find_segmentation(root, sid),
             ))
     if not out:
         raise PVSInputError(f"{root} holds no sub-*/anat/sub-*_T2w.nii.gz or _T1w.nii.gz images")

@@ -27,6 +27,7 @@ from nibabel.spatialimages import HeaderDataError
 from ._errors import PVSInputError
 from ._fs import sha256_file
 from ._nifti_checks import (
+    affine_problem,
     check_data_size,
     one_line,
     pick_volume,
@@ -41,6 +42,7 @@ from ._volume import (
     as_label_array,
     check_same_grid,
     geometry_from_affine,
+    is_mgh_path,
     is_nifti_path,
     strip_nifti_suffix,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "as_label_array",
     "check_same_grid",
     "geometry_from_affine",
+    "is_mgh_path",
     "is_nifti_path",
     "load_volume",
     "save_labels",
@@ -72,7 +75,11 @@ def load_volume(
     dtype: Any = np.float32,
     as_labels: bool = False,
 ) -> Volume:
-    """Load a 3D NIfTI-1 or NIfTI-2 volume (``.nii`` or ``.nii.gz``).
+    """Load a 3D NIfTI-1 or NIfTI-2 volume (``.nii`` or ``.nii.gz``), or a FreeSurfer
+    MGH volume (``.mgz`` or ``.mgh``, e.g. ``aseg.mgz``).
+
+    An MGH volume gets a NIfTI-1 header with its affine as sform and qform (code 1,
+    scanner), so it is saved against, compared and displayed as a NIfTI volume is.
 
     Parameters
     ----------
@@ -111,6 +118,8 @@ def load_volume(
         When the sform is unusable and the qform (or voxel size) is used instead.
     """
     path = _check_path(Path(path))
+    if is_mgh_path(path):
+        return _load_mgh(path, volume, dtype, as_labels)
     scan = scan_nifti(path)
     img = _open_nifti(path)
     slicer = pick_volume(img, path, volume)
@@ -131,14 +140,57 @@ def _check_path(path: Path) -> Path:
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise PVSInputError(f"{path} {what}; check the path and try again")
-    if not is_nifti_path(path):
+    if not (is_nifti_path(path) or is_mgh_path(path)):
         raise PVSInputError(
-            f"{path} is not a NIfTI file (.nii or .nii.gz); convert it first, e.g. "
-            "with dcm2niix or mri_convert"
+            f"{path} is not a NIfTI file (.nii or .nii.gz) or a FreeSurfer .mgz/.mgh; "
+            "convert it first, e.g. with dcm2niix or mri_convert"
         )
     if path.stat().st_size == 0:
         raise PVSInputError(f"{path} is empty (0 bytes); re-export or copy the file again")
     return path
+
+
+_MAX_MGH_BYTES = 2**32  # 4 GiB of voxels: far above any brain volume; a corrupt header
+_MGH_HEADER_BYTES = 284  # fixed header before the voxels of an uncompressed .mgh
+
+
+def _load_mgh(path: Path, volume: int | None, dtype: Any, as_labels: bool) -> Volume:
+    """:func:`load_volume` of a FreeSurfer ``.mgz`` / ``.mgh`` file."""
+    try:
+        img = nib.load(path, mmap=False)
+    except (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError) as exc:
+        raise PVSInputError(
+            f"{path} is not a readable FreeSurfer MGH/MGZ file ({one_line(exc)}); check that "
+            "it is the file FreeSurfer wrote, or convert it with mri_convert"
+        ) from None
+    if not isinstance(img, nib.MGHImage):
+        raise PVSInputError(f"{path} was read as {type(img).__name__}, not MGH; convert it to "
+                            ".nii.gz")
+    slicer = pick_volume(img, path, volume)
+    n_bytes = int(np.prod(img.shape, dtype=np.float64)) * img.get_data_dtype().itemsize
+    if n_bytes > _MAX_MGH_BYTES or (
+            path.suffix.lower() == ".mgh"
+            and path.stat().st_size < _MGH_HEADER_BYTES + n_bytes):
+        raise PVSInputError(
+            f"{path}: the header claims shape {img.shape} ({n_bytes} bytes of voxels), which "
+            "the file does not hold; it is truncated or its header is corrupt")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    problem = affine_problem(affine)
+    if problem:
+        raise PVSInputError(f"{path} has no usable affine ({problem}); fix the header "
+                            "(mri_convert) before use")
+    data = _zero_non_finite(_read_voxels(img, slicer, path, dtype, as_labels), path)
+    if as_labels:
+        data = as_label_array(data, path)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(data.dtype)
+    header.set_data_shape(data.shape)
+    header.set_zooms(tuple(float(z) for z in img.header.get_zooms()[:3]))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm")
+    return Volume(data=data, affine=affine, spacing=_spacing(header, affine), path=path,
+                  sha256=sha256_file(path), header=header)
 
 
 def _open_nifti(path: Path) -> Any:

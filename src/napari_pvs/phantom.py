@@ -39,11 +39,14 @@ from ._phantom_tubes import confounders, length_stats, pvs_tubes, render_tubes
 from ._regions import REGION_CODES
 
 __all__ = [
+    "CONFORMED_AFFINE",
+    "CONFORMED_SHAPE",
     "MODALITIES",
     "REGION_CODES",
     "SITES",
     "Phantom",
     "SiteProfile",
+    "conformed_aseg",
     "make_cohort",
     "make_phantom",
     "site_profile",
@@ -145,6 +148,10 @@ class Phantom:
     meta : dict
         Subject id, site, modality, seed, PVS counts and diameters, WM PVS volume
         fraction, confounder counts: JSON-serialisable.
+    aseg : ndarray of int32 or None
+        The anatomy as a FreeSurfer-style aseg on the same grid (cerebral WM 2/41,
+        cortex 3/42, putamen 12/51, pallidum 13/52 ...); :func:`conformed_aseg` puts it
+        on FreeSurfer's conformed grid.
     """
 
     image: np.ndarray
@@ -153,6 +160,29 @@ class Phantom:
     affine: np.ndarray
     spacing: tuple[float, float, float]
     meta: dict[str, Any] = field(default_factory=dict)
+    aseg: np.ndarray | None = None
+
+
+#: FreeSurfer's conformed grid: 256³ voxels of 1 mm, LIA, centred on world (0, 0, 0)
+#: (``c_ras`` 0, as the phantoms are centred on the origin).
+CONFORMED_AFFINE = np.array([[-1.0, 0, 0, 128], [0, 0, 1, -128], [0, -1, 0, 128], [0, 0, 0, 1]])
+CONFORMED_SHAPE = (256, 256, 256)
+
+
+def conformed_aseg(ph: Phantom):
+    """The phantom's aseg resampled (nearest neighbour) to FreeSurfer's conformed space.
+
+    Returns an ``nibabel.MGHImage`` (int32, 256³, 1 mm, LIA), as ``mri/aseg.mgz`` is.
+    """
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    if ph.aseg is None:
+        raise ValueError("this phantom has no aseg (it was not made by make_phantom)")
+    src = nib.Nifti1Image(np.asarray(ph.aseg, np.int32), ph.affine)
+    out = resample_from_to(src, (CONFORMED_SHAPE, CONFORMED_AFFINE), order=0, mode="constant",
+                           cval=0)
+    return nib.MGHImage(np.asarray(out.dataobj).astype(np.int32), CONFORMED_AFFINE)
 
 
 def make_phantom(
@@ -214,7 +244,8 @@ def make_phantom(
             "spacing_mm": h, "snr": prof.snr, "burden": burden,
             **_pvs_stats(anat, labels, tubes, kinds, h), "n_flow_voids": len(voids),
             "site_profile": {k: getattr(prof, k) for k in SiteProfile.__dataclass_fields__}}
-    return Phantom(img, labels.astype(np.uint8), regions, affine, (h, h, h), meta)
+    return Phantom(img, labels.astype(np.uint8), regions, affine, (h, h, h), meta,
+                   aseg=anat.aseg())
 
 
 def _profile(modality: str, site: SiteProfile | int, size_mm: float,
