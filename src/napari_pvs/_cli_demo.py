@@ -27,7 +27,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "OUTDIR")
     files = write_phantom_cohort(
         args.out, n_sites=args.sites, per_site=args.per_site, modality=args.modality,
-        seed=args.seed, size_mm=args.size_mm, progress=progress,
+        seed=args.seed, size_mm=args.size_mm, aseg=args.aseg, progress=progress,
     )
     print(f"wrote {len(files)} subjects to {args.out} (participants.tsv lists their sites)")
     return 0
@@ -125,4 +125,7 @@ def add_demo_parsers(sub) -> None:
     p = sub.add_parser("phantom", help="write a synthetic multi-site cohort (BIDS-like)")
     add_out(p, "output folder of the cohort", positional="OUTDIR")
     _cohort_args(p, 3, 2, 160.0)
+    p.add_argument("--aseg", action="store_true",
+                   help="also write each subject's anatomy as FreeSurfer's aseg.mgz (conformed "
+                        "256³ 1 mm LIA grid) in derivatives/freesurfer/sub-<id>/mri/")
     p.set_defaults(func=_cmd_phantom)

@@ -10,6 +10,7 @@ from pathlib import Path
 from ._backends import BACKENDS
 from ._cli_common import ProgressReport, add_device, add_out, number
 from ._errors import PVSInputError
+from ._fs import atomic_write_text
 from .io import load_volume, strip_nifti_suffix
 from .metrics import score
 from .pipeline import check_output_folder, predict_file
@@ -43,15 +44,23 @@ def _check_names(images: list[str], out: str) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    if args.roi is not None and len(args.images) > 1:
-        raise PVSInputError("--roi applies to one image; run predict once per image with its mask")
+    for option, value in (("--roi", args.roi), ("--seg", args.seg)):
+        if value is not None and len(args.images) > 1:
+            raise PVSInputError(f"{option} applies to one image; run predict once per image "
+                                "with its own")
+    if args.roi is not None and args.seg is not None:
+        raise PVSInputError("give either --roi (a region map on the image grid) or --seg (a "
+                            "whole-brain segmentation on any grid), not both")
+    if args.lut is not None and args.seg is None:
+        raise PVSInputError("--lut maps the labels of --seg; give --seg as well")
     check_output_folder(args.out, "-o")
     _check_names(args.images, args.out)
     model = resolve_model(args.model, args.store)
     for image in args.images:
         t = time.perf_counter()
         outs = predict_file(
-            image, args.out, model=model, roi=args.roi, modality=args.modality,
+            image, args.out, model=model, roi=args.roi, seg=args.seg, lut=args.lut,
+            modality=args.modality,
             volume=args.volume, tta=args.tta, device=args.device, backend=args.backend,
             overlap=args.overlap, progress=ProgressReport(Path(image).name),
         )
@@ -71,8 +80,32 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_regions(args: argparse.Namespace) -> int:
+    from .io import save_labels
+    from .regions import from_segmentation
+
+    out = Path(args.out)
+    if not str(out).lower().endswith((".nii.gz", ".nii")):
+        raise PVSInputError(f"-o {out}: the region map is written as NIfTI; end the name in "
+                            ".nii.gz")
+    like = load_volume(args.like)
+    mapped = from_segmentation(args.seg, like, lut=args.lut or "freesurfer")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_labels(out, mapped.regions, like=like)
+    sidecar = out.with_name(strip_nifti_suffix(out.name) + ".json")
+    atomic_write_text(sidecar, json.dumps({**mapped.meta, "like": str(args.like)}, indent=1)
+                      + "\n")
+    written = [str(out), str(sidecar)]
+    if args.brain:
+        written.append(str(save_labels(args.brain, mapped.brain, like=like)))
+    counts = ", ".join(f"{k} {v} voxels" for k, v in mapped.meta["voxels"].items())
+    print(f"{args.seg} -> {', '.join(written)} ({counts}; brain "
+          f"{mapped.meta['brain_voxels']} voxels; table {mapped.meta['table']['name']})")
+    return 0
+
+
 def add_predict_parsers(sub) -> None:
-    """Register ``predict`` and ``score``."""
+    """Register ``predict``, ``regions`` and ``score``."""
     p = sub.add_parser("predict", help="segment NIfTI images")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="NIfTI image(s) to segment")
     add_out(p, "output folder", aliases=("--output",))
@@ -81,7 +114,15 @@ def add_predict_parsers(sub) -> None:
                         "an ensemble (.json), or with --store a model id of the store's registry")
     p.add_argument("--store", metavar="STORE",
                    help="corrections store whose registry names --model (NAME.pvs.zarr)")
-    p.add_argument("--roi", help="mask on the image grid (nonzero inside), e.g. WM+BG")
+    p.add_argument("--roi", help="region map or mask on the image grid (1 WM, 2 BG; nonzero "
+                                 "inside)")
+    p.add_argument("--seg", metavar="SEG",
+                   help="whole-brain segmentation on any grid (FreeSurfer aseg.mgz, SynthSeg, "
+                        "fMRIPrep desc-aseg_dseg.nii.gz): gives the WM/BG regions and the "
+                        "brain mask")
+    p.add_argument("--lut", metavar="TSV",
+                   help="label<TAB>region table (WM, BG, other) for --seg (default: "
+                        "FreeSurfer's labels)")
     p.add_argument("--modality", choices=("T2w", "T1w"),
                    help="contrast (default: from the BIDS suffix of the file name, else T2w)")
     p.add_argument("--volume", type=int, help="volume index for 4D files")
@@ -95,6 +136,19 @@ def add_predict_parsers(sub) -> None:
                    default=None,
                    help="sliding-window overlap in [0, 1) (default: the model's, else 0.5)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("regions", help="WM/BG region map on an image's grid, from a "
+                                       "whole-brain segmentation")
+    p.add_argument("seg", metavar="SEG", help="aseg-style segmentation (.mgz or NIfTI, any grid)")
+    p.add_argument("--like", required=True, metavar="IMAGE",
+                   help="the image whose grid the region map lies on")
+    p.add_argument("-o", "--out", required=True, metavar="REGIONS.nii.gz",
+                   help="region map to write (0 other, 1 WM, 2 BG), with a .json sidecar")
+    p.add_argument("--lut", metavar="TSV",
+                   help="label<TAB>region table (WM, BG, other); default: FreeSurfer's labels")
+    p.add_argument("--brain", metavar="MASK.nii.gz",
+                   help="also write the brain mask (every label > 0) on the image's grid")
+    p.set_defaults(func=_cmd_regions)
 
     p = sub.add_parser("score", help="voxel and cluster Dice of a prediction (JSON)")
     p.add_argument("pred", help="predicted PVS labels (NIfTI)")

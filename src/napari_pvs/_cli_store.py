@@ -68,10 +68,10 @@ def _import_one(store, s, have: set, report: ImportReport, progress) -> None:
                 progress(f"skipped {s.subject}: already imported (same image)")
             report.skipped.append(s.subject)
             return
-        regions = None if s.regions is None else load_roi(s.regions, vol)
+        regions, regions_meta = _regions_of(s, vol)
         lab = None if s.labels is None else load_volume(s.labels, as_labels=True)
         store.add_subject(s.subject, vol, site=s.site, modality=s.modality, regions=regions,
-                          labels=None if lab is None else lab.data,
+                          regions_meta=regions_meta, labels=None if lab is None else lab.data,
                           labels_affine=None if lab is None else lab.affine)
     except StoreWriteError:
         raise  # the disk is full or the store unwritable: the next subjects would fail too
@@ -81,8 +81,23 @@ def _import_one(store, s, have: set, report: ImportReport, progress) -> None:
         return
     have.add(s.subject)
     report.imported.append(s.subject)
+    regions_from = (", regions" if s.regions else
+                    f", regions from {s.segmentation.name}" if s.segmentation else "")
     progress(f"imported {s.subject} (site {s.site}, {s.modality}"
-             f"{', labels' if s.labels else ''}{', regions' if s.regions else ''})")
+             f"{', labels' if s.labels else ''}{regions_from})")
+
+
+def _regions_of(s, vol) -> tuple[np.ndarray | None, dict | None]:
+    """The subject's region map: its regions file, else one mapped from its aseg-style
+    segmentation (:func:`napari_pvs.regions.from_segmentation`), with where it came from."""
+    if s.regions is not None:
+        return load_roi(s.regions, vol), {"source": str(s.regions)}
+    if s.segmentation is not None:
+        from .regions import from_segmentation
+
+        mapped = from_segmentation(s.segmentation, vol)
+        return mapped.regions, mapped.meta
+    return None, None
 
 
 def import_folder(store, folder: str | Path, progress=print,

@@ -3,8 +3,10 @@
 Subcommands (``napari-pvs COMMAND --help`` describes each)::
 
     napari-pvs demo     [-o DIR] [--sites N] [--per-site M] [--modality T2w|T1w] [--no-viewer]
-    napari-pvs phantom  -o OUTDIR [--sites N] [--per-site M] [--modality T2w|T1w] [--seed S]
+    napari-pvs phantom  -o OUTDIR [--sites N] [--per-site M] [--modality T2w|T1w] [--aseg]
     napari-pvs predict  IMAGE [IMAGE ...] -o OUTDIR [--model baseline|FILE|ID --store S]
+                        [--roi REGIONS | --seg SEG [--lut TSV]]
+    napari-pvs regions  SEG --like IMAGE -o REGIONS.nii.gz [--lut TSV] [--brain MASK]
     napari-pvs score    PRED GT [--regions REGIONS]
     napari-pvs train    --store S [--init MODEL] [--iterations N] [--device auto]
     napari-pvs evaluate --store S --scheme kfold:K|losocv [-o DIR] [--keep-models]

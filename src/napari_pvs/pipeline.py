@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Generator
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
+from ._fs import atomic_write_text
 from .baseline import segment_frangi
 from .clusters import cluster_table, label_clusters
 from .inference import PredictionCancelled, Progress, predict_volume, run
@@ -88,6 +90,8 @@ def predict_file(
     *,
     model: str = "baseline",
     roi: str | os.PathLike[str] | None = None,
+    seg: str | os.PathLike[str] | None = None,
+    lut: str | os.PathLike[str] | None = None,
     modality: str | None = None,
     volume: int | None = None,
     tta: int | None = None,
@@ -106,16 +110,32 @@ def predict_file(
     table (:mod:`napari_pvs.clusters`).  All keep the source geometry.  ``tta`` and
     ``overlap`` default to the checkpoint's own settings (8 flips and 0.5 for imported
     nnU-Net models), else 1 flip and 0.5.
+
+    ``roi`` is a region map or mask on the image grid; ``seg`` an aseg-style segmentation
+    on any grid (FreeSurfer ``aseg.mgz``, SynthSeg, fMRIPrep ``desc-aseg_dseg``), mapped
+    by :func:`napari_pvs.regions.from_segmentation` with the table ``lut``.  With ``seg``
+    the region map is also written, ``<stem>_regions.nii.gz`` with a ``.json`` sidecar
+    that records the segmentation and the table.
     """
     image = Path(image)
     outdir = check_output_folder(outdir, "outdir")
+    if roi is not None and seg is not None:
+        raise PVSInputError("give either --roi (a region map on the image grid) or --seg (a "
+                            "whole-brain segmentation on any grid), not both")
     vol = load_volume(image, volume=volume)
     regions = load_roi(roi, vol) if roi is not None else None
+    brain = seg_meta = None
+    if seg is not None:
+        from .regions import from_segmentation
+
+        mapped = from_segmentation(seg, vol, lut=lut or "freesurfer")
+        regions, brain, seg_meta = mapped.regions, mapped.brain, mapped.meta
     if model != "baseline" and registry is None and not Path(model).is_file():
         raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint "
                             "file (give --store to name a model of a store's registry)")
     gen = predict_array(vol.data, vol.spacing, model, affine=vol.affine, roi=regions,
-                        modality=modality_from_name(image, modality), tta=tta, device=device,
+                        brain=brain, modality=modality_from_name(image, modality), tta=tta,
+                        device=device,
                         backend=backend, overlap=overlap, registry=registry)
     pred = run(gen, progress)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +146,9 @@ def predict_file(
         outs["uncertainty"] = save_map(outdir / f"{stem}_uncertainty.nii.gz", pred.uncertainty,
                                        like=vol)
         outs["clusters"] = pred.table.to_csv(outdir / f"{stem}_clusters.csv")
+    if seg_meta is not None:
+        outs["regions"] = save_labels(outdir / f"{stem}_regions.nii.gz", regions, like=vol)
+        atomic_write_text(outdir / f"{stem}_regions.json", json.dumps(seg_meta, indent=1) + "\n")
     outs["labels"] = save_labels(outdir / f"{stem}_pvs.nii.gz", pred.labels, like=vol)
     return outs
 
@@ -167,6 +190,7 @@ def predict_array(
     *,
     affine: np.ndarray | None = None,
     roi: np.ndarray | None = None,
+    brain: np.ndarray | None = None,
     modality: str = "T2w",
     tta: int | None = None,
     device: str | None = None,
@@ -188,6 +212,11 @@ def predict_array(
         For the table's world centroids.
     roi : ndarray, optional
         Region map or mask on the image grid (integers; 1 WM, 2 BG name the regions).
+        PVS are labelled inside it only.
+    brain : ndarray of bool, optional
+        Brain mask on the image grid (e.g. every label of a segmentation).  Imported
+        nnU-Net models, trained on skull-stripped images, see the image zeroed outside
+        it, so their "nonzero" normalisation mask is the brain.
     tta, device, backend, overlap, cancel :
         As in :func:`napari_pvs.inference.predict_volume` (``tta`` and ``overlap``
         default to the checkpoint's settings, else 1 flip and 0.5).
@@ -214,6 +243,9 @@ def predict_array(
             raise PVSInputError(f"ROI shape {regions.shape} does not match image shape {image.shape}; "
                                 "resample the mask to the image grid")
     mask = None if regions is None else regions > 0
+    if brain is not None and np.shape(brain) != image.shape:
+        raise PVSInputError(f"brain mask shape {np.shape(brain)} does not match image shape "
+                            f"{image.shape}")
     out: dict[str, Any] = {}
     if model == "baseline":
         yield Progress(0, 1, "Frangi vesselness")
@@ -224,6 +256,8 @@ def predict_array(
         net, meta, key = load_model(model, registry)
         pre = meta.get("preprocessing", {})
         overlap = float(pre.get("overlap", 0.5) if overlap is None else overlap)
+        if brain is not None and pre.get("normalization") == "nnunet_v1":
+            image = np.where(brain, image, 0).astype(image.dtype, copy=False)  # skull-strip
         pred = yield from predict_volume(image, spacing, net, meta, roi=mask,
                                          tta=int(tta or pre.get("tta") or 1), device=device,
                                          backend=backend, overlap=overlap, cache_key=key,

@@ -112,9 +112,13 @@ class CorrectionsStore(LabelVersions, Predictions):
     def add_subject(self, subject: str, image, *, site: str = "unknown", modality: str = "T2w",
                     regions: np.ndarray | None = None, source: str | None = None,
                     labels: np.ndarray | None = None, labels_affine: np.ndarray | None = None,
-                    author: str = "import") -> None:
+                    author: str = "import", regions_meta: dict | None = None) -> None:
         """Import a subject's image (a :class:`napari_pvs.io.Volume`), region mask and,
-        optionally, its first label version, all in one atomic step."""
+        optionally, its first label version, all in one atomic step.
+
+        ``regions_meta`` (JSON-serialisable: where the region map came from, e.g. the
+        segmentation and table of :func:`napari_pvs.regions.from_segmentation`) is kept in
+        the regions array's ``provenance`` attribute."""
         import zarr
 
         self._require_writable()
@@ -145,8 +149,10 @@ class CorrectionsStore(LabelVersions, Predictions):
                                attributes={"sha256": _sha256(data)})
             if regions is not None:
                 reg = np.asarray(regions, dtype=np.uint8)
-                group.create_array("regions", data=reg, chunks=_CHUNKS,
-                                   attributes={"sha256": _sha256(reg)})
+                attrs = {"sha256": _sha256(reg)}
+                if regions_meta:
+                    attrs["provenance"] = regions_meta
+                group.create_array("regions", data=reg, chunks=_CHUNKS, attributes=attrs)
             group.create_group("labels")
             group.create_group("predictions")
             if version is not None:
