@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
-from .io import Volume, as_label_array, is_nifti_path, load_volume, strip_nifti_suffix
+from .io import Volume, as_label_array, is_mgh_path, is_nifti_path, load_volume, strip_nifti_suffix
 
 __all__ = ["get_reader", "layer_data_from_volume", "read_nifti"]
 
@@ -32,7 +32,8 @@ _MAX_LABEL_VALUES = 128
 
 
 def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData] | None] | None:
-    """Return :func:`read_nifti` if every path ends in ``.nii`` or ``.nii.gz``.
+    """Return :func:`read_nifti` if every path ends in ``.nii``, ``.nii.gz`` or FreeSurfer's
+    ``.mgz`` / ``.mgh`` (opened with their geometry, e.g. ``aseg.mgz`` as labels).
 
     Parameters
     ----------
@@ -45,7 +46,7 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData] | N
         The reader function, or None when this plugin does not handle *path*.
     """
     paths = _as_list(path)
-    if not paths or not all(is_nifti_path(p) for p in paths):
+    if not paths or not all(is_nifti_path(p) or is_mgh_path(p) for p in paths):
         return None
     return read_nifti
 
