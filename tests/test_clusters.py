@@ -127,3 +127,14 @@ def test_score_cli_prints_json(tmp_path, capsys):
     assert out["scores"]["WM"]["voxel_dice"] == 1.0 and out["scores"]["BG"]["n_ref"] == 0
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "x.nii.gz")
     assert main(["score", str(tmp_path / "p.nii.gz"), str(tmp_path / "x.nii.gz")]) == 2
+
+
+def test_cluster_ids_do_not_depend_on_memory_order():
+    """nibabel reads NIfTI voxels in Fortran order; a saved and re-read prediction must get
+    the cluster ids (and so the table rows) it had when it was made."""
+    rng = np.random.default_rng(4)
+    mask = rng.random((20, 21, 22)) > 0.9
+    c_ids, n = label_clusters(np.ascontiguousarray(mask))
+    f_ids, m = label_clusters(np.asfortranarray(mask))
+    assert n == m > 10
+    np.testing.assert_array_equal(c_ids, f_ids)

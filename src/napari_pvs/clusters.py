@@ -42,8 +42,10 @@ def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"need a 3D map, got shape {mask.shape}")
-    labels, n = cc3d.connected_components((mask > 0).astype(np.uint8), connectivity=connectivity,
-                                          return_N=True)
+    # C order always: cc3d numbers components in memory order, so a Fortran-ordered array
+    # (as nibabel reads NIfTI files) would otherwise get other cluster ids for the same map
+    binary = np.ascontiguousarray(mask > 0, dtype=np.uint8)
+    labels, n = cc3d.connected_components(binary, connectivity=connectivity, return_N=True)
     return labels.astype(np.uint32, copy=False), int(n)
 
 

@@ -183,7 +183,7 @@ def _load_mgh(path: Path, volume: int | None, dtype: Any, as_labels: bool) -> Vo
     if as_labels:
         data = as_label_array(data, path)
     header = nib.Nifti1Header()
-    header.set_data_dtype(data.dtype)
+    header.set_data_dtype(img.get_data_dtype().newbyteorder("="))  # the dtype on disk
     header.set_data_shape(data.shape)
     header.set_zooms(tuple(float(z) for z in img.header.get_zooms()[:3]))
     header.set_qform(affine, code=1)

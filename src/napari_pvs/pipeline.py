@@ -104,10 +104,10 @@ def predict_file(
     """Segment one NIfTI image; returns the written files by kind.
 
     Load, :func:`predict_array`, save.  Always writes ``OUTDIR/<stem>_pvs.nii.gz`` (uint8
-    labels).  A MedNeXt model (a ``.safetensors`` file, an ensemble ``.json``, or a model
-    id of ``registry``) also writes ``<stem>_prob.nii.gz`` and
-    ``<stem>_uncertainty.nii.gz`` (float32), and ``<stem>_clusters.csv``, the per-cluster
-    table (:mod:`napari_pvs.clusters`).  All keep the source geometry.  ``tta`` and
+    labels) and ``<stem>_clusters.csv``, the per-cluster table (:mod:`napari_pvs.clusters`;
+    its probability columns are empty for the baseline).  A MedNeXt model (a
+    ``.safetensors`` file, an ensemble ``.json``, or a model id of ``registry``) also
+    writes ``<stem>_prob.nii.gz`` and ``<stem>_uncertainty.nii.gz`` (float32).  All keep the source geometry.  ``tta`` and
     ``overlap`` default to the checkpoint's own settings (8 flips and 0.5 for imported
     nnU-Net models), else 1 flip and 0.5.
 
@@ -145,7 +145,7 @@ def predict_file(
         outs["probability"] = save_map(outdir / f"{stem}_prob.nii.gz", pred.probability, like=vol)
         outs["uncertainty"] = save_map(outdir / f"{stem}_uncertainty.nii.gz", pred.uncertainty,
                                        like=vol)
-        outs["clusters"] = pred.table.to_csv(outdir / f"{stem}_clusters.csv")
+    outs["clusters"] = pred.table.to_csv(outdir / f"{stem}_clusters.csv")
     if seg_meta is not None:
         outs["regions"] = save_labels(outdir / f"{stem}_regions.nii.gz", regions, like=vol)
         atomic_write_text(outdir / f"{stem}_regions.json", json.dumps(seg_meta, indent=1) + "\n")

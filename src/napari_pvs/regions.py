@@ -68,9 +68,11 @@ FREESURFER_REGIONS: dict[int, int] = {
 _RANGES = ((0, 89), (91, 99), (251, 255), (1000, 1035), (2000, 2035), (1100, 1181),
            (2100, 2181), (3000, 3035), (4000, 4035), (5001, 5002), (11100, 11175),
            (12100, 12175))
-#: Every label value the default table accepts (the FreeSurfer colour-table ranges above).
+#: Every label value the default table accepts: the FreeSurfer colour-table ranges above,
+#: except 1 and 40 (Left/Right-Cerebral-Exterior), which no aseg-style tool writes.  So a
+#: 0/1/2 region map or a 0/1 mask given as a segmentation is refused, not misread.
 FREESURFER_LABELS: frozenset[int] = frozenset(
-    v for lo, hi in _RANGES for v in range(lo, hi + 1))
+    v for lo, hi in _RANGES for v in range(lo, hi + 1)) - {1, 40}
 # wmparc's cortical-WM parcels are WM as well (3000-4035: "wm-lh-*" / "wm-rh-*", and
 # 5001/5002 "Left/Right-UnsegmentedWhiteMatter")
 _WMPARC = {v: _WM for lo, hi in ((3000, 3035), (4000, 4035), (5001, 5002))
