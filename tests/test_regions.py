@@ -337,3 +337,25 @@ def test_reader_opens_mgz_as_labels_with_geometry(aseg_mgz):
         ((data, kwargs, kind),) = reader(str(aseg_mgz))
     assert kind == "labels" and data.shape == (256, 256, 256)
     np.testing.assert_allclose(kwargs["metadata"]["nifti_affine"], CONFORMED_AFFINE)
+
+
+def test_brain_mask_is_the_nonzero_mask_of_imported_models(imported_release):
+    """MedNet-PVS was trained on skull-stripped images: with a segmentation's brain mask, an
+    imported nnU-Net model sees the image zeroed outside the brain, so its "nonzero"
+    normalisation runs inside the brain, exactly as on a skull-stripped input."""
+    from napari_pvs.inference import run
+    from napari_pvs.pipeline import predict_array
+
+    ph = make_phantom(5, size_mm=40, site=0, spacing=0.8)  # the model grid: no resampling
+    brain = ph.aseg > 0
+    fold = str(imported_release / "fold_0.safetensors")
+
+    def predict(image, **kw):
+        return run(predict_array(image, ph.spacing, fold, roi=ph.regions, tta=1, backend="torch",
+                                 **kw))
+
+    masked = predict(ph.image, brain=brain)
+    stripped = predict(np.where(brain, ph.image, 0).astype(np.float32))
+    whole = predict(ph.image)
+    np.testing.assert_allclose(masked.probability, stripped.probability, atol=1e-6)
+    assert np.abs(masked.probability - whole.probability).max() > 1e-3
