@@ -33,6 +33,7 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 
 from . import __version__
 from ._cli_cache import add_cache_parser
@@ -93,6 +94,20 @@ def _os_error_line(exc: OSError) -> str:
     return f"{files}: {reason}; {hint}" if files else f"{reason}; {hint}"
 
 
+def _one_line_warnings() -> None:
+    """Show our warnings (``UserWarning``, ``RuntimeWarning`` and their subclasses) as one
+    ``napari-pvs: warning: ...`` line on stderr, each message once per command."""
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, (UserWarning, RuntimeWarning)):
+            print(f"napari-pvs: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-pvs`` command; returns the exit status.
 
@@ -106,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settle_out(args)
     try:
-        status = int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            _one_line_warnings()
+            status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
         return status
     except BrokenPipeError:
