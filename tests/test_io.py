@@ -199,7 +199,13 @@ def _missing(tmp_path: Path) -> Path:
 
 
 def _wrong_suffix(tmp_path: Path) -> Path:
-    path = tmp_path / "scan.mgz"
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(b"\x00" * 400)
+    return path
+
+
+def _corrupt_mgz(tmp_path: Path) -> Path:
+    path = tmp_path / "aseg.mgz"
     path.write_bytes(b"\x00" * 400)
     return path
 
@@ -217,6 +223,7 @@ def _wrong_suffix(tmp_path: Path) -> Path:
         (_image_5d, "is 5D"),
         (_missing, "does not exist"),
         (_wrong_suffix, "not a NIfTI file"),
+        (_corrupt_mgz, "not a readable FreeSurfer MGH/MGZ file"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, make, expected):

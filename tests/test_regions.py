@@ -359,3 +359,51 @@ def test_brain_mask_is_the_nonzero_mask_of_imported_models(imported_release):
     whole = predict(ph.image)
     np.testing.assert_allclose(masked.probability, stripped.probability, atol=1e-6)
     assert np.abs(masked.probability - whole.probability).max() > 1e-3
+
+
+# ------------------------------------------------- prediction without a segmentation
+
+
+def test_predict_without_regions_stays_inside_estimated_wm_bg_and_says_so_once(
+        aseg_cohort, tmp_path):
+    """No --seg and no --roi: the prediction keeps to the WM and BG estimated from the image,
+    writes that region map with its method, and says once (for two images) that the
+    results are not those of a real segmentation, and how to give one."""
+    import shutil
+
+    files = read_cohort(aseg_cohort)[0]
+    second = tmp_path / "copy_T2w.nii.gz"
+    shutil.copy(files.image, second)
+    rc, out, err = run_cli("predict", files.image, second, "-o", tmp_path / "auto")
+    assert rc == 0 and "Traceback" not in err, err
+    notes = [line for line in err.splitlines() if line.startswith("napari-pvs: warning:")]
+    assert len(notes) == 1 and "not comparable with MedNet-PVS" in notes[0] and "--seg" in notes[0]
+    stem = "sub-siteA01_T2w"
+    regions = load_volume(tmp_path / "auto" / f"{stem}_regions.nii.gz", as_labels=True).data
+    labels = load_volume(tmp_path / "auto" / f"{stem}_pvs.nii.gz", as_labels=True).data
+    assert labels.any() and not labels[regions == 0].any()
+    side = json.loads((tmp_path / "auto" / f"{stem}_regions.json").read_text())
+    assert side["source"] == "automatic" and side["method"]
+
+    rc, out, err = run_cli("predict", second, "-o", tmp_path / "whole", "--whole-image")
+    assert rc == 0 and "warning" not in err, err
+    whole = load_volume(tmp_path / "whole" / "copy_T2w_pvs.nii.gz", as_labels=True).data
+    assert not (tmp_path / "whole" / "copy_T2w_regions.nii.gz").exists()
+    assert np.count_nonzero(whole) > 2 * np.count_nonzero(labels)
+
+
+def test_whole_image_with_seg_is_refused(aseg_cohort, tmp_path):
+    files = read_cohort(aseg_cohort)[0]
+    rc, out, err = run_cli("predict", files.image, "--seg", files.image, "--whole-image", "-o",
+                           tmp_path)
+    assert_clean_failure(rc, out, err, "--whole-image")
+
+
+def test_an_image_without_contrast_is_predicted_whole_with_a_warning():
+    from napari_pvs.inference import run
+    from napari_pvs.pipeline import AutoRegionsWarning, predict_array
+
+    image = np.full((24, 24, 24), 7.0, np.float32)
+    with pytest.warns(AutoRegionsWarning, match="could not estimate the brain's regions"):
+        pred = run(predict_array(image, (1.0, 1.0, 1.0), "baseline"))
+    assert pred.regions is None and pred.regions_meta["source"] == "whole image"

@@ -53,6 +53,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                             "whole-brain segmentation on any grid), not both")
     if args.lut is not None and args.seg is None:
         raise PVSInputError("--lut maps the labels of --seg; give --seg as well")
+    if args.whole_image and (args.roi is not None or args.seg is not None):
+        raise PVSInputError("--whole-image predicts without regions; leave out --roi / --seg")
     check_output_folder(args.out, "-o")
     _check_names(args.images, args.out)
     model = resolve_model(args.model, args.store)
@@ -60,7 +62,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         outs = predict_file(
             image, args.out, model=model, roi=args.roi, seg=args.seg, lut=args.lut,
-            modality=args.modality,
+            auto_regions=not args.whole_image, modality=args.modality,
             volume=args.volume, tta=args.tta, device=args.device, backend=args.backend,
             overlap=args.overlap, progress=ProgressReport(Path(image).name),
         )
@@ -123,6 +125,9 @@ def add_predict_parsers(sub) -> None:
     p.add_argument("--lut", metavar="TSV",
                    help="label<TAB>region table (WM, BG, other) for --seg (default: "
                         "FreeSurfer's labels)")
+    p.add_argument("--whole-image", action="store_true",
+                   help="without --seg or --roi, predict on the whole field of view instead "
+                        "of inside WM and BG estimated from the image")
     p.add_argument("--modality", choices=("T2w", "T1w"),
                    help="contrast (default: from the BIDS suffix of the file name, else T2w)")
     p.add_argument("--volume", type=int, help="volume index for 4D files")

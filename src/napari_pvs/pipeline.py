@@ -25,7 +25,9 @@ from .io import check_same_grid, load_volume, save_labels, save_map, strip_nifti
 from .model import checkpoint_hash, load_checkpoint
 
 __all__ = [
+    "AUTO_REGIONS_NOTE",
     "ArrayPrediction",
+    "AutoRegionsWarning",
     "check_output_folder",
     "load_model",
     "load_roi",
@@ -100,6 +102,7 @@ def predict_file(
     overlap: float | None = None,
     registry=None,
     progress: Callable | None = None,
+    auto_regions: bool = True,
 ) -> dict[str, Path]:
     """Segment one NIfTI image; returns the written files by kind.
 
@@ -107,15 +110,17 @@ def predict_file(
     labels) and ``<stem>_clusters.csv``, the per-cluster table (:mod:`napari_pvs.clusters`;
     its probability columns are empty for the baseline).  A MedNeXt model (a
     ``.safetensors`` file, an ensemble ``.json``, or a model id of ``registry``) also
-    writes ``<stem>_prob.nii.gz`` and ``<stem>_uncertainty.nii.gz`` (float32).  All keep the source geometry.  ``tta`` and
-    ``overlap`` default to the checkpoint's own settings (8 flips and 0.5 for imported
+    writes ``<stem>_prob.nii.gz`` and ``<stem>_uncertainty.nii.gz`` (float32).  All keep
+    the source geometry.  ``tta`` and ``overlap`` default to the checkpoint's own settings (8 flips and 0.5 for imported
     nnU-Net models), else 1 flip and 0.5.
 
     ``roi`` is a region map or mask on the image grid; ``seg`` an aseg-style segmentation
     on any grid (FreeSurfer ``aseg.mgz``, SynthSeg, fMRIPrep ``desc-aseg_dseg``), mapped
     by :func:`napari_pvs.regions.from_segmentation` with the table ``lut``.  With ``seg``
     the region map is also written, ``<stem>_regions.nii.gz`` with a ``.json`` sidecar
-    that records the segmentation and the table.
+    that records the segmentation and the table.  With neither (and ``auto_regions``),
+    the regions are estimated from the image (:func:`predict_array`) and written the same
+    way, their sidecar naming the method.
     """
     image = Path(image)
     outdir = check_output_folder(outdir, "outdir")
@@ -129,14 +134,15 @@ def predict_file(
         from .regions import from_segmentation
 
         mapped = from_segmentation(seg, vol, lut=lut or "freesurfer")
-        regions, brain, seg_meta = mapped.regions, mapped.brain, mapped.meta
+        regions, brain, seg_meta = mapped.regions, mapped.brain, {"source": "segmentation",
+                                                                   **mapped.meta}
     if model != "baseline" and registry is None and not Path(model).is_file():
         raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint "
                             "file (give --store to name a model of a store's registry)")
     gen = predict_array(vol.data, vol.spacing, model, affine=vol.affine, roi=regions,
                         brain=brain, modality=modality_from_name(image, modality), tta=tta,
-                        device=device,
-                        backend=backend, overlap=overlap, registry=registry)
+                        device=device, backend=backend, overlap=overlap, registry=registry,
+                        auto_regions=auto_regions, regions_meta=seg_meta)
     pred = run(gen, progress)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = strip_nifti_suffix(image.name)
@@ -146,9 +152,10 @@ def predict_file(
         outs["uncertainty"] = save_map(outdir / f"{stem}_uncertainty.nii.gz", pred.uncertainty,
                                        like=vol)
     outs["clusters"] = pred.table.to_csv(outdir / f"{stem}_clusters.csv")
-    if seg_meta is not None:
-        outs["regions"] = save_labels(outdir / f"{stem}_regions.nii.gz", regions, like=vol)
-        atomic_write_text(outdir / f"{stem}_regions.json", json.dumps(seg_meta, indent=1) + "\n")
+    if pred.regions is not None and (pred.regions_meta or {}).get("source") != "roi":
+        outs["regions"] = save_labels(outdir / f"{stem}_regions.nii.gz", pred.regions, like=vol)
+        atomic_write_text(outdir / f"{stem}_regions.json",
+                          json.dumps(pred.regions_meta, indent=1) + "\n")
     outs["labels"] = save_labels(outdir / f"{stem}_pvs.nii.gz", pred.labels, like=vol)
     return outs
 
@@ -169,6 +176,10 @@ class ArrayPrediction:
     uncertainty: np.ndarray | None = None
     vesselness: np.ndarray | None = None
     seconds: float = 0.0
+    #: The region map the labels were restricted to (None: the whole image), and where
+    #: it came from: ``{"source": "roi" | "segmentation" | "automatic", ...}``.
+    regions: np.ndarray | None = None
+    regions_meta: dict | None = None
 
 
 def load_model(model: str, registry=None, device: str = "cpu"):
@@ -198,6 +209,8 @@ def predict_array(
     overlap: float | None = None,
     registry=None,
     cancel=None,
+    auto_regions: bool = True,
+    regions_meta: dict | None = None,
 ) -> Generator[Any, None, ArrayPrediction]:
     """Segment an in-memory volume and tabulate its clusters; a generator.
 
@@ -222,6 +235,13 @@ def predict_array(
         default to the checkpoint's settings, else 1 flip and 0.5).
     registry : ModelRegistry, optional
         Where a model id is looked up.
+    auto_regions : bool
+        Without ``roi`` and ``brain``, restrict the prediction to the WM and BG estimated
+        from the image (:func:`napari_pvs._auto_regions.estimate_regions`) and warn once
+        (:class:`AutoRegionsWarning`) that the results are not those of real regions.
+        False predicts on the whole field of view.
+    regions_meta : dict, optional
+        Where ``roi`` came from; kept in the result's ``regions_meta``.
 
     Yields
     ------
@@ -242,6 +262,10 @@ def predict_array(
         if regions.shape != image.shape:
             raise PVSInputError(f"ROI shape {regions.shape} does not match image shape {image.shape}; "
                                 "resample the mask to the image grid")
+    if regions is not None:
+        regions_meta = regions_meta or {"source": "roi"}
+    elif brain is None and auto_regions:
+        regions, regions_meta = _automatic_regions(image, spacing, modality)
     mask = None if regions is None else regions > 0
     if brain is not None and np.shape(brain) != image.shape:
         raise PVSInputError(f"brain mask shape {np.shape(brain)} does not match image shape "
@@ -266,8 +290,43 @@ def predict_array(
         model = meta.get("id") or model
     if cancel is not None and cancel.is_set():
         raise PredictionCancelled("prediction cancelled")
-    return prediction_from_labels(labels, model=str(model), regions=regions, affine=affine,
+    pred = prediction_from_labels(labels, model=str(model), regions=regions, affine=affine,
                                   spacing=spacing, seconds=time.perf_counter() - t0, **out)
+    pred.regions, pred.regions_meta = regions, regions_meta
+    return pred
+
+
+class AutoRegionsWarning(UserWarning):
+    """No segmentation or ROI was given: the regions were estimated from the image."""
+
+
+#: What :class:`AutoRegionsWarning` says (one message, so it is shown once per command).
+AUTO_REGIONS_NOTE = (
+    "no segmentation or ROI given: PVS are predicted inside the white matter and basal "
+    "ganglia as estimated from the image itself. Scores and counts are not comparable with "
+    "MedNet-PVS's, which use a FreeSurfer-style segmentation: give one with --seg (aseg.mgz "
+    "from FreeSurfer, SynthSeg, FastSurfer, or fMRIPrep's desc-aseg_dseg.nii.gz), or a "
+    "0/1/2 region map with --roi")
+
+
+def _automatic_regions(image: np.ndarray, spacing,
+                       modality: str) -> tuple[np.ndarray | None, dict]:
+    """The estimated region map and its record; warns once (:class:`AutoRegionsWarning`).
+
+    An image the estimate cannot handle (too small, constant) is predicted whole, with a
+    warning that says why."""
+    import warnings
+
+    from ._auto_regions import estimate_regions
+
+    try:
+        est = estimate_regions(image, spacing, modality)
+    except PVSInputError as exc:
+        warnings.warn(f"could not estimate the brain's regions ({exc}); predicting on the whole "
+                      "image", AutoRegionsWarning, stacklevel=3)
+        return None, {"source": "whole image", "reason": str(exc)}
+    warnings.warn(AUTO_REGIONS_NOTE, AutoRegionsWarning, stacklevel=3)
+    return est.regions, {"source": "automatic", "method": est.method, **est.meta}
 
 
 def prediction_from_labels(labels: np.ndarray, *, model: str = "baseline",
