@@ -316,6 +316,8 @@ def test_docked_widgets_read_well_at_the_default_width(make_napari_viewer, qtbot
     widgets, docks = _dock_widgets(viewer)
     win = viewer.window._qt_window
     win.resize(1500, 950)
+    for _ in range(10):  # Qt makes the dock tab bar from the event loop
+        QApplication.processEvents()
     tabs = next(b for b in win.findChildren(QTabBar) if b.count() == 4)
     assert [tabs.tabText(i) for i in range(4)] == ["Predict", "Review clusters", "Retrain",
                                                    "Active-learning queue"]

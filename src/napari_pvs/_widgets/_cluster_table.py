@@ -117,7 +117,8 @@ class ClusterTable(QTableWidget):
     def columns_width(self) -> int:
         """The width the visible columns need, with the frame and the scroll bar."""
         header = self.horizontalHeader()
-        width = sum(max(header.sectionSize(c), header.sectionSizeHint(c))
+        width = sum(max(header.sectionSizeHint(c), self.sizeHintForColumn(c),
+                        header.sectionSize(c) if c != self.columnCount() - 1 else 0)
                     for c in range(self.columnCount()) if not self.isColumnHidden(c))
         return width + 2 * self.frameWidth() + self.verticalScrollBar().sizeHint().width()
 
