@@ -67,7 +67,6 @@ class ClusterTable(QTableWidget):
         self.verticalHeader().setVisible(False)
         header = self.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeToContents)
-        header.setStretchLastSection(True)  # no gap before the scroll bar
         # the status column is as wide as its longest word from the start, so that the
         # first decision does not widen the table
         header.setSectionResizeMode(1, QHeaderView.Fixed)
@@ -117,8 +116,7 @@ class ClusterTable(QTableWidget):
     def columns_width(self) -> int:
         """The width the visible columns need, with the frame and the scroll bar."""
         header = self.horizontalHeader()
-        width = sum(max(header.sectionSizeHint(c), self.sizeHintForColumn(c),
-                        header.sectionSize(c) if c != self.columnCount() - 1 else 0)
+        width = sum(max(header.sectionSizeHint(c), self.sizeHintForColumn(c), header.sectionSize(c))
                     for c in range(self.columnCount()) if not self.isColumnHidden(c))
         return width + 2 * self.frameWidth() + self.verticalScrollBar().sizeHint().width()
 
