@@ -39,7 +39,7 @@ def test_predict_widget_adds_layers_and_keeps_the_viewer_responsive(make_napari_
     ph, image, regions = phantom_viewer(viewer)
     w = PredictWidget(viewer)
     qtbot.addWidget(w)
-    assert w.image.value is image and w.roi.value is regions  # the region map is the default ROI
+    assert w.image.value is image and w.regions.value is regions  # the region map is the default ROI
     if model == "mednext":
         model_id = store_with_model(tmp_path / "s.pvs.zarr", ph)
         state_for(viewer).store = str(tmp_path / "s.pvs.zarr")
@@ -50,7 +50,8 @@ def test_predict_widget_adds_layers_and_keeps_the_viewer_responsive(make_napari_
     w.run().returned.connect(returned.append)
     t0 = time.perf_counter()
     ticks = _wait_measuring(qtbot, w, 180_000)
-    pred = returned[0]
+    pred, made = returned[0]  # (the prediction, regions made from a segmentation)
+    assert made is None
     inside = ticks[(ticks > t0) & (ticks < t0 + pred.seconds)]  # while the worker computed
     gap = float(np.diff(np.r_[t0, inside]).max())
     print(f"{model}: predicted in {pred.seconds:.1f} s, largest event-loop gap {gap * 1e3:.0f} ms")
@@ -158,7 +159,7 @@ def test_end_to_end_predict_review_save_retrain_repredict(make_napari_viewer, qt
     for w in (pw, rw, tw):
         qtbot.addWidget(w)
     assert pw.image.value is viewer.layers["phantom T2w"]
-    assert pw.roi.value is viewer.layers["regions (1 WM, 2 BG)"]
+    assert pw.regions.value is viewer.layers["regions (1 WM, 2 BG)"]
     pw.run()
     qtbot.waitUntil(lambda: pw.worker is None, timeout=180_000)
     labels = viewer.layers["phantom T2w [baseline] PVS"]
@@ -299,3 +300,54 @@ def test_screenshot_of_each_widget_docked_in_napari_is_not_blank(make_napari_vie
     assert len(np.unique(pixels)) > 20
     if name == "review":
         widget.unbind_keys()
+
+
+def test_docked_widgets_read_well_at_the_default_width(make_napari_viewer, qtbot, tmp_path):
+    """Predict is the first tab; the review table's columns, the counters and the end of
+    the store path are readable at the dock's default width; the baseline's empty
+    uncertainty and probability columns are hidden (and not offered as orders)."""
+    from qtpy.QtWidgets import QApplication, QTabBar
+
+    from napari_pvs._widgets._demo import _dock_widgets
+
+    viewer = make_napari_viewer(show=True)
+    phantom_viewer(viewer)
+    store = tmp_path / "a folder with a rather long name" / "another long folder" / "lab.pvs.zarr"
+    widgets, docks = _dock_widgets(viewer)
+    win = viewer.window._qt_window
+    win.resize(1500, 950)
+    for _ in range(10):  # Qt makes the dock tab bar from the event loop
+        QApplication.processEvents()
+    tabs = next(b for b in win.findChildren(QTabBar) if b.count() == 4)
+    assert [tabs.tabText(i) for i in range(4)] == ["Predict", "Review clusters", "Retrain",
+                                                   "Active-learning queue"]
+    pw, rw = widgets["Predict"], widgets["Review clusters"]
+    pw.run()
+    qtbot.waitUntil(lambda: pw.worker is None, timeout=120_000)
+    assert rw.session is not None and rw.session.n > 0
+    docks["Review clusters"].raise_()
+    rw.store.value = str(store)
+    for _ in range(10):
+        QApplication.processEvents()
+
+    table = rw.table
+    hidden = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())
+              if table.isColumnHidden(c)]
+    assert hidden == ["unc.", "prob."]  # the Frangi baseline has neither
+    assert rw.sort.choices == ("priority", "size", "region")
+    header = table.horizontalHeader()
+    for c in range(table.columnCount()):
+        if not table.isColumnHidden(c):  # each header and value fits its column
+            assert header.sectionSize(c) >= header.sectionSizeHint(c)
+            assert header.sectionSize(c) >= table.sizeHintForColumn(c)
+    assert table.columns_width() <= table.width(), "columns cut off at the dock's width"
+
+    row = {cell.y() for cell in rw.counters.cells.values()}
+    assert len(row) == 1  # the counters: one row of numbers over their captions
+    for cell in rw.counters.findChildren(type(next(iter(rw.counters.cells.values())))):
+        assert cell.width() >= cell.sizeHint().width(), cell.text()
+
+    edit = rw.store.line_edit.native
+    assert edit.text() == str(store) and edit.toolTip() == str(store)
+    assert edit.cursorPosition() == len(edit.text())  # the end, the store's name, shows
+    assert edit.cursorRect().right() <= edit.width()

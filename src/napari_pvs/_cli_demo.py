@@ -54,8 +54,8 @@ def _display_available() -> bool:
 def _score_cohort(subjects, out: Path) -> list[dict]:
     """Segment each subject with the Frangi baseline and print its scores, one row each."""
     rows = []
-    print(f"{'subject':<10} {'site':<6} {'voxel':>6} {'vox Dice':>8} {'clu Dice':>8} "
-          f"{'clu P':>6} {'clu R':>6} {'n pred':>6} {'n ref':>6} {'time':>6}")
+    print(f"{'subject':<10} {'site':<6} {'voxel mm':>8} {'voxel Dice':>10} {'cluster Dice':>12} "
+          f"{'cluster P':>9} {'cluster R':>9} {'n pred':>6} {'n ref':>6} {'time':>6}")
     for files in subjects:
         t = time.perf_counter()
         pred = predict_file(files.image, out / "predictions", roi=files.regions,
@@ -65,9 +65,9 @@ def _score_cohort(subjects, out: Path) -> list[dict]:
         rows.append(row)
         spacing = json.loads(files.regions.with_name(f"sub-{files.subject}_desc-phantom.json")
                              .read_text())["spacing_mm"]
-        print(f"{row['subject']:<10} {row['site']:<6} {spacing:>4.1f}mm {row['voxel_dice']:>8.3f} "
-              f"{row['cluster_dice']:>8.3f} {row['cluster_precision']:>6.2f} "
-              f"{row['cluster_recall']:>6.2f} {row['n_pred']:>6d} {row['n_ref']:>6d} "
+        print(f"{row['subject']:<10} {row['site']:<6} {spacing:>8.1f} {row['voxel_dice']:>10.3f} "
+              f"{row['cluster_dice']:>12.3f} {row['cluster_precision']:>9.2f} "
+              f"{row['cluster_recall']:>9.2f} {row['n_pred']:>6d} {row['n_ref']:>6d} "
               f"{row['seconds']:>5.1f}s", flush=True)
     return rows
 

@@ -90,14 +90,16 @@ def predict_subjects(store, model_id: str, subjects: list[str] | None = None, *,
 
 def predict_and_save(image: np.ndarray, spacing, model: str, *, store_path=None,
                      subject: str | None = None, roi: np.ndarray | None = None,
+                     brain: np.ndarray | None = None,
                      **predict_kwargs) -> Generator[Any, None, Any]:
     """Predict an image, and save a MedNeXt prediction when it is a store subject's.
 
     Parameters
     ----------
-    image, spacing, model, roi, **predict_kwargs
+    image, spacing, model, roi, brain, **predict_kwargs
         As for :func:`napari_pvs.pipeline.predict_array`; ``model`` may be a model id
-        of the registry of the store at ``store_path``.
+        of the registry of the store at ``store_path``.  ``roi`` and ``brain`` come from a
+        segmentation with :func:`napari_pvs.regions.from_segmentation`, say.
     store_path : path, optional
         The corrections store (when there is one).
     subject : str, optional
@@ -112,7 +114,7 @@ def predict_and_save(image: np.ndarray, spacing, model: str, *, store_path=None,
         The prediction (a generator: yields ``Progress``, as ``predict_array``).
     """
     registry = model_registry(store_path) if store_path else None
-    pred = yield from predict_array(image, spacing, model, roi=roi, registry=registry,
+    pred = yield from predict_array(image, spacing, model, roi=roi, brain=brain, registry=registry,
                                     **predict_kwargs)
     if store_path and subject and pred.probability is not None:
         with CorrectionsStore.open(store_path, writable=True, wait=10) as store:

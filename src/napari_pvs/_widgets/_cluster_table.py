@@ -5,24 +5,44 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
 
 if TYPE_CHECKING:
     from ..review import ReviewSession
 
-__all__ = ["COLUMNS", "ClusterTable"]
+__all__ = ["COLUMNS", "MODEL_COLUMNS", "ClusterTable", "has_values"]
 
-COLUMNS = [("cluster", "id"), ("status", None), ("voxels", "voxels"), ("uncertainty", "unc_mean"),
-           ("probability", "prob_mean"), ("region", "region"), ("length mm", "length_mm"),
-           ("priority", "priority")]
+# (header, table column, header tooltip); short headers keep every column readable at
+# the dock's width, the tooltips say what they are
+COLUMNS = [("cluster", "id", "cluster id"),
+           ("status", None, "your decision: accepted or rejected"),
+           ("voxels", "voxels", "cluster size in voxels"),
+           ("unc.", "unc_mean", "mean uncertainty of the model over the cluster (0-1)"),
+           ("prob.", "prob_mean", "mean PVS probability over the cluster (0-1)"),
+           ("region", "region", "WM (white matter), BG (basal ganglia) or other"),
+           ("mm", "length_mm", "cluster length in mm"),
+           ("priority", "priority", "review priority: the most doubtful clusters first")]
+# the columns only a network's prediction fills (NaN for the Frangi baseline): hidden
+# when no cluster has a value
+MODEL_COLUMNS = ("unc_mean", "prob_mean")
+DECIMALS = {"length_mm": 1}
 STATUS_COLOUR = {"accepted": "#2e7d32", "rejected": "#c62828"}
 
 
-def _fmt(v) -> str:
+def has_values(session: ReviewSession | None, col: str) -> bool:
+    """Whether some cluster of ``session`` has a value in table column ``col`` (True
+    without clusters: nothing to judge by).  The Frangi baseline has no probability and
+    no uncertainty."""
+    if session is None or not session.n:
+        return True
+    return bool(np.any(~np.isnan(np.asarray(session.table.columns[col], float))))
+
+
+def _fmt(v, col: str | None = None) -> str:
     if isinstance(v, float):
-        return "" if np.isnan(v) else f"{v:.3f}"
+        return "" if np.isnan(v) else f"{v:.{DECIMALS.get(col, 2)}f}"
     return str(v)
 
 
@@ -37,12 +57,21 @@ class ClusterTable(QTableWidget):
 
     def __init__(self):
         super().__init__(0, len(COLUMNS))
-        self.setHorizontalHeaderLabels([c for c, _ in COLUMNS])
+        for c, (header, _, tip) in enumerate(COLUMNS):
+            item = QTableWidgetItem(header)
+            item.setToolTip(tip)
+            self.setHorizontalHeaderItem(c, item)
         self.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.setSelectionMode(QAbstractItemView.SingleSelection)
         self.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.verticalHeader().setVisible(False)
-        self.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeToContents)
+        # the status column is as wide as its longest word from the start, so that the
+        # first decision does not widen the table
+        header.setSectionResizeMode(1, QHeaderView.Fixed)
+        header.resizeSection(1, max(header.sectionSizeHint(1),
+                                    self.fontMetrics().horizontalAdvance("rejected") + 16))
         self.setMinimumHeight(220)
         self.session: ReviewSession | None = None
         self.sort_key, self.descending = "priority", True
@@ -71,15 +100,30 @@ class ClusterTable(QTableWidget):
         self.setRowCount(len(ids))
         for r, cid in enumerate(ids):
             row = session.row(cid)
-            for c, (_, col) in enumerate(COLUMNS):
-                item = QTableWidgetItem("" if col is None else _fmt(row[col]))
+            for c, (_, col, _tip) in enumerate(COLUMNS):
+                item = QTableWidgetItem("" if col is None else _fmt(row[col], col))
                 if c == 0:
                     item.setData(Qt.UserRole, int(cid))
                 if col is None:
                     self._status[cid] = item
                 self.setItem(r, c, item)
             self.show_status(cid)
+        for c, (_, col, _tip) in enumerate(COLUMNS):
+            self.setColumnHidden(c, col in MODEL_COLUMNS and not has_values(session, col))
         self.blockSignals(False)
+        self.updateGeometry()
+
+    def columns_width(self) -> int:
+        """The width the visible columns need, with the frame and the scroll bar."""
+        header = self.horizontalHeader()
+        width = sum(max(header.sectionSizeHint(c), self.sizeHintForColumn(c), header.sectionSize(c))
+                    for c in range(self.columnCount()) if not self.isColumnHidden(c))
+        return width + 2 * self.frameWidth() + self.verticalScrollBar().sizeHint().width()
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        """Wide enough for every visible column: the dock opens at that width."""
+        hint = super().sizeHint()
+        return QSize(max(hint.width(), self.columns_width()), hint.height())
 
     def show_status(self, cid: int) -> None:
         """Show cluster ``cid``'s decision, coloured."""

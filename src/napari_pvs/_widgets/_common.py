@@ -36,7 +36,16 @@ class StoreEdit(FileEdit):
         super().__init__(label="store", mode="d", value=state.store or "", **kwargs)
         self._state = state
         self.changed.connect(self._to_state)
+        self.changed.connect(self._show_end)
+        self.line_edit.native.editingFinished.connect(self._show_end)
         state.store_changed.connect(self._from_state)
+        self._show_end()
+
+    def _show_end(self, *_) -> None:
+        """Show the end of a long path, the store's own name; the tooltip has all of it."""
+        edit = self.line_edit.native
+        edit.setCursorPosition(len(edit.text()))
+        edit.setToolTip(self.path or "the corrections store folder (*.pvs.zarr)")
 
     @property
     def path(self) -> str | None:

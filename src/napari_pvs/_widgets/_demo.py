@@ -61,13 +61,16 @@ def _demo_prediction(viewer, subject, pred_dir: Path):
 
 
 def _dock_widgets(viewer) -> tuple[dict, dict]:
-    """The four widgets, docked as tabs on the right; returns ``(widgets, docks)`` by name."""
+    """The four widgets, docked as tabs on the right in the order of the work (and of
+    the plugin menu): Predict, Review clusters, Retrain, Active-learning queue; returns
+    ``(widgets, docks)`` by name."""
     widgets = {"Predict": PredictWidget(viewer), "Review clusters": ReviewWidget(viewer),
                "Retrain": RetrainWidget(viewer), "Active-learning queue": QueueWidget(viewer)}
     docks = {name: viewer.window.add_dock_widget(w, name=name, area="right")
              for name, w in widgets.items()}
-    for name in ("Retrain", "Active-learning queue", "Predict"):
-        viewer.window._qt_window.tabifyDockWidget(docks["Review clusters"], docks[name])
+    first, *others = docks.values()
+    for dock in others:  # each tab goes after the last
+        viewer.window._qt_window.tabifyDockWidget(first, dock)
     return widgets, docks
 
 

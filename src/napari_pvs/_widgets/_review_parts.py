@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton
+from magicgui.widgets import ComboBox, Container, LineEdit, PushButton
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QVBoxLayout, QWidget
+from qtpy.QtWidgets import QGridLayout, QLabel, QVBoxLayout, QWidget
 
 from .._errors import PVSInputError
 from ..io import Volume
 from ..store import CorrectionsStore
+from ._cluster_table import MODEL_COLUMNS, STATUS_COLOUR, has_values
 from ._common import StoreEdit
 from ._layers import geometry, modality, user
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..review import ReviewSession
     from ._state import ViewerState
 
-__all__ = ["KEYS", "SORT", "NavigationBar", "SavePanel", "commit_review"]
+__all__ = ["KEYS", "SORT", "Counters", "NavigationBar", "SavePanel", "commit_review"]
 
 # napari's Labels layer uses 1-7, E, P, F, L, Z, X, B, M and more: these are free
 KEYS = {"accept": "K", "reject": "J", "previous": "Shift-N", "next": "N", "undo": "U"}
@@ -49,31 +50,84 @@ class NavigationBar(QWidget):
         self.sort = ComboBox(label="sort by", choices=list(SORT), value="priority")
         self.buttons = {name: PushButton(text=f"{name.capitalize()} [{key.replace('-', '+')}]")
                         for name, key in KEYS.items()}
-        self.counter = Label(value="reviewed 0 of 0")
-        self.edits = Label(value="")
-        for lab in (self.counter, self.edits):
-            lab.native.setWordWrap(True)
-            lab.native.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
         b = self.buttons
         self.form = Container(widgets=[
             self.labels, self.sort,
             Container(widgets=[b["previous"], b["next"]], layout="horizontal", labels=False),
             Container(widgets=[b["accept"], b["reject"], b["undo"]], layout="horizontal",
-                      labels=False),
-            self.counter, self.edits], labels=True)
+                      labels=False)], labels=True)
+        self.counters = Counters()
         _form(self, self.form)
+        self.layout().addWidget(self.counters)
+
+    def offer_sorts(self, session: ReviewSession | None) -> None:
+        """Offer the orders ``session`` has values for (no uncertainty or probability for
+        the Frangi baseline)."""
+        keys = [k for k, col in SORT.items() if col not in MODEL_COLUMNS or has_values(session, col)]
+        if list(self.sort.choices) != keys:
+            value = self.sort.value if self.sort.value in keys else "priority"
+            with self.sort.changed.blocked():
+                self.sort.choices = keys
+                self.sort.value = value
 
     def show_progress(self, session: ReviewSession | None) -> None:
         """The counters of ``session`` (decisions, painted voxels, unsaved or not)."""
+        self.counters.display(session)
+
+
+class Counters(QWidget):
+    """The review's progress as a small grid: numbers over their captions, one column
+    each (reviewed, accepted, rejected, voxels painted, unsaved)."""
+
+    CAPTIONS = {"reviewed": "reviewed", "accepted": "accepted", "rejected": "rejected",
+                "painted": "voxels painted", "unsaved": "unsaved"}
+
+    def __init__(self):
+        super().__init__()
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 4, 0, 4)
+        grid.setVerticalSpacing(0)
+        self.cells: dict[str, QLabel] = {}
+        for c, (key, caption) in enumerate(self.CAPTIONS.items()):
+            value, cap = QLabel(""), QLabel(caption)
+            value.setAlignment(Qt.AlignCenter)
+            cap.setAlignment(Qt.AlignCenter)
+            font = value.font()
+            font.setBold(True)
+            value.setFont(font)
+            small = cap.font()
+            small.setPointSizeF(small.pointSizeF() * 0.85)
+            cap.setFont(small)
+            cap.setStyleSheet("color: #9aa0a6")
+            grid.addWidget(value, 0, c)
+            grid.addWidget(cap, 1, c)
+            self.cells[key] = value
+        self.value = ""
+        self.display(None)
+
+    def display(self, session: ReviewSession | None) -> None:
+        """Show ``session``'s counts (dashes without a session); ``value`` says them in words."""
         if session is None:
-            self.counter.value = "no labels layer to review"
-            self.edits.value = ""
+            for cell in self.cells.values():
+                cell.setText("-")
+            self.value = "no labels layer to review"
+            self.setToolTip(self.value)
             return
-        self.counter.value = f"reviewed {session.reviewed} of {session.n}"
         sm = session.summary()
-        self.edits.value = (f"{sm['clusters_rejected']} rejected, {sm['clusters_accepted']} "
-                            f"accepted, {sm['voxels_painted_manually']} voxels painted"
-                            + (" (unsaved)" if session.dirty else ""))
+        counts = {"reviewed": f"{session.reviewed} / {session.n}",
+                  "accepted": str(sm["clusters_accepted"]),
+                  "rejected": str(sm["clusters_rejected"]),
+                  "painted": str(sm["voxels_painted_manually"]),
+                  "unsaved": "yes" if session.dirty else "no"}
+        for key, text in counts.items():
+            self.cells[key].setText(text)
+        self.cells["accepted"].setStyleSheet(f"color: {STATUS_COLOUR['accepted']}")
+        self.cells["rejected"].setStyleSheet(f"color: {STATUS_COLOUR['rejected']}")
+        self.cells["unsaved"].setStyleSheet("color: #ef6c00" if session.dirty else "")
+        self.value = (f"reviewed {session.reviewed} of {session.n}: {counts['accepted']} accepted, "
+                      f"{counts['rejected']} rejected, {counts['painted']} voxels painted"
+                      + (" (unsaved)" if session.dirty else ""))
+        self.setToolTip(self.value)
 
 
 class SavePanel(QWidget):

@@ -37,6 +37,7 @@ class ViewerState:
     def __init__(self) -> None:
         self._store: str | None = None
         self._savers: list[weakref.WeakMethod] = []
+        self.automatic_regions_noted = False  # the predict widget said what automatic means
 
     @property
     def store(self) -> str | None:

@@ -18,13 +18,13 @@ import re
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, Qt
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 from qtpy.QtGui import QKeySequence
 from qtpy.QtWidgets import QDockWidget, QMessageBox, QShortcut, QVBoxLayout
 
 from .._errors import PVSInputError
 from ..review import ReviewSession, painted_voxels
-from ._cluster_table import ClusterTable
+from ._cluster_table import MODEL_COLUMNS, ClusterTable, has_values
 from ._common import ViewerWidget
 from ._layers import geometry, role
 from ._review_parts import KEYS, SORT, NavigationBar, SavePanel, commit_review
@@ -67,7 +67,7 @@ class ReviewWidget(ViewerWidget):
         lay.addWidget(self.save_panel)
         # the parts' controls, by the names the widget has always had
         self.labels, self.sort, self.buttons = self.nav.labels, self.nav.sort, self.nav.buttons
-        self.counter, self.edits = self.nav.counter, self.nav.edits
+        self.counters = self.nav.counters
         self.store, self.subject = self.save_panel.store, self.save_panel.subject
         self._connect()
         self._keys: dict[str, tuple] = {}  # key -> (our binding, the one it replaced)
@@ -204,8 +204,17 @@ class ReviewWidget(ViewerWidget):
             if meta.get("store"):
                 self.store.value = meta["store"]
             self.subject.value = meta.get("subject") or _subject_from(self._linked_layer("image"))
-        self.table.fill(self.session)
+        self._fill_table()
         self.nav.show_progress(self.session)
+
+    def _fill_table(self) -> None:
+        """The table of the session, in the order chosen (the priority when the column
+        it was sorted by has no values, as the baseline's uncertainty)."""
+        self.nav.offer_sorts(self.session)
+        if self.table.sort_key in MODEL_COLUMNS and not has_values(self.session,
+                                                                    self.table.sort_key):
+            self.table.sort_key, self.table.descending = SORT[self.sort.value], True
+        self.table.fill(self.session)
 
     def _watch(self, session: ReviewSession | None, on: bool) -> None:
         """Listen to ``session``'s signals (or stop listening)."""
@@ -261,7 +270,7 @@ class ReviewWidget(ViewerWidget):
     def _on_recomputed(self, _n: int) -> None:
         self.current = None
         self._cluster_ids = {}
-        self.table.fill(self.session)
+        self._fill_table()
 
     def _on_changed(self) -> None:
         self.nav.show_progress(self.session)
@@ -270,6 +279,8 @@ class ReviewWidget(ViewerWidget):
         if self.session is not None:
             # the session learns which voxels were painted, so that no decision overwrites them
             self.session.record_paint(*painted_voxels(event.value, self.layer.data.shape))
+            # napari tells of the paint before it writes the voxels: count them after
+            QTimer.singleShot(0, lambda: self.nav.show_progress(self.session))
 
     # ------------------------------------------------------------------ navigation
     def go_to(self, cid: int, select: bool = True) -> None:
@@ -382,7 +393,7 @@ class ReviewWidget(ViewerWidget):
         review move to another layer)."""
         answer = QMessageBox.question(
             self, "napari-pvs: unsaved corrections",
-            f"{self.edits.value}.\nSave them to the store before closing?",
+            f"{self.counters.value}.\nSave them to the store before closing?",
             QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, QMessageBox.Save)
         if answer == QMessageBox.Save:
             return self.save()
