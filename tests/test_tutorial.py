@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -20,9 +19,8 @@ import numpy as np
 import pytest
 from _helpers import MEDNEXT_RELEASE, run_cli
 
-from napari_pvs.model import read_meta
-
-pytestmark = pytest.mark.slow
+from napari_pvs._errors import PVSInputError
+from napari_pvs.model import ModelRegistry, read_meta
 
 SUBJECTS = ["siteA01", "siteA02", "siteB01", "siteB02"]
 
@@ -44,6 +42,17 @@ def _predicted(out: Path, stem: str) -> None:
     assert rows and {r["region"] for r in rows} <= {"WM", "BG", "other"}
 
 
+def test_an_imported_fold_is_named_by_its_file_or_by_the_id_model_ls_shows(imported_release):
+    registry = ModelRegistry(imported_release)
+    for fold in ("fold_0", "fold_1"):
+        path = imported_release / f"{fold}.safetensors"
+        assert registry.path(fold) == path
+        assert registry.path(read_meta(path)["id"]) == path
+    with pytest.raises(PVSInputError, match=r"no model 'fold_7' .*known: mednext-"):
+        registry.path("fold_7")
+
+
+@pytest.mark.slow
 def test_mednet_pvs_workflow_end_to_end(tmp_path):
     cohort, store = tmp_path / "cohort", tmp_path / "lab.pvs.zarr"
     _ok("phantom", "-o", cohort, "--sites", 2, "--per-site", 2, "--size-mm", 96, "--aseg")
@@ -69,7 +78,8 @@ def test_mednet_pvs_workflow_end_to_end(tmp_path):
     # 3. the cohort into the store (regions from aseg.mgz), and a correction committed
     out = _ok("store", "import", store, cohort)
     assert out.count("regions from aseg.mgz") == len(SUBJECTS)
-    truth = cohort / "derivatives/napari-pvs-phantom/sub-siteA01/anat/sub-siteA01_desc-pvs_mask.nii.gz"
+    truth = (cohort / "derivatives/napari-pvs-phantom/sub-siteA01/anat"
+             / "sub-siteA01_desc-pvs_mask.nii.gz")
     img = nib.load(truth)
     labels = np.asarray(img.dataobj).copy()
     labels[: labels.shape[0] // 4] = 0  # the annotator erased the clusters of one slab
@@ -109,4 +119,3 @@ def test_mednet_pvs_workflow_end_to_end(tmp_path):
     assert "Per left-out site" in out and "| siteA | 2 |" in out and "| siteB | 2 |" in out
     assert sorted(read_meta(p)["id"] for p in (store / "models").glob("*.safetensors")) == \
         sorted([fold["id"], read_meta(store / "models" / "fold_1.safetensors")["id"], model_id])
-    shutil.rmtree(tmp_path / "eval")
