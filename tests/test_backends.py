@@ -231,3 +231,48 @@ def test_killed_export_leaves_no_entry_and_old_temp_folders_are_swept(net, tmp_p
     assert runner.exported and not stale.exists()
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx",
                                                         "probe.npz"]
+
+
+@pytest.mark.parametrize(("blocked", "why", "fix"), [
+    (("openvino", "onnxruntime"), "OpenVINO is not installed", "pip install openvino onnx"),
+    (("onnx",), "onnx (which torch's ONNX exporter needs) is not installed",
+     "pip install openvino onnx"),
+    (("openvino", "onnxruntime", "no wheels"), "OpenVINO is not installed",
+     "OpenVINO publishes no wheels for this platform"),
+])
+def test_auto_without_a_runtime_says_why_once_on_stderr(net, monkeypatch, capfd, blocked, why,
+                                                        fix):
+    import sys
+    import warnings
+
+    capfd.readouterr()
+    try:
+        with monkeypatch.context() as mp, warnings.catch_warnings():
+            warnings.simplefilter("error")  # the notice is a line, not a warning
+            for module in blocked:
+                if module == "no wheels":
+                    mp.setattr(_backends, "_wheels_here", lambda: False)
+                else:
+                    mp.setitem(sys.modules, module, None)  # `import module` raises ImportError
+            mp.setattr(_backends, "_noted", False)
+            _backends._importable.cache_clear()
+            assert available_backends() == ["torch"]
+            runners = [make_runner(net, window=WINDOW, device="cpu") for _ in range(3)]
+            assert make_runner(net, window=WINDOW, backend="torch").name == "torch"
+    finally:
+        _backends._importable.cache_clear()
+    assert [r.name for r in runners] == ["torch"] * 3
+    out, err = capfd.readouterr()
+    assert out == "" and "Traceback" not in err
+    (line,) = err.splitlines()  # once per process, however many runners
+    assert line.startswith(f"napari-pvs: warning: {why}: running on torch, 1.6-4.4x slower")
+    assert fix in line.split("; ", 1)[1]
+
+
+def test_a_working_runtime_prints_nothing(net, tmp_path, capfd, monkeypatch):
+    if len(available_backends()) == 1:
+        pytest.skip("no ONNX runtime installed")
+    monkeypatch.setattr(_backends, "_noted", False)
+    capfd.readouterr()
+    assert make_runner(net, window=WINDOW, cache_key="k", cache_dir=tmp_path).name != "torch"
+    assert capfd.readouterr().err == ""

@@ -73,6 +73,16 @@ def _initial(store, init, cfg):
     return ds, meta, meta["id"]
 
 
+def _origin(parent_provenance: dict) -> dict | None:
+    """Where the parent's weights first came from: its own ``origin``, or for a model
+    imported from a MedNet-PVS release the release's folder, trainer, plans and fold."""
+    if parent_provenance.get("origin"):
+        return parent_provenance["origin"]
+    keys = ("source_folder", "trainer", "plans", "fold")
+    found = {k: parent_provenance[k] for k in keys if parent_provenance.get(k) is not None}
+    return found or None
+
+
 def validation_scores(net, meta, data, *, device: str, backend: str = "auto") -> tuple[float, float]:
     """Mean voxel and cluster Dice of ``net`` on preprocessed subjects (``SubjectData``).
 
@@ -258,6 +268,9 @@ class _Finetune(Trainer):
                                                            self.best if self.val else None},
                               "validation_subjects": self.val, "note": "fine-tuned on corrections",
                               "run": self.run_id}
+        origin = _origin(self.meta.get("provenance") or {})
+        if self.parent is not None and origin:
+            meta["provenance"]["origin"] = origin
         model_id = _register(self.store, net, meta, self.parent, self.wait)
         barrier(self.world)
         yield TrainEvent("done", n, n, message=model_id)

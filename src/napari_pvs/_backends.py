@@ -17,6 +17,9 @@ float32 logits ``(B, C_out, *window)``.  Backends:
 ``backend="auto"`` on the CPU takes the first of :data:`AUTO_ORDER` that is installed
 and works (the measured speed order, ``benchmarks/bench_backends.py``).  A runtime that
 fails to export, load or reproduce torch's logits is skipped with a ``RuntimeWarning``.
+When none is installed (OpenVINO and onnx are requirements of the package, but only
+where they publish wheels), the first such runner of the process prints one line on
+stderr saying so, how much slower torch is, and how to install OpenVINO.
 
 Export cache: with a ``cache_key`` (e.g. the checkpoint's sha256) the export lives in
 ``<cache_dir>/exports/<cache_key>/<exporter tag>/`` as ``model.onnx``, ``probe.npz``
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 import weakref
@@ -71,6 +75,9 @@ _INSTALL = {
     "openvino": 'pip install "napari-pvs[cpu]"  (installs openvino and onnx)',
     "onnxruntime": "pip install onnxruntime onnx",
 }
+#: torch's time per window over OpenVINO's on the CPU (README, "Seconds per window, by
+#: runtime": XS 1.6x, S 3.9x, L-k5 4.4x)
+_TORCH_SLOWER = "1.6-4.4x slower"
 _PROBE_RTOL = 1e-3  # allowed |runtime - torch| relative to max(1, max |torch logits|)
 
 
@@ -233,16 +240,16 @@ def make_runner(net, *, window, batch_size: int = 1, device: str = "cpu",
         except Exception as exc:  # runtimes raise their own types; report them as one
             raise RuntimeError(f"the {backend} backend failed ({type(exc).__name__}: {exc}); "
                                "backend='torch' always works") from exc
-    for name in AUTO_ORDER:
-        if name == "torch":
-            break
-        if not _importable(name):
-            continue
+    runtimes = [name for name in AUTO_ORDER if name != "torch" and _importable(name)]
+    if not runtimes:
+        _note_not_installed()
+    for name in runtimes:
         try:
             return _export_runner(name, net, window, batch_size, cache_key, cache_dir)
         except ExportError as exc:
             warnings.warn(f"napari-pvs: cannot export the network for {name} ({exc}); "
-                          "using torch", RuntimeWarning, stacklevel=2)
+                          f"using torch ({_TORCH_SLOWER} than OpenVINO)", RuntimeWarning,
+                          stacklevel=2)
             break  # every other runtime needs the same export
         except Exception as exc:  # an optional runtime must never fail the prediction
             warnings.warn(f"napari-pvs: the {name} backend failed ({type(exc).__name__}: "
@@ -387,14 +394,60 @@ def _checked_runner(backend, entry: OnnxExport, window, batch_size, c_in) -> Win
 
 # ----------------------------------------------------------------------------- helpers
 
+_noted = False  # the "not installed" line has been printed in this process
+
+
+def _note_not_installed() -> None:
+    """One line on stderr, the first time CPU prediction runs on torch because neither
+    OpenVINO nor ONNX Runtime imports: why, the cost, and the fix."""
+    global _noted
+    if _noted:
+        return
+    _noted = True
+    what = {"openvino": "OpenVINO is not installed",
+            "onnx": "onnx (which torch's ONNX exporter needs) is not installed",
+            }.get(_missing("openvino"), "OpenVINO does not load")
+    fix = ("pip install openvino onnx" if _wheels_here() else
+           "OpenVINO publishes no wheels for this platform; use a GPU or the XS/S models")
+    print(f"napari-pvs: warning: {what}: running on torch, {_TORCH_SLOWER} on the CPU than "
+          f"OpenVINO (benchmarks/bench_backends.py); {fix}", file=sys.stderr, flush=True)
+
+
+def _wheels_here() -> bool:
+    """Whether the package's openvino requirement applies to this platform (its marker);
+    True when the installed metadata cannot be read."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        reqs = metadata.requires("napari-pvs") or []
+    except (ImportError, metadata.PackageNotFoundError):
+        return True
+    for text in reqs:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if req.name == "openvino" and (req.marker is None
+                                       or "extra" not in str(req.marker)):
+            return req.marker is None or req.marker.evaluate({"extra": ""})
+    return True
+
+
+def _missing(name: str) -> str | None:
+    """The module that keeps the runtime ``name`` from importing, or None; ``"?"`` for
+    a runtime that is installed but fails to load (OSError: missing shared libraries)."""
+    for module in (name, "onnx"):  # torch's ONNX exporter needs onnx
+        try:
+            __import__(module)
+        except ImportError:
+            return module
+        except OSError:
+            return "?"
+    return None
+
 
 @cache
 def _importable(name: str) -> bool:
-    if name == "torch":
-        return True
-    try:
-        __import__(name)
-        __import__("onnx")  # torch's ONNX exporter needs it
-    except (ImportError, OSError):  # OSError: a runtime with missing shared libraries
-        return False
-    return True
+    return name == "torch" or _missing(name) is None

@@ -295,10 +295,16 @@ class ModelRegistry:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", model_id or ""):
             raise PVSInputError(f"invalid model id {model_id!r}")
         path = self.folder / f"{model_id}.safetensors"
-        if not path.is_file():
-            known = ", ".join(m["id"] for m in self.list()) or "none"
-            raise PVSInputError(f"no model {model_id!r} in {self.folder} (known: {known})")
-        return path
+        if path.is_file():
+            return path
+        models = self.list()
+        # a file not named by its id (import-nnunet writes fold_N.safetensors): `model ls`
+        # shows the id, so the id names it too
+        for m in models:
+            if m["id"] == model_id:
+                return Path(m["path"])
+        known = ", ".join(m["id"] for m in models) or "none"
+        raise PVSInputError(f"no model {model_id!r} in {self.folder} (known: {known})")
 
     def load(self, model_id: str, device: str = "cpu"):
         """``(network, metadata)`` of a registered model."""
