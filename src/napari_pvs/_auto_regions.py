@@ -194,7 +194,7 @@ def _tissue(lo, head, modality, sp):
         wm, 0.5 * (wm + np.quantile(c, 0.02)), np.quantile(c, 0.02))
     mu, var, w, _ = _gmm(c, init, 30)
     u = np.where(head, (corr - mu[0]) / (mu[2] - mu[0]), 0).astype(np.float32)
-    return u, mu, var, w
+    return u, mu, bias
 
 
 def _block_sum(a, f):
@@ -240,7 +240,7 @@ def estimate_regions(image: np.ndarray, spacing, modality: str = "T2w") -> AutoR
     lo = _block_mean(img, f)
     lsp = sp * f
     head = _head(lo, lsp)
-    u, mu, _, _ = _tissue(lo, head, modality, lsp)
+    u, mu, bias = _tissue(lo, head, modality, lsp)
     depth = ndi.distance_transform_edt(head, sampling=lsp)
     dnorm = depth / max(float(depth.max()), 1e-6)
     um = ndi.median_filter(u, 3)
@@ -256,6 +256,8 @@ def estimate_regions(image: np.ndarray, spacing, modality: str = "T2w") -> AutoR
     regions_lo[roi] = REGION_CODES["WM"]
     regions_lo[bg] = REGION_CODES["BG"]
     regions = _upsample(regions_lo, f, img.shape)
+    if _OPT.get("refine", True):
+        regions = _refine(regions, img, f, sp, bias, mu)
     brain = _upsample(head.astype(np.uint8), f, img.shape).astype(bool)
     vox_full = float(np.prod(sp))
     meta = {"class_means": [round(float(m), 3) for m in mu], "work_factor": f.tolist(),
@@ -264,6 +266,37 @@ def estimate_regions(image: np.ndarray, spacing, modality: str = "T2w") -> AutoR
             "bg_mm3": round(float((regions == 2).sum()) * vox_full, 1),
             "ventricles_mm3": round(float(vent.sum()) * voxel_mm3, 1)}
     return AutoRegions(regions, brain, METHOD, meta)
+
+
+#: Development switches of the full-resolution refinement (empty: the defaults).
+_OPT: dict[str, Any] = {}
+#: Full-resolution refinement: (band depth in mm, threshold in WM = 0 / CSF = 1 units)
+#: for CSF-like, then GM-like voxels connected to the excluded tissue.
+REFINE_STEPS = ((3.0, 0.5), (2.0, 0.3))
+
+
+def _refine(regions, img, f, sp, bias_lo, mu):
+    """Full-resolution cleanup of the ROI edge: CSF-like voxels within 3 mm of the
+    excluded cortex / CSF / ventricles and connected to them, then GM-like ones within
+    2 mm, leave the ROI (partial-volume edges the coarse closing pulled in)."""
+    o = _OPT
+    bias = _resize(bias_lo, f, img.shape)
+    u = (img * np.exp(-bias) - mu[0]) / (mu[2] - mu[0])
+    us = ndi.gaussian_filter(u, o.get("sigma", 0.6) / sp)
+    roi = regions > 0
+    for d, t in o.get("steps", REFINE_STEPS):
+        if d <= 0:
+            continue
+        out = ~roi
+        band = ndi.distance_transform_edt(roi, sampling=sp) <= d
+        cand = roi & band & (us > t)
+        lab = cc3d.connected_components((cand | out).astype(np.uint8), connectivity=6)
+        ids = np.unique(lab[out])
+        roi &= ~(cand & np.isin(lab, ids[ids > 0]))
+    sh = o.get("shell", 0.0)
+    if sh > 0:
+        roi &= ndi.distance_transform_edt(roi, sampling=sp) > sh
+    return np.where(roi, regions, 0).astype(np.uint8)
 
 
 def _outer(head, um, depth, dnorm, sp):
