@@ -20,19 +20,27 @@ region map, :func:`estimate_regions` estimates one from the image alone:
    of the brain depth that are connected to the surface.  Ventricles: large (> 0.2 %
    of the head) interior CSF-like components.  ROI = the rest of the head, closed by
    2 voxels so that PVS cut out by the class threshold come back in.
+   Full-resolution edge cleanup: with the bias field and class means carried to the
+   image grid (smoothed 0.6 mm), CSF-like voxels (> 0.5) within 3 mm of the excluded
+   tissue and connected to it, then GM-like ones (> 0.3) within 2 mm, leave the ROI:
+   the closing pulls ventricle walls, sulcal CSF and cortex edges in, where the vessel
+   filter fires.  Isolated CSF-like tubes (the PVS) stay, bar their ends at the edge.
 6. BG (best effort): deep (> 30 % depth), GM-like interior blobs (smoothed, clipped
    intensity > 0.06), opened, > 0.15 % of the head, whose centroid lies more than
    0.22 half-widths from the mid-plane along the left-right axis, found as the axis of
    best mirror symmetry of the deep brain.  The rest of the ROI is WM.
 
-Measured on held-out phantoms (``benchmarks/bench_auto_regions.py``, see its output in
-the commit message / report): the Frangi baseline's whole-image voxel Dice rises from
-about 0.05-0.08 with no ROI to 0.2-0.5 with these regions, 60-95 % of the Dice it reaches
-with the true region map; the ROI keeps about 85-98 % of the true PVS voxels and the
-WM Dice against the truth is about 0.76-0.93.  The BG estimate is weak: BG on T2w
-differs from WM by only ~12 % of the WM-CSF contrast, and the BG is usually absorbed
-into WM (BG Dice near 0), which does not change the ROI but does change per-region
-scores.  Time: 1-6 s for a 96-160 mm phantom on 2 cores.
+Measured on held-out 96 mm phantoms (seeds 300-307, both contrasts, all 4 sites;
+Frangi threshold and scoring as the baseline does, on a cached vesselness): the Frangi
+baseline's whole-image voxel Dice is 0.15-0.62 (mean 0.32) with these regions, 47-103 %
+(mean 70 %) of the Dice it reaches with the true region map (without the edge cleanup:
+mean 0.28, 61 %); the ROI keeps 71-94 % (mean 87 %) of the true PVS voxels and the WM
+Dice against the truth is 0.80-0.93.  Weakest: ventricles the coarse step misses (large
+in-ROI CSF blobs; removing them cost too many PVS) and, on some sites, deep cortex.
+The BG estimate is weak: BG on T2w differs from WM by only ~12 % of the WM-CSF
+contrast, and the BG is usually absorbed into WM (BG Dice near 0), which does not
+change the ROI but does change per-region scores.  Time: 0.4-2 s for a 96 mm phantom
+on 2 shared cores.
 """
 
 from __future__ import annotations
