@@ -8,8 +8,8 @@ none (the whole image), the automatic brain mask, the automatic WM + BG regions 
 whole-image voxel and cluster Dice, the ratio to the true-regions Dice, the region Dice
 of the estimated WM and BG, and the time of ``estimate_regions`` next to the Frangi
 prediction it precedes.  Targets (issue 14): estimated-regions voxel Dice >= 0.3 and
->= 80 % of the true-regions Dice.  With ``--model`` (default
-benchmarks/data/xs_phantom.safetensors) the small MedNeXt is scored too.
+>= 80 % of the true-regions Dice.  Unless ``--no-model`` is given, the small MedNeXt
+(benchmarks/data/xs_phantom.safetensors, when present) is scored too.
 
 Run:  python benchmarks/bench_auto_regions.py [--size 96] [--seeds 1] [--no-model]
 """
