@@ -264,8 +264,7 @@ def estimate_regions(image: np.ndarray, spacing, modality: str = "T2w") -> AutoR
     regions_lo[roi] = REGION_CODES["WM"]
     regions_lo[bg] = REGION_CODES["BG"]
     regions = _upsample(regions_lo, f, img.shape)
-    if _OPT.get("refine", True):
-        regions = _refine(regions, img, f, sp, bias, mu)
+    regions = _refine(regions, img, f, sp, bias, mu)
     brain = _upsample(head.astype(np.uint8), f, img.shape).astype(bool)
     vox_full = float(np.prod(sp))
     meta = {"class_means": [round(float(m), 3) for m in mu], "work_factor": f.tolist(),
@@ -276,34 +275,28 @@ def estimate_regions(image: np.ndarray, spacing, modality: str = "T2w") -> AutoR
     return AutoRegions(regions, brain, METHOD, meta)
 
 
-#: Development switches of the full-resolution refinement (empty: the defaults).
-_OPT: dict[str, Any] = {}
 #: Full-resolution refinement: (band depth in mm, threshold in WM = 0 / CSF = 1 units)
 #: for CSF-like, then GM-like voxels connected to the excluded tissue.
 REFINE_STEPS = ((3.0, 0.5), (2.0, 0.3))
+#: Smoothing (mm) of the full-resolution image before the refinement's thresholds.
+REFINE_SIGMA_MM = 0.6
 
 
 def _refine(regions, img, f, sp, bias_lo, mu):
     """Full-resolution cleanup of the ROI edge: CSF-like voxels within 3 mm of the
     excluded cortex / CSF / ventricles and connected to them, then GM-like ones within
     2 mm, leave the ROI (partial-volume edges the coarse closing pulled in)."""
-    o = _OPT
     bias = _resize(bias_lo, f, img.shape)
     u = (img * np.exp(-bias) - mu[0]) / (mu[2] - mu[0])
-    us = ndi.gaussian_filter(u, o.get("sigma", 0.6) / sp)
+    us = ndi.gaussian_filter(u, REFINE_SIGMA_MM / sp)
     roi = regions > 0
-    for d, t in o.get("steps", REFINE_STEPS):
-        if d <= 0:
-            continue
+    for d, t in REFINE_STEPS:
         out = ~roi
         band = ndi.distance_transform_edt(roi, sampling=sp) <= d
         cand = roi & band & (us > t)
         lab = cc3d.connected_components((cand | out).astype(np.uint8), connectivity=6)
         ids = np.unique(lab[out])
         roi &= ~(cand & np.isin(lab, ids[ids > 0]))
-    sh = o.get("shell", 0.0)
-    if sh > 0:
-        roi &= ndi.distance_transform_edt(roi, sampling=sp) > sh
     return np.where(roi, regions, 0).astype(np.uint8)
 
 
