@@ -34,7 +34,8 @@ METHODS = ("none", "brain", "estimated", "true")
 
 def predict(image, spacing, roi, modality, model="baseline"):
     t = time.perf_counter()
-    pred = run(predict_array(image, spacing, model, roi=roi, modality=modality))
+    pred = run(predict_array(image, spacing, model, roi=roi, modality=modality,
+                             auto_regions=False))  # roi None: the whole image
     return pred.labels, time.perf_counter() - t
 
 

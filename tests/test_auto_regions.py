@@ -56,7 +56,8 @@ def test_roi_keeps_most_pvs(case):
 
 
 def _dice(p, roi, modality):
-    pred = run(predict_array(p.image, p.spacing, "baseline", roi=roi, modality=modality))
+    pred = run(predict_array(p.image, p.spacing, "baseline", roi=roi, modality=modality,
+                             auto_regions=False))  # None: the whole image
     return voxel_dice(pred.labels, p.labels)
 
 
