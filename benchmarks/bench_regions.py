@@ -1,8 +1,8 @@
 """Dice with and without a segmentation: the Frangi baseline and a MedNeXt, four ways.
 
-Held-out T2w phantoms (seeds 700+, one per site, all 4 sites, ``--size`` mm; 144 by
-default, the demo's size, at which the anatomy is close to a real brain's) are
-predicted with each model inside:
+Held-out phantoms (T2w, or ``--modality T1w``; seeds 700+, one per site, all 4 sites;
+``--size`` mm, 144 by default, the demo's size, at which the anatomy is close to a real
+brain's) are predicted with each model inside:
 
 ``segmentation``
     the phantom's anatomy written as FreeSurfer's ``aseg.mgz`` on the conformed 256³
@@ -29,7 +29,8 @@ trained with the project's own CLI on a separate phantom cohort (seed 11, 4 site
     napari-pvs store init train.pvs.zarr && napari-pvs store import train.pvs.zarr cohort
     napari-pvs train --store train.pvs.zarr --iterations 1400 --lr 3e-3 --variant XS --seed 0
 
-Run:  python benchmarks/bench_regions.py [--size 144] [--per-site 1] [--model PATH|none]
+Run:  python benchmarks/bench_regions.py [--size 144] [--per-site 1] [--modality T2w|T1w]
+                                         [--model PATH|none]
 """
 
 from __future__ import annotations
@@ -64,13 +65,15 @@ def _predict(ph, model: str, way: str, seg) -> np.ndarray:
         kw = {"auto_regions": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return run(predict_array(ph.image, ph.spacing, model, **kw)).labels
+        return run(predict_array(ph.image, ph.spacing, model, modality=ph.meta["modality"],
+                                 **kw)).labels
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=float, default=144.0)
     ap.add_argument("--per-site", type=int, default=1)
+    ap.add_argument("--modality", choices=("T2w", "T1w"), default="T2w")
     ap.add_argument("--model", default=str(DEFAULT_MODEL),
                     help="MedNeXt checkpoint to score beside the baseline, or 'none'")
     args = ap.parse_args()
@@ -81,7 +84,7 @@ def main() -> None:
     for site in range(4):
         for j in range(args.per_site):
             seed = 700 + 10 * site + j
-            ph = make_phantom(seed, site=site, size_mm=args.size)
+            ph = make_phantom(seed, site=site, size_mm=args.size, modality=args.modality)
             seg_path = tmp / f"aseg_{seed}.mgz"
             nib.save(conformed_aseg(ph), seg_path)
             t = time.perf_counter()
@@ -99,7 +102,7 @@ def main() -> None:
                     row.append(f"{s['voxel_dice']:.3f}/{s['cluster_dice']:.3f}")
             print("  ".join(row), flush=True)
     print(f"\nwhole-image voxel Dice / cluster Dice, mean over {len(t_map)} held-out phantoms "
-          f"({args.size:.0f} mm, T2w, 4 sites)")
+          f"({args.size:.0f} mm, {args.modality}, 4 sites)")
     print(f"{'model':<28} {'way':<14} {'voxel Dice':>10} {'cluster Dice':>12} "
           f"{'vs true regions':>15}")
     for m in models:
