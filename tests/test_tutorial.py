@@ -55,7 +55,7 @@ def test_an_imported_fold_is_named_by_its_file_or_by_the_id_model_ls_shows(impor
 @pytest.mark.slow
 def test_mednet_pvs_workflow_end_to_end(tmp_path):
     cohort, store = tmp_path / "cohort", tmp_path / "lab.pvs.zarr"
-    _ok("phantom", "-o", cohort, "--sites", 2, "--per-site", 2, "--size-mm", 96, "--aseg")
+    _ok("phantom", "-o", cohort, "--sites", 2, "--per-site", 2, "--size-mm", 64, "--aseg")
     # no phantom region maps: the regions come from FreeSurfer's aseg.mgz, as for real data
     for f in cohort.glob("derivatives/napari-pvs-phantom/sub-*/anat/*desc-regions_dseg*"):
         f.unlink()
