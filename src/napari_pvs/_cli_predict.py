@@ -10,7 +10,6 @@ from pathlib import Path
 from ._backends import BACKENDS
 from ._cli_common import ProgressReport, add_device, add_out, number
 from ._errors import PVSInputError
-from ._fs import atomic_write_text
 from .io import load_volume, strip_nifti_suffix
 from .metrics import score
 from .pipeline import check_output_folder, predict_file
@@ -48,11 +47,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if value is not None and len(args.images) > 1:
             raise PVSInputError(f"{option} applies to one image; run predict once per image "
                                 "with its own")
-    if args.roi is not None and args.seg is not None:
-        raise PVSInputError("give either --roi (a region map on the image grid) or --seg (a "
-                            "whole-brain segmentation on any grid), not both")
-    if args.lut is not None and args.seg is None:
-        raise PVSInputError("--lut maps the labels of --seg; give --seg as well")
     if args.whole_image and (args.roi is not None or args.seg is not None):
         raise PVSInputError("--whole-image predicts without regions; leave out --roi / --seg")
     check_output_folder(args.out, "-o")
@@ -84,7 +78,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_regions(args: argparse.Namespace) -> int:
     from .io import save_labels
-    from .regions import from_segmentation
+    from .regions import from_segmentation, save_region_map
 
     out = Path(args.out)
     if not str(out).lower().endswith((".nii.gz", ".nii")):
@@ -93,11 +87,8 @@ def _cmd_regions(args: argparse.Namespace) -> int:
     like = load_volume(args.like)
     mapped = from_segmentation(args.seg, like, lut=args.lut or "freesurfer")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_labels(out, mapped.regions, like=like)
-    sidecar = out.with_name(strip_nifti_suffix(out.name) + ".json")
-    atomic_write_text(sidecar, json.dumps({**mapped.meta, "like": str(args.like)}, indent=1)
-                      + "\n")
-    written = [str(out), str(sidecar)]
+    written = [str(p) for p in save_region_map(out, mapped.regions, like,
+                                               {**mapped.meta, "like": str(args.like)})]
     if args.brain:
         written.append(str(save_labels(args.brain, mapped.brain, like=like)))
     counts = ", ".join(f"{k} {v} voxels" for k, v in mapped.meta["voxels"].items())

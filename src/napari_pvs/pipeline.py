@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Generator
@@ -17,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from ._errors import PVSInputError
-from ._fs import atomic_write_text
 from .baseline import segment_frangi
 from .clusters import cluster_table, label_clusters
 from .inference import PredictionCancelled, Progress, predict_volume, run
@@ -127,6 +125,8 @@ def predict_file(
     if roi is not None and seg is not None:
         raise PVSInputError("give either --roi (a region map on the image grid) or --seg (a "
                             "whole-brain segmentation on any grid), not both")
+    if lut is not None and seg is None:
+        raise PVSInputError("--lut maps the labels of --seg; give --seg as well")
     vol = load_volume(image, volume=volume)
     regions = load_roi(roi, vol) if roi is not None else None
     brain = seg_meta = None
@@ -153,9 +153,10 @@ def predict_file(
                                        like=vol)
     outs["clusters"] = pred.table.to_csv(outdir / f"{stem}_clusters.csv")
     if pred.regions is not None and (pred.regions_meta or {}).get("source") != "roi":
-        outs["regions"] = save_labels(outdir / f"{stem}_regions.nii.gz", pred.regions, like=vol)
-        atomic_write_text(outdir / f"{stem}_regions.json",
-                          json.dumps(pred.regions_meta, indent=1) + "\n")
+        from .regions import save_region_map
+
+        outs["regions"], _ = save_region_map(outdir / f"{stem}_regions.nii.gz", pred.regions,
+                                             vol, pred.regions_meta)
     outs["labels"] = save_labels(outdir / f"{stem}_pvs.nii.gz", pred.labels, like=vol)
     return outs
 

@@ -48,6 +48,7 @@ __all__ = [
     "SegmentationRegions",
     "from_segmentation",
     "load_table",
+    "save_region_map",
     "segmentation_overlap",
 ]
 
@@ -295,3 +296,22 @@ def from_segmentation(seg, like, lut: str | os.PathLike[str] | RegionTable | Non
             "resampled": resampled, "overlap": round(overlap, 4),
             "brain_voxels": int(np.count_nonzero(brain)), "voxels": counts}
     return SegmentationRegions(regions=regions, brain=brain, meta=meta)
+
+
+def save_region_map(path: str | os.PathLike[str], regions: np.ndarray, like: Volume,
+                    meta: dict[str, Any]) -> tuple[Path, Path]:
+    """Write a region map on the grid of ``like`` and its JSON sidecar ``<stem>.json``
+    (where the map came from: the segmentation and table, or the estimate's method).
+
+    Returns the two paths; both are written atomically.
+    """
+    import json
+
+    from ._fs import atomic_write_text
+    from ._nifti_save import save_labels
+    from ._volume import strip_nifti_suffix
+
+    out = save_labels(path, regions, like=like)
+    sidecar = out.with_name(strip_nifti_suffix(out.name) + ".json")
+    atomic_write_text(sidecar, json.dumps(meta, indent=1) + "\n")
+    return out, sidecar
