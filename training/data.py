@@ -57,11 +57,13 @@ class SubjectData:
     prep: Preprocessed | None = None
     source_labels: np.ndarray | None = None
     source_roi: np.ndarray | None = None
+    hard: np.ndarray | None = None  # hard negatives: look-alikes and region borders
+
 
     @property
     def nbytes(self) -> int:
         arrays = (self.image, self.labels, self.roi, self.recent, self.source_labels,
-                  self.source_roi)
+                  self.source_roi, self.hard)
         return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -144,11 +146,12 @@ class PatchSampler:
 
     def __init__(self, cache: SubjectCache, subjects: Sequence[str], patch=(48, 48, 48),
                  pos_fraction: float = 0.5, augment: bool = True, seed: int = 0,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, hard_fraction: float = 0.0):
         if not subjects:
             raise ValueError("no corrected subjects to train on; correct and save at least one")
         self.cache, self.subjects, self.patch = cache, list(subjects), tuple(int(p) for p in patch)
         self.pos_fraction = float(pos_fraction)
+        self.hard_fraction = float(hard_fraction)
         self.rng = np.random.default_rng(seed)
         w = np.ones(len(self.subjects)) if weights is None else np.asarray(weights, float)
         self.p = w / w.sum()
@@ -156,14 +159,20 @@ class PatchSampler:
         if self.transform is not None:
             self.transform.set_random_state(seed=seed)
 
-    def _centre(self, d: SubjectData, positive: bool) -> np.ndarray:
+    def _centre(self, d: SubjectData, kind: str) -> np.ndarray:
         pool = d.roi
-        if positive and d.labels.any():
+        if kind == "positive" and d.labels.any():
             pool = d.recent if d.recent is not None and self.rng.random() < 0.5 else d.labels
+        elif kind == "hard" and d.hard is not None and d.hard.any():
+            pool = d.hard
         idx = np.flatnonzero(pool)
         if idx.size == 0:
             return self.rng.integers(0, d.image.shape)
         return np.array(np.unravel_index(idx[self.rng.integers(idx.size)], d.image.shape))
+
+    def _count(self, expected: float) -> int:
+        whole = int(np.floor(expected))
+        return whole + int(self.rng.random() < expected - whole)
 
     def patch_at(self, d: SubjectData, centre) -> tuple[np.ndarray, np.ndarray]:
         p = np.array(self.patch)
@@ -175,13 +184,20 @@ class PatchSampler:
         return np.pad(img, pad), np.pad(lab, pad)
 
     def batch(self, size: int) -> tuple[np.ndarray, np.ndarray, list[bool]]:
-        """``(images (B,1,...), labels (B,1,...), centred_on_pvs flags)``."""
-        n_pos = int(np.ceil(self.pos_fraction * size))
+        """``(images (B,1,...), labels (B,1,...), centred_on_pvs flags)``.
+
+        The first ``pos_fraction`` of the batch (rounded up) is centred on PVS, the next
+        ``hard_fraction`` on hard negatives (when the subject marks them; rounded at
+        random, so that small batches still see them), the rest anywhere in the ROI.
+        """
         imgs, labs, flags = [], [], []
+        n_pos = int(np.ceil(self.pos_fraction * size))
+        n_hard = self._count(self.hard_fraction * size) if self.hard_fraction > 0 else 0
         for k in range(size):
             d = self.cache.get(self.subjects[self.rng.choice(len(self.subjects), p=self.p)])
             positive = k < n_pos
-            img, lab = self.patch_at(d, self._centre(d, positive))
+            kind = "positive" if positive else "hard" if k < n_pos + n_hard else "random"
+            img, lab = self.patch_at(d, self._centre(d, kind))
             if self.transform is not None:
                 out = self.transform({"image": img[None], "label": lab[None].astype(np.float32)})
                 img, lab = np.asarray(out["image"])[0], np.asarray(out["label"])[0]

@@ -1,0 +1,93 @@
+"""The realistic training subjects, the hard-negative sampler and the real-anatomy case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_pvs._regions import REGION_CODES
+from napari_pvs.training.data import PatchSampler, SubjectData
+from napari_pvs.training.holdout import anatomy_case
+from napari_pvs.training.realistic import BG, VENTRICLE, WM, make_realistic, mni_template
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def subject():
+    return make_realistic(3)
+
+
+def test_template_regions_are_anatomical():
+    tpl = mni_template()
+    idx = np.argwhere(tpl.labels == BG)
+    world = idx @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
+    # the basal ganglia sit on both sides of the midline, lateral to the ventricles
+    assert (world[:, 0] < -8).sum() > 3000 and (world[:, 0] > 8).sum() > 3000
+    assert np.abs(world[:, 0]).min() > 5
+    vent = np.argwhere(tpl.labels == VENTRICLE) @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
+    assert 5_000 < len(vent) < 60_000 and abs(vent[:, 0].mean()) < 3  # symmetric, about 20 ml
+    assert (tpl.labels == WM).sum() > 300_000  # cerebral WM, ~ 400-500 ml
+
+
+def test_subject_is_t2w_with_pvs_in_the_regions(subject):
+    s = subject
+    assert s.image.dtype == np.float32 and s.image.shape == s.labels.shape == s.regions.shape
+    assert np.isfinite(s.image).all() and s.image.min() >= 0
+    assert s.labels.any() and not (s.labels.astype(bool) & (s.regions == 0)).any()
+    for code in REGION_CODES.values():
+        if code:
+            assert (s.labels.astype(bool) & (s.regions == code)).sum() > 50
+    # T2w: PVS are brighter than the WM around them, whatever the drawn contrast
+    wm = (s.regions == REGION_CODES["WM"]) & ~s.labels.astype(bool)
+    assert np.median(s.image[s.labels > 0]) > np.median(s.image[wm]) * 1.1
+    assert np.allclose(np.diag(s.affine)[:3], s.spacing)
+    assert s.meta["modality"] == "T2w" and s.meta["n_pvs_wm"] > 50
+
+
+def test_hard_negatives_are_look_alikes_not_pvs(subject):
+    s = subject
+    assert s.hard.any() and not (s.hard & (s.labels > 0)).any()
+    # they lie where the network must learn to say no: the ROI's borders and distractors
+    near_roi = s.hard & (s.regions > 0)
+    assert near_roi.sum() > 0.3 * s.hard.sum()
+
+
+def test_t1w_inverts_the_contrast():
+    s = make_realistic(4, modality="T1w", head=False, burden=1.0)
+    wm = (s.regions == REGION_CODES["WM"]) & (s.labels == 0)
+    assert np.median(s.image[s.labels > 0]) < np.median(s.image[wm]) * 0.9
+
+
+def test_sampler_draws_hard_negatives():
+    shape = (64, 64, 64)
+    hard = np.zeros(shape, bool)
+    hard[50:53, 50:53, 50:53] = True
+    labels = np.zeros(shape, np.uint8)
+    labels[10, 10, 10] = 1
+    image = np.zeros(shape, np.float32)
+    image[hard] = 7.0
+    d = SubjectData("s", "A", 1, image, labels, np.ones(shape, bool), None, hard=hard)
+    sampler = PatchSampler({"s": d}, ["s"], (32, 32, 32), pos_fraction=0.0, hard_fraction=1.0,
+                           augment=False, seed=1)
+    imgs, labs, _ = sampler.batch(4)
+    assert all((img == 7.0).any() for img in imgs[:, 0])  # every patch holds the hard cube
+    sampler = PatchSampler({"s": d}, ["s"], (32, 32, 32), pos_fraction=0.0, hard_fraction=0.5,
+                           augment=False, seed=1)
+    hits = [int((sampler.batch(1)[0] == 7.0).any()) for _ in range(40)]
+    assert 8 < sum(hits) < 36  # a fraction of one patch is rounded at random, not away
+    # without a hard mask the hard share falls back to anywhere in the ROI
+    d.hard = None
+    imgs, _, _ = PatchSampler({"s": d}, ["s"], (32, 32, 32), pos_fraction=0.0, hard_fraction=1.0,
+                              augment=False, seed=1).batch(2)
+    assert imgs.shape == (2, 1, 32, 32, 32)
+
+
+def test_anatomy_case_deforms_the_template():
+    a = anatomy_case(1)
+    assert a.labels.any() and not (a.labels.astype(bool) & (a.regions == 0)).any()
+    assert a.spacing == (0.8, 0.8, 0.8) and a.meta["n_pvs"] > 150
+    b = anatomy_case(2, warp_mm=3.0)
+    assert a.image.shape == b.image.shape and not np.array_equal(a.labels, b.labels)
+    # the deformation moves the anatomy: the region maps differ beyond their borders
+    assert (a.regions != b.regions).mean() > 0.01
