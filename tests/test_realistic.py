@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from napari_pvs._regions import REGION_CODES
+from napari_pvs.phantom import SITES
 from napari_pvs.training.data import PatchSampler, SubjectData
 from napari_pvs.training.holdout import anatomy_case
 from napari_pvs.training.realistic import BG, VENTRICLE, WM, make_realistic, mni_template
 
 pytestmark = pytest.mark.slow
 
+COARSE = replace(SITES[0], spacing=1.4)  # a coarse scanner keeps the tests fast
+
 
 @pytest.fixture(scope="module")
 def subject():
-    return make_realistic(3)
+    return make_realistic(3, site=COARSE)
 
 
 def test_template_regions_are_anatomical():
@@ -54,7 +59,7 @@ def test_hard_negatives_are_look_alikes_not_pvs(subject):
 
 
 def test_t1w_inverts_the_contrast():
-    s = make_realistic(4, modality="T1w", head=False, burden=1.0)
+    s = make_realistic(4, modality="T1w", site=COARSE, head=False, burden=1.0)
     wm = (s.regions == REGION_CODES["WM"]) & (s.labels == 0)
     assert np.median(s.image[s.labels > 0]) < np.median(s.image[wm]) * 0.9
 
@@ -84,10 +89,10 @@ def test_sampler_draws_hard_negatives():
 
 
 def test_anatomy_case_deforms_the_template():
-    a = anatomy_case(1)
+    a = anatomy_case(1, spacing=1.6)
     assert a.labels.any() and not (a.labels.astype(bool) & (a.regions == 0)).any()
-    assert a.spacing == (0.8, 0.8, 0.8) and a.meta["n_pvs"] > 150
-    b = anatomy_case(2, warp_mm=3.0)
+    assert a.spacing == (1.6, 1.6, 1.6) and a.meta["n_pvs"] > 150
+    b = anatomy_case(2, warp_mm=3.0, spacing=1.6)
     assert a.image.shape == b.image.shape and not np.array_equal(a.labels, b.labels)
     # the deformation moves the anatomy: the region maps differ beyond their borders
     assert (a.regions != b.regions).mean() > 0.01
