@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +235,8 @@ def _tissue_means(rng, modality: str) -> dict[str, float]:
 
 def make_realistic(seed: int, *, modality: str = "T2w", site: SiteProfile | None = None,
                    burden: float | None = None, warp_mm: float | None = None,
-                   head: bool | None = None, subject: str | None = None) -> RealisticSubject:
+                   head: bool | None = None, spacing: float | None = None,
+                   subject: str | None = None) -> RealisticSubject:
     """One realistic synthetic subject, deterministically from ``seed`` (see module doc).
 
     Parameters
@@ -250,11 +251,15 @@ def make_realistic(seed: int, *, modality: str = "T2w", site: SiteProfile | None
         Standard deviation of the smooth displacement in mm (default: drawn in [1, 4]).
     head : bool, optional
         Add a skull and scalp around the brain (default: 70 % of subjects).
+    spacing : float, optional
+        Override the scanner's voxel size (mm); everything else stays as drawn.
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     rng = np.random.default_rng([seed, 15])
     prof = site or random_site(rng)
+    if spacing is not None:
+        prof = replace(prof, spacing=float(spacing))
     h = prof.spacing
     warp = float(rng.uniform(1.0, 4.0) if warp_mm is None else warp_mm)
     anat, affine, shape = _deformed(rng, mni_template(), h, warp)

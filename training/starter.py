@@ -43,6 +43,7 @@ RECIPE = {
     "variant": "XS", "kernel_size": 3, "target_spacing": 1.0, "patch": 48, "batch": 2,
     "iterations": 3000, "lr": 2e-3, "pos_fraction": 0.5, "hard_fraction": 0.25,
     "realistic": 24, "phantoms": 6, "phantom_size_mm": 128, "seed": 0, "tta": 1,
+    "realistic_spacing": None,  # None: each subject's scanner draws its voxel size
 }
 
 
@@ -81,10 +82,12 @@ def training_subjects(recipe: dict, modality: str, pre: dict, log=print,
     out = {}
     t = time.perf_counter()
     if cache is not None:
-        cache = cache / f"{modality}-{pre['target_spacing'][0]:g}mm"
+        grid = recipe.get("realistic_spacing")
+        cache = cache / (f"{modality}-{pre['target_spacing'][0]:g}mm"
+                         + (f"-realistic{grid:g}mm" if grid else ""))
 
     def realistic(i):
-        s = make_realistic(1000 + i, modality=modality)
+        s = make_realistic(1000 + i, modality=modality, spacing=recipe.get("realistic_spacing"))
         return _subject(f"real{i:02d}", s.meta["site"], s.image, s.labels, s.regions, s.spacing,
                         pre, s.hard)
 
