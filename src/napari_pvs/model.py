@@ -230,7 +230,7 @@ def modality_mismatch(meta: dict[str, Any], modality: str, what: str,
     name = name or meta.get("name") or meta.get("id")
     return (f"{what} is {modality} but the model {name!r} was trained on {trained} images (PVS "
             f"{'bright' if trained == 'T2w' else 'dark'}): expect missed or false PVS; use a "
-            f"{modality} model, or the Frangi baseline (--model baseline)")
+            f"{modality} model, or the Frangi baseline")
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu"):
