@@ -389,3 +389,52 @@ def test_docked_widgets_read_well_at_the_default_width(make_napari_viewer, qtbot
     assert edit.text() == str(store) and edit.toolTip() == str(store)
     assert edit.cursorPosition() == len(edit.text())  # the end, the store's name, shows
     assert edit.cursorRect().right() <= edit.width()
+
+
+@pytest.mark.slow
+def test_the_demo_viewer_reviews_the_starter_prediction_beside_frangi(make_napari_viewer, qtbot,
+                                                                      tmp_path):
+    """``napari-pvs demo``'s viewer: the MedNeXt prediction under review with its maps and
+    filled uncertainty / probability columns; Frangi's prediction a hidden outline."""
+    import nibabel as nib
+    from qtpy.QtWidgets import QApplication
+
+    from napari_pvs._widgets._demo import open_demo
+    from napari_pvs.dataset import write_phantom_cohort
+    from napari_pvs.pipeline import predict_file
+
+    subjects = write_phantom_cohort(tmp_path / "cohort", n_sites=1, per_site=1, size_mm=48)
+    s = subjects[0]
+    written = {}
+    for model, folder in (("starter", "starter"), ("baseline", "frangi")):
+        written[folder] = predict_file(s.image, tmp_path / folder, model=model, tta=1,
+                                       roi=s.regions, modality=s.modality)
+    viewer = make_napari_viewer(show=True)
+    widgets, docks = open_demo(viewer, subjects, tmp_path, tmp_path / "frangi",
+                               ("starter", tmp_path / "starter"))
+    rw = widgets["Review clusters"]
+    docks["Review clusters"].raise_()
+    for _ in range(10):
+        QApplication.processEvents()
+    base = f"{s.subject} image [starter]"  # the shipped name, as the demo's rows say
+    assert rw.layer is viewer.layers[f"{base} PVS"]
+    for key in ("probability", "uncertainty"):
+        layer = viewer.layers[f"{base} {key}"]
+        assert not layer.visible
+        np.testing.assert_allclose(layer.data, nib.load(written["starter"][key]).get_fdata())
+    frangi = viewer.layers["Frangi prediction (outline)"]
+    assert not frangi.visible and frangi.contour == 1
+    np.testing.assert_array_equal(frangi.data > 0,
+                                  np.asarray(nib.load(written["frangi"]["labels"]).dataobj) > 0)
+    assert "PVS truth (outline)" in viewer.layers
+    table = rw.table
+    columns = {table.horizontalHeaderItem(c).text(): c for c in range(table.columnCount())}
+    assert table.rowCount() == rw.session.n > 0
+    for name in ("unc.", "prob."):
+        assert not table.isColumnHidden(columns[name])
+        assert all(table.item(r, columns[name]).text() for r in range(table.rowCount()))
+    assert "uncertainty" in rw.sort.choices
+    # the dock cannot be narrower than the columns (the demo's, sized for the session-less
+    # table, was: its last column hid behind a scroll bar)
+    assert table.minimumWidth() >= table.columns_width() <= table.width()
+    rw.unbind_keys()
