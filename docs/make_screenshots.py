@@ -95,6 +95,7 @@ def main() -> None:
         print(f"wrote {out / name}", flush=True)
 
     pw, rw, tw, qw = widgets.values()
+    pw.model.value = "baseline (Frangi)"  # not the default starter model: the baseline first
     pw.run()
     _wait(app, lambda: pw.worker is None)
     shot("Predict", "predict.png")

@@ -104,16 +104,33 @@ def test_predict_picks_a_volume_of_a_4d_file(tmp_path, nibabel_data):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
+    """Each subject is segmented by the shipped MedNeXt model and by Frangi: a row each,
+    printed and in scores.json, and a mean +/- sd line per method."""
     assert shutil.which("napari-pvs"), "the console script must be installed"
     r = subprocess.run(["napari-pvs", "demo", "--out", str(tmp_path), "--sites", "2",
-                        "--per-site", "1", "--size-mm", "80", "--no-viewer"],
+                        "--per-site", "1", "--size-mm", "64", "--tta", "1", "--no-viewer"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert [s["site"] for s in scores] == ["siteA", "siteB"]
+    methods = ["MedNeXt(starter)", "Frangi"]
+    assert [(s["site"], s["method"]) for s in scores] == [
+        (site, m) for site in ("siteA", "siteB") for m in methods]
     for s in scores:
-        assert 0.2 < s["voxel_dice"] < 0.95 and 0.2 < s["cluster_dice"] <= 1.0
-    assert "mean +/- sd" in r.stdout
+        assert 0 <= s["voxel_dice"] <= 1 and 0 <= s["cluster_dice"] <= 1 and s["seconds"] > 0
+        assert s["n_ref"] > 0 and s["n_pred"] > 0
+        if s["method"] == "Frangi":
+            assert 0.2 < s["voxel_dice"] < 0.95 and 0.2 < s["cluster_dice"] <= 1.0
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("site")]
+    assert [(row[0], row[3]) for row in rows] == [("siteA01", m) for m in methods] + [
+        ("siteB01", m) for m in methods]
+    assert [float(row[4]) for row in rows] == [round(s["voxel_dice"], 3) for s in scores]
+    means = [line.split()[3] for line in r.stdout.splitlines() if line.startswith("mean +/- sd")]
+    assert means == methods
+    stem = "sub-siteA01_T2w"
+    for kind in ("pvs", "prob", "uncertainty"):
+        assert (tmp_path / "predictions" / "starter" / f"{stem}_{kind}.nii.gz").is_file()
+    assert (tmp_path / "predictions" / "frangi" / f"{stem}_pvs.nii.gz").is_file()
+    assert not (tmp_path / "predictions" / "frangi" / f"{stem}_prob.nii.gz").exists()
 
 
 @pytest.mark.gui

@@ -28,12 +28,13 @@ def test_review_shortcuts_do_not_collide_with_napari():
 def _predicted_review(viewer, qtbot):
     """Phantom -> baseline prediction -> review widget on its labels; plants a false
     positive 3x3x3 blob in the predicted labels first (returns its centre voxel)."""
-    from napari_pvs._widgets.predict import PredictWidget
+    from napari_pvs._widgets.predict import BASELINE, PredictWidget
     from napari_pvs._widgets.review import ReviewWidget
 
     ph, image, regions = phantom_viewer(viewer)
     pw = PredictWidget(viewer)
     qtbot.addWidget(pw)
+    pw.model.value = BASELINE  # not the default starter model
     pw.run()
     qtbot.waitUntil(lambda: pw.worker is None, timeout=120_000)
     labels = viewer.layers["phantom T2w [baseline] PVS"]

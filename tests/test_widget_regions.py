@@ -39,10 +39,11 @@ def _open(viewer, ph, tmp_path, shift_mm: float = 0.0):
 
 
 def _widget(viewer, qtbot):
-    from napari_pvs._widgets.predict import PredictWidget
+    from napari_pvs._widgets.predict import BASELINE, PredictWidget
 
     w = PredictWidget(viewer)
     qtbot.addWidget(w)
+    w.model.value = BASELINE  # not the default starter model
     return w
 
 

@@ -40,10 +40,11 @@ def test_predict_widget_adds_layers_and_keeps_the_viewer_responsive(make_napari_
     w = PredictWidget(viewer)
     qtbot.addWidget(w)
     assert w.image.value is image and w.regions.value is regions  # the region map is the default ROI
+    w.model.value = BASELINE  # the default is the starter model (tested below)
     if model == "mednext":
         model_id = store_with_model(tmp_path / "s.pvs.zarr", ph)
         state_for(viewer).store = str(tmp_path / "s.pvs.zarr")
-        assert w.model.choices == (BASELINE, model_id, "checkpoint file...")
+        assert w.model.choices == ("starter", BASELINE, model_id, "checkpoint file...")
         w.model.value = model_id
         w.tta.value = 2
     returned = []
@@ -73,6 +74,41 @@ def test_predict_widget_adds_layers_and_keeps_the_viewer_responsive(make_napari_
     if model == "mednext":  # the store subject's prediction was not saved: the layer is no subject
         with CorrectionsStore.open(tmp_path / "s.pvs.zarr") as store:
             assert store.predictions("w01") == []
+
+
+def test_predict_widget_defaults_to_the_shipped_starter_model(make_napari_viewer, qtbot,
+                                                              monkeypatch):
+    """The starter model is first and chosen; it runs from the package's file and fills
+    the probability and uncertainty layers and table columns; another contrast warns."""
+    from napari.utils import notifications
+
+    from napari_pvs._widgets.predict import BASELINE, PredictWidget
+    from napari_pvs.model import read_meta, starter_path
+
+    viewer = make_napari_viewer()
+    ph, image, regions = phantom_viewer(viewer, size_mm=48.0)
+    w = PredictWidget(viewer)
+    qtbot.addWidget(w)
+    assert w.model.value == "starter" and w.model.choices[:2] == ("starter", BASELINE)
+    assert w.model.native.currentText() == "starter (MedNeXt-XS, T2w)"
+    assert w.model_spec() == str(starter_path())
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", warned.append)
+    returned = []
+    w.run().returned.connect(returned.append)
+    qtbot.waitUntil(lambda: w.worker is None, timeout=180_000)
+    pred, _ = returned[0]
+    assert pred.model == read_meta(starter_path())["id"] and not warned  # a T2w image
+    tag = f"phantom T2w [{pred.model}]"
+    for key in ("probability", "uncertainty"):
+        np.testing.assert_array_equal(viewer.layers[f"{tag} {key}"].data, getattr(pred, key))
+    table = viewer.layers[f"{tag} clusters"].features.iloc[1:]  # row 0: the background
+    assert len(table) == len(pred.table) > 0
+    assert np.isfinite(table[["unc_mean", "prob_mean"]].to_numpy(float)).all()
+    assert not pred.labels[regions.data == 0].any()
+    image.metadata["modality"] = "T1w"
+    w._check_modality(w.model_spec())
+    assert len(warned) == 1 and "phantom T2w is T1w but the model 'starter'" in warned[0]
 
 
 def test_predict_cancel_stops_without_adding_layers(make_napari_viewer, qtbot, tmp_path):
@@ -149,7 +185,7 @@ def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, q
 def test_end_to_end_predict_review_save_retrain_repredict(make_napari_viewer, qtbot, tmp_path):
     """Sample phantom -> predict -> reject a planted false positive -> save -> retrain a tiny
     model in a child process -> the new model is registered -> re-predict with it."""
-    from napari_pvs._widgets.predict import PredictWidget
+    from napari_pvs._widgets.predict import BASELINE, PredictWidget
     from napari_pvs._widgets.retrain import NEW, RetrainWidget
     from napari_pvs._widgets.review import ReviewWidget
 
@@ -160,6 +196,7 @@ def test_end_to_end_predict_review_save_retrain_repredict(make_napari_viewer, qt
         qtbot.addWidget(w)
     assert pw.image.value is viewer.layers["phantom T2w"]
     assert pw.regions.value is viewer.layers["regions (1 WM, 2 BG)"]
+    pw.model.value = BASELINE
     pw.run()
     qtbot.waitUntil(lambda: pw.worker is None, timeout=180_000)
     labels = viewer.layers["phantom T2w [baseline] PVS"]
@@ -322,6 +359,7 @@ def test_docked_widgets_read_well_at_the_default_width(make_napari_viewer, qtbot
     assert [tabs.tabText(i) for i in range(4)] == ["Predict", "Review clusters", "Retrain",
                                                    "Active-learning queue"]
     pw, rw = widgets["Predict"], widgets["Review clusters"]
+    pw.model.value = "baseline (Frangi)"
     pw.run()
     qtbot.waitUntil(lambda: pw.worker is None, timeout=120_000)
     assert rw.session is not None and rw.session.n > 0
@@ -351,3 +389,52 @@ def test_docked_widgets_read_well_at_the_default_width(make_napari_viewer, qtbot
     assert edit.text() == str(store) and edit.toolTip() == str(store)
     assert edit.cursorPosition() == len(edit.text())  # the end, the store's name, shows
     assert edit.cursorRect().right() <= edit.width()
+
+
+@pytest.mark.slow
+def test_the_demo_viewer_reviews_the_starter_prediction_beside_frangi(make_napari_viewer, qtbot,
+                                                                      tmp_path):
+    """``napari-pvs demo``'s viewer: the MedNeXt prediction under review with its maps and
+    filled uncertainty / probability columns; Frangi's prediction a hidden outline."""
+    import nibabel as nib
+    from qtpy.QtWidgets import QApplication
+
+    from napari_pvs._widgets._demo import open_demo
+    from napari_pvs.dataset import write_phantom_cohort
+    from napari_pvs.pipeline import predict_file
+
+    subjects = write_phantom_cohort(tmp_path / "cohort", n_sites=1, per_site=1, size_mm=48)
+    s = subjects[0]
+    written = {}
+    for model, folder in (("starter", "starter"), ("baseline", "frangi")):
+        written[folder] = predict_file(s.image, tmp_path / folder, model=model, tta=1,
+                                       roi=s.regions, modality=s.modality)
+    viewer = make_napari_viewer(show=True)
+    widgets, docks = open_demo(viewer, subjects, tmp_path, tmp_path / "frangi",
+                               ("starter", tmp_path / "starter"))
+    rw = widgets["Review clusters"]
+    docks["Review clusters"].raise_()
+    for _ in range(10):
+        QApplication.processEvents()
+    base = f"{s.subject} image [starter]"  # the shipped name, as the demo's rows say
+    assert rw.layer is viewer.layers[f"{base} PVS"]
+    for key in ("probability", "uncertainty"):
+        layer = viewer.layers[f"{base} {key}"]
+        assert not layer.visible
+        np.testing.assert_allclose(layer.data, nib.load(written["starter"][key]).get_fdata())
+    frangi = viewer.layers["Frangi prediction (outline)"]
+    assert not frangi.visible and frangi.contour == 1
+    np.testing.assert_array_equal(frangi.data > 0,
+                                  np.asarray(nib.load(written["frangi"]["labels"]).dataobj) > 0)
+    assert "PVS truth (outline)" in viewer.layers
+    table = rw.table
+    columns = {table.horizontalHeaderItem(c).text(): c for c in range(table.columnCount())}
+    assert table.rowCount() == rw.session.n > 0
+    for name in ("unc.", "prob."):
+        assert not table.isColumnHidden(columns[name])
+        assert all(table.item(r, columns[name]).text() for r in range(table.rowCount()))
+    assert "uncertainty" in rw.sort.choices
+    # the dock cannot be narrower than the columns (the demo's, sized for the session-less
+    # table, was: its last column hid behind a scroll bar)
+    assert table.minimumWidth() >= table.columns_width() <= table.width()
+    rw.unbind_keys()

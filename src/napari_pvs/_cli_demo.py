@@ -1,4 +1,5 @@
-"""``napari-pvs demo`` (the main job: phantoms -> baseline -> Dice) and ``napari-pvs phantom``."""
+"""``napari-pvs demo`` (the main job: phantoms -> the shipped MedNeXt and the Frangi
+baseline -> Dice) and ``napari-pvs phantom``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from ._cli_common import add_out, number
 from .dataset import write_phantom_cohort
 from .io import load_volume
 from .metrics import cluster_scores, voxel_dice
+from .model import starter_models
 from .pipeline import check_output_folder, predict_file
 
 __all__ = ["add_demo_parsers"]
@@ -51,25 +54,67 @@ def _display_available() -> bool:
     )
 
 
-def _score_cohort(subjects, out: Path) -> list[dict]:
-    """Segment each subject with the Frangi baseline and print its scores, one row each."""
+@dataclass(frozen=True)
+class _Method:
+    """One way the demo segments: its row label, ``predict_file``'s model and TTA, and
+    the folder its predictions go to."""
+
+    label: str
+    model: str
+    tta: int | None
+    folder: Path
+    model_id: str = "baseline"
+
+
+def _methods(modality: str, predictions: Path, tta: int | None = None) -> list[_Method]:
+    """The shipped MedNeXt model for ``modality`` (when there is one) with ``tta`` flips
+    (default: the model's, else 2), then Frangi."""
+    methods = []
+    for m in starter_models():
+        if "error" not in m and m["preprocessing"].get("modality") == modality:
+            tta = int(tta or m["preprocessing"].get("tta") or 2)  # 2 flips: their variance
+            methods.append(_Method(f"MedNeXt({m['name']})", m["name"], tta,
+                                   predictions / m["name"], m["id"]))
+            break
+    return [*methods, _Method("Frangi", "baseline", None, predictions / "frangi")]
+
+
+_HEADER = (f"{'subject':<10} {'site':<6} {'voxel mm':>8} {'method':<16} {'voxel Dice':>10} "
+           f"{'cluster Dice':>12} {'cluster P':>9} {'cluster R':>9} {'n pred':>6} {'n ref':>6} "
+           f"{'time':>6}")
+
+
+def _score_cohort(subjects, methods: list[_Method]) -> list[dict]:
+    """Segment each subject with each method and print its scores, a row per method."""
     rows = []
-    print(f"{'subject':<10} {'site':<6} {'voxel mm':>8} {'voxel Dice':>10} {'cluster Dice':>12} "
-          f"{'cluster P':>9} {'cluster R':>9} {'n pred':>6} {'n ref':>6} {'time':>6}")
+    print(_HEADER)
     for files in subjects:
-        t = time.perf_counter()
-        pred = predict_file(files.image, out / "predictions", roi=files.regions,
-                            modality=files.modality)["labels"]
-        row = _score_subject(files, pred)
-        row["seconds"] = time.perf_counter() - t
-        rows.append(row)
         spacing = json.loads(files.regions.with_name(f"sub-{files.subject}_desc-phantom.json")
                              .read_text())["spacing_mm"]
-        print(f"{row['subject']:<10} {row['site']:<6} {spacing:>8.1f} {row['voxel_dice']:>10.3f} "
-              f"{row['cluster_dice']:>12.3f} {row['cluster_precision']:>9.2f} "
-              f"{row['cluster_recall']:>9.2f} {row['n_pred']:>6d} {row['n_ref']:>6d} "
-              f"{row['seconds']:>5.1f}s", flush=True)
+        for method in methods:
+            t = time.perf_counter()
+            pred = predict_file(files.image, method.folder, model=method.model, tta=method.tta,
+                                roi=files.regions, modality=files.modality)["labels"]
+            seconds = time.perf_counter() - t
+            row = {"subject": files.subject, "site": files.site, "method": method.label,
+                   "model": method.model_id, "voxel_mm": spacing,
+                   **_score_subject(files, pred), "seconds": seconds}
+            rows.append(row)
+            print(f"{row['subject']:<10} {row['site']:<6} {spacing:>8.1f} {method.label:<16} "
+                  f"{row['voxel_dice']:>10.3f} {row['cluster_dice']:>12.3f} "
+                  f"{row['cluster_precision']:>9.2f} {row['cluster_recall']:>9.2f} "
+                  f"{row['n_pred']:>6d} {row['n_ref']:>6d} {row['seconds']:>5.1f}s", flush=True)
     return rows
+
+
+def _print_means(rows: list[dict], methods: list[_Method]) -> None:
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method.label]
+        vd = np.array([r["voxel_dice"] for r in mine])
+        cd = np.array([r["cluster_dice"] for r in mine])
+        print(f"mean +/- sd   {method.label:<16} voxel Dice {vd.mean():.3f} +/- {vd.std():.3f}   "
+              f"cluster Dice {cd.mean():.3f} +/- {cd.std():.3f}   "
+              f"{sum(r['seconds'] for r in mine):.0f} s in all")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -82,19 +127,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed, size_mm=args.size_mm,
         progress=lambda m, d, n: print(f"  phantom [{d}/{n}] {m}", flush=True),
     )
-    print(f"  cohort written in {time.perf_counter() - t0:.1f} s; segmenting with the Frangi "
-          "baseline inside each subject's WM+BG mask", flush=True)
-    rows = _score_cohort(subjects, out)
-    vd = np.array([r["voxel_dice"] for r in rows])
-    cd = np.array([r["cluster_dice"] for r in rows])
-    print(f"mean +/- sd   voxel Dice {vd.mean():.3f} +/- {vd.std():.3f}   "
-          f"cluster Dice {cd.mean():.3f} +/- {cd.std():.3f}")
+    methods = _methods(args.modality, out / "predictions", args.tta)
+    mednext = methods[0] if len(methods) > 1 else None
+    print(f"  cohort written in {time.perf_counter() - t0:.1f} s; segmenting inside each "
+          "subject's WM+BG mask with "
+          + (f"the shipped {mednext.label} ({mednext.tta} TTA flips) and " if mednext else "")
+          + "the Frangi baseline", flush=True)
+    if mednext is None:
+        print(f"  (no shipped {args.modality} model: `napari-pvs model ls` lists them; Frangi "
+              "only)", flush=True)
+    rows = _score_cohort(subjects, methods)
+    _print_means(rows, methods)
     (out / "scores.json").write_text(json.dumps(rows, indent=1))
-    print(f"scores: {out / 'scores.json'}; predictions: {out / 'predictions'}")
+    print(f"scores: {out / 'scores.json'}; predictions: "
+          + ", ".join(str(m.folder) for m in methods))
     if args.viewer and _display_available():
         from ._widgets._demo import show_demo  # Qt and napari: only when a viewer opens
 
-        show_demo(subjects, out, out / "predictions", args.screenshot)
+        show_demo(subjects, out, methods[-1].folder, args.screenshot,
+                  mednext=(mednext.model, mednext.folder) if mednext else None)
     elif args.viewer:
         print("no display found: skipping the napari viewer (open the files with "
               "`napari <file.nii.gz>` on a desktop)")
@@ -113,12 +164,17 @@ def _cohort_args(p: argparse.ArgumentParser, sites: int, per_site: int, size_mm:
 
 def add_demo_parsers(sub) -> None:
     """Register ``demo`` and ``phantom``."""
-    p = sub.add_parser("demo", help="main job: phantom cohort -> baseline -> Dice per subject")
+    p = sub.add_parser("demo", help="main job: phantom cohort -> the starter MedNeXt and the "
+                                    "Frangi baseline -> Dice per subject")
     add_out(p, "output folder (default: ./pvs-demo)", default="pvs-demo", required=False)
     p.add_argument("--no-viewer", dest="viewer", action="store_false",
                    help="do not open napari even when a display exists")
     p.add_argument("--screenshot", metavar="PNG",
                    help="save a screenshot of the viewer to PNG and exit instead of waiting")
+    p.add_argument("--tta", type=number(int, 1, 8, what="a count of mirror variants"),
+                   default=None,
+                   help="mirror TTA variants of the shipped MedNeXt model, 1-8 (default: the "
+                        "model's, else 2; each one adds a pass over every window)")
     _cohort_args(p, 3, 2, 144.0)
     p.set_defaults(func=_cmd_demo)
 

@@ -1,9 +1,11 @@
-"""``napari-pvs model ...``: create, upkern, import and list MedNeXt checkpoints."""
+"""``napari-pvs model ...``: create, upkern, import and list MedNeXt checkpoints (the
+shipped starter models first)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 from . import model as M
@@ -12,7 +14,7 @@ from ._errors import PVSInputError
 from .nnunet import import_nnunet
 from .store import CorrectionsStore
 
-__all__ = ["add_model_parser", "registry_of"]
+__all__ = ["add_model_parser", "card_lines", "registry_of"]
 
 
 def registry_of(folder: str) -> M.ModelRegistry:
@@ -58,8 +60,62 @@ def _import_nnunet(args: argparse.Namespace) -> None:
           f"`napari-pvs predict IMAGE -o OUT --model {ens}`")
 
 
+def _card_value(value) -> str:
+    """A card entry on one line: numbers to 3 decimals, mappings as ``key value, ...``
+    (nested ones in parentheses)."""
+    if isinstance(value, float):
+        return f"{round(value, 3):g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} ({_card_value(v)})" if isinstance(v, dict)
+                         else f"{k} {_card_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_card_value(v) for v in value) + "]"
+    return str(value)
+
+
+def card_lines(card: dict, width: int = 100) -> list[str]:
+    """A model card (``meta["card"]``) as indented ``key: value`` lines, wrapped; a
+    mapping of mappings (the held-out scores, by test set) gets a line per entry."""
+    lines = []
+
+    def add(text: str, indent: str) -> None:
+        lines.extend(textwrap.wrap(text, width, initial_indent=indent,
+                                   subsequent_indent=indent + "  "))
+
+    for key, value in card.items():
+        if key in ("name", "modality"):  # on the model's own line already
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            lines.append(f"    {key}:")
+            for sub, entry in value.items():
+                add(f"{sub}: {_card_value(entry)}", "      ")
+        else:
+            add(f"{key}: {_card_value(value)}", "    ")
+    return lines
+
+
+def _ls_starter() -> None:
+    print("shipped with napari-pvs (predict --model NAME):")
+    for m in M.starter_models():
+        if "error" in m:
+            print(f"{m['name']:<14} {m['error']}")
+            continue
+        a, pre = m["arch"], m["preprocessing"]
+        spacing = "x".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"]))
+        print(f"{m['name']:<14} MedNeXt-{a['variant']} k{a['kernel_size']}, "
+              f"{pre.get('modality', '?')}, {spacing} mm, id {m['id']} "
+              f"({Path(m['path']).name})")
+        card = m.get("card")
+        for line in card_lines(card) if isinstance(card, dict) else ["    (no model card)"]:
+            print(line)
+
+
 def _ls(args: argparse.Namespace) -> None:
-    models = registry_of(args.folder).list()
+    models = None if args.folder is None else registry_of(args.folder).list()
+    _ls_starter()
+    if models is None:
+        return
+    print()
     if not models:
         print(f"no models in {args.folder}")
         return
@@ -105,8 +161,9 @@ def add_model_parser(sub) -> None:
                          help="convert an nnU-Net v1 MedNeXt training folder (MedNet-PVS release)")
     im.add_argument("folder", help="trainer folder holding plans.pkl and fold_N/")
     add_out(im, "output folder: fold_N.safetensors + ensemble.json", positional="OUT")
-    ls = msub.add_parser("ls", help="list the models of a store's registry")
-    ls.add_argument("folder", metavar="STORE",
+    ls = msub.add_parser("ls", help="list the shipped models (with their cards) and the "
+                                    "models of a store's registry")
+    ls.add_argument("folder", metavar="STORE", nargs="?",
                     help="a store (NAME.pvs.zarr), its models folder, or the output folder of "
-                         "import-nnunet")
+                         "import-nnunet (without it: the shipped models only)")
     p.set_defaults(func=_cmd_model)

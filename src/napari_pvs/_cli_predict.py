@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 from ._backends import BACKENDS
@@ -12,22 +13,50 @@ from ._cli_common import ProgressReport, add_device, add_out, number
 from ._errors import PVSInputError
 from .io import load_volume, strip_nifti_suffix
 from .metrics import score
-from .pipeline import check_output_folder, predict_file
+from .model import STARTER_MODELS, modality_mismatch, read_meta, starter_path
+from .pipeline import check_output_folder, modality_from_name, predict_file
 from .store import CorrectionsStore
 
 __all__ = ["add_predict_parsers", "resolve_model"]
 
 
 def resolve_model(model: str, store: str | None) -> str:
-    """``baseline``, a checkpoint or ensemble file, or (with ``store``) a registry id,
-    as the widgets name models; returns what :func:`predict_file` takes."""
-    if model == "baseline" or Path(model).is_file():
+    """``baseline``, a shipped model's name (``starter``), a checkpoint or ensemble file,
+    or (with ``store``) a registry id, as the widgets name models; returns what
+    :func:`predict_file` takes: ``"baseline"`` or the model's file.
+
+    The names come first: a file called ``starter`` in the working folder is reached
+    as ``./starter``."""
+    if model == "baseline":
+        return model
+    if model in STARTER_MODELS:
+        return str(starter_path(model))
+    if Path(model).is_file():
         return model
     if store is None:
         raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint "
-                            "file; for a model of a store's registry add --store STORE")
+                            f"file nor a shipped model ({', '.join(STARTER_MODELS)}); for a "
+                            "model of a store's registry add --store STORE")
     with CorrectionsStore.open(store) as opened:  # read-only: checks that it is a store
         return str(opened.models.path(model))
+
+
+def _warn_modality(model: str, path: str, images: list[str], given: str | None) -> None:
+    """One warning line per image whose contrast is not the one the model was trained on
+    (a T1w image given to the T2w starter model, say)."""
+    if not path.endswith(".safetensors"):  # the baseline takes both; ensembles: no record
+        return
+    try:
+        meta = read_meta(path)
+    except PVSInputError:  # a broken checkpoint: loading it says why, after the image
+        return
+    for image in images:
+        modality = modality_from_name(image, given)
+        how = ("--modality" if given else "by its file name" if modality == "T1w"
+               else "no --modality given")
+        message = modality_mismatch(meta, modality, f"{Path(image).name} ({how})", name=model)
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def _check_names(images: list[str], out: str) -> None:
@@ -52,6 +81,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "-o")
     _check_names(args.images, args.out)
     model = resolve_model(args.model, args.store)
+    _warn_modality(args.model, model, args.images, args.modality)
     for image in args.images:
         t = time.perf_counter()
         outs = predict_file(
@@ -103,7 +133,9 @@ def add_predict_parsers(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="NIfTI image(s) to segment")
     add_out(p, "output folder", aliases=("--output",))
     p.add_argument("--model", default="baseline",
-                   help="'baseline' (Frangi vesselness), a MedNeXt checkpoint (.safetensors), "
+                   help="'baseline' (Frangi vesselness, the default), a shipped model ("
+                        f"{', '.join(repr(n) for n in STARTER_MODELS)}: `napari-pvs model ls` "
+                        "describes them), a MedNeXt checkpoint (.safetensors), "
                         "an ensemble (.json), or with --store a model id of the store's registry")
     p.add_argument("--store", metavar="STORE",
                    help="corrections store whose registry names --model (NAME.pvs.zarr)")

@@ -2,21 +2,23 @@
 
 Subcommands (``napari-pvs COMMAND --help`` describes each)::
 
-    napari-pvs demo     [-o DIR] [--sites N] [--per-site M] [--modality T2w|T1w] [--no-viewer]
+    napari-pvs demo     [-o DIR] [--sites N] [--per-site M] [--modality T2w|T1w] [--tta N]
+                        [--no-viewer]
     napari-pvs phantom  -o OUTDIR [--sites N] [--per-site M] [--modality T2w|T1w] [--aseg]
-    napari-pvs predict  IMAGE [IMAGE ...] -o OUTDIR [--model baseline|FILE|ID --store S]
+    napari-pvs predict  IMAGE [IMAGE ...] -o OUTDIR [--model baseline|starter|FILE|ID --store S]
                         [--roi REGIONS | --seg SEG [--lut TSV]]
     napari-pvs regions  SEG --like IMAGE -o REGIONS.nii.gz [--lut TSV] [--brain MASK]
     napari-pvs score    PRED GT [--regions REGIONS]
     napari-pvs train    --store S [--init MODEL] [--iterations N] [--device auto]
     napari-pvs evaluate --store S --scheme kfold:K|losocv [-o DIR] [--keep-models]
-    napari-pvs model    create|upkern|import-nnunet|ls ...
+    napari-pvs model    create|upkern|import-nnunet|ls [STORE] ...
     napari-pvs store    init|import|commit|export|ls|verify ...
     napari-pvs cache    clean [--dry-run]
 
 Every command that writes takes ``-o/--out`` (older spellings still work: ``phantom
 OUTDIR``, ``predict --output``, ``model create OUT``, ``store export STORE OUTDIR``).
-A model is named by ``baseline``, a checkpoint file or a registry id with ``--store``.
+A model is named by ``baseline``, a shipped model's name (``starter``), a checkpoint file
+or a registry id with ``--store``.
 Long commands draw a progress bar on a terminal and otherwise log a line every 5 %
 with the time elapsed and left.
 

@@ -19,6 +19,12 @@ An ``ensemble.json`` (``napari-pvs-ensemble``) names member checkpoints beside i
 (:func:`write_ensemble`, :func:`load_ensemble`); it loads as one module whose output is
 the log of the members' mean softmax.
 
+Starter models
+--------------
+Trained checkpoints ship inside the package, in ``napari_pvs/models/``, named in
+:data:`STARTER_MODELS`: ``--model starter`` on the command line, the predict widget's
+default.  :func:`starter_path` finds one; :func:`starter_models` lists them.
+
 The network architectures (:func:`arch_config`, :func:`build_network`, ...) live in
 :mod:`napari_pvs.network` and are re-exported here.
 """
@@ -56,6 +62,7 @@ __all__ = [
     "ENSEMBLE_FORMAT",
     "FORMAT",
     "FORMAT_VERSION",
+    "STARTER_MODELS",
     "VARIANTS",
     "ModelRegistry",
     "arch_config",
@@ -68,8 +75,11 @@ __all__ = [
     "load_checkpoint",
     "load_ensemble",
     "map_official_state_dict",
+    "modality_mismatch",
     "read_meta",
     "save_checkpoint",
+    "starter_models",
+    "starter_path",
     "upkern",
     "upkern_checkpoint",
     "write_ensemble",
@@ -78,6 +88,12 @@ __all__ = [
 _META_KEY = "napari_pvs"
 ENSEMBLE_FORMAT = "napari-pvs-ensemble"
 MAX_ENSEMBLE_BYTES = 2**20
+
+#: The models shipped in the package (``napari_pvs/models/``): name -> file name.  A
+#: name is what ``--model`` and the predict widget take; adding a model is one entry
+#: here and its file there.
+STARTER_MODELS: dict[str, str] = {"starter": "starter_t2w.safetensors"}
+_STARTER_FOLDER = Path(__file__).resolve().parent / "models"  # editable and wheel alike
 
 
 def _new_id(arch: dict[str, Any]) -> str:
@@ -124,7 +140,7 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise PVSInputError(f"checkpoint {path} does not exist; check the path or `napari-pvs model ls`")
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="numpy") as fh:  # the header only: no torch
             raw = (fh.metadata() or {}).get(_META_KEY)
     except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
         raise PVSInputError(
@@ -151,6 +167,70 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"({FORMAT_VERSION}); upgrade napari-pvs"
         )
     return check_meta(meta, str(path))
+
+
+def starter_path(name: str = "starter") -> Path:
+    """The file of a model shipped in the package.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`STARTER_MODELS` (``"starter"``: MedNeXt-XS for T2w images).
+
+    Returns
+    -------
+    pathlib.Path
+        The checkpoint inside the installed package.
+
+    Raises
+    ------
+    PVSInputError
+        For an unknown name (the message lists the known ones), or when the file is
+        missing from the installation.
+    """
+    known = ", ".join(STARTER_MODELS)
+    if name not in STARTER_MODELS:
+        raise PVSInputError(f"no shipped model {name!r}; the shipped models are: {known}")
+    path = _STARTER_FOLDER / STARTER_MODELS[name]
+    if not path.is_file():
+        raise PVSInputError(f"the shipped model {name!r} is missing: {path} is not in this "
+                            "installation of napari-pvs; reinstall it (pip install "
+                            "--force-reinstall napari-pvs)")
+    return path
+
+
+def starter_models() -> list[dict[str, Any]]:
+    """Metadata of every shipped model, in :data:`STARTER_MODELS` order, with ``"name"``
+    and ``"path"`` added (read from the header: the weights are not loaded).
+
+    A missing or unreadable file is listed with ``"error"`` (its message) instead.
+    """
+    out = []
+    for name in STARTER_MODELS:
+        try:
+            path = starter_path(name)
+            out.append({**read_meta(path), "name": name, "path": str(path)})
+        except PVSInputError as exc:
+            out.append({"name": name, "error": str(exc)})
+    return out
+
+
+def modality_mismatch(meta: dict[str, Any], modality: str, what: str,
+                      name: str | None = None) -> str | None:
+    """A one-line warning when a model made for one contrast is given another, else None.
+
+    ``meta`` is a checkpoint's metadata, ``modality`` the image's (``"T1w"`` or
+    ``"T2w"``), ``what`` names the image and ``name`` the model (default: its id) in the
+    message.  Models that record no BIDS contrast (imported nnU-Net releases say
+    ``"MRI"`` or ``"T2"``) never warn.
+    """
+    trained = (meta.get("preprocessing") or {}).get("modality")
+    if trained not in ("T1w", "T2w") or modality not in ("T1w", "T2w") or trained == modality:
+        return None
+    name = name or meta.get("name") or meta.get("id")
+    return (f"{what} is {modality} but the model {name!r} was trained on {trained} images (PVS "
+            f"{'bright' if trained == 'T2w' else 'dark'}): expect missed or false PVS; use a "
+            f"{modality} model, or the Frangi baseline")
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu"):

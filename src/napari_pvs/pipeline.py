@@ -20,7 +20,7 @@ from .baseline import segment_frangi
 from .clusters import cluster_table, label_clusters
 from .inference import PredictionCancelled, Progress, predict_volume, run
 from .io import check_same_grid, load_volume, save_labels, save_map, strip_nifti_suffix
-from .model import checkpoint_hash, load_checkpoint
+from .model import STARTER_MODELS, checkpoint_hash, load_checkpoint, starter_path
 
 __all__ = [
     "AUTO_REGIONS_NOTE",
@@ -136,9 +136,11 @@ def predict_file(
         mapped = from_segmentation(seg, vol, lut=lut or "freesurfer")
         regions, brain, seg_meta = mapped.regions, mapped.brain, {"source": "segmentation",
                                                                    **mapped.meta}
-    if model != "baseline" and registry is None and not Path(model).is_file():
+    named = model == "baseline" or model in STARTER_MODELS
+    if not named and registry is None and not Path(model).is_file():
         raise PVSInputError(f"--model {model!r} is neither 'baseline' nor an existing checkpoint "
-                            "file (give --store to name a model of a store's registry)")
+                            f"file nor a shipped model ({', '.join(STARTER_MODELS)}); give "
+                            "--store to name a model of a store's registry")
     gen = predict_array(vol.data, vol.spacing, model, affine=vol.affine, roi=regions,
                         brain=brain, modality=modality_from_name(image, modality), tta=tta,
                         device=device, backend=backend, overlap=overlap, registry=registry,
@@ -184,8 +186,9 @@ class ArrayPrediction:
 
 
 def load_model(model: str, registry=None, device: str = "cpu"):
-    """``(network, metadata, cache key)`` of a registry id or a checkpoint file."""
-    path = Path(model)
+    """``(network, metadata, cache key)`` of a shipped model's name (``"starter"``), a
+    checkpoint file or a registry id."""
+    path = starter_path(model) if model in STARTER_MODELS else Path(model)
     if not path.is_file():
         if registry is None:
             raise PVSInputError(f"model {model!r} is not a checkpoint file, and no store registry "
@@ -221,7 +224,8 @@ def predict_array(
     spacing : tuple of 3 floats
         Voxel size in mm.
     model : str
-        ``"baseline"`` (Frangi), a model id of ``registry``, or a checkpoint file.
+        ``"baseline"`` (Frangi), a shipped model (``"starter"``), a model id of
+        ``registry``, or a checkpoint file.
     affine : ndarray (4, 4), optional
         For the table's world centroids.
     roi : ndarray, optional

@@ -111,6 +111,10 @@ class ClusterTable(QTableWidget):
         for c, (_, col, _tip) in enumerate(COLUMNS):
             self.setColumnHidden(c, col in MODEL_COLUMNS and not has_values(session, col))
         self.blockSignals(False)
+        # never narrower than its columns: the dock widens when a MedNeXt prediction adds
+        # unc. and prob. to the baseline's columns, instead of hiding the last behind a
+        # scroll bar
+        self.setMinimumWidth(self.columns_width())
         self.updateGeometry()
 
     def columns_width(self) -> int:

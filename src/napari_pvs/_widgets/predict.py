@@ -1,13 +1,15 @@
 """Predict widget: segment the chosen image layer in a background thread.
 
-The model is the Frangi baseline, a model of the current store's registry, or a
-checkpoint file.  The regions (where PVS are labelled, and named WM or BG in the
-cluster table) are estimated automatically, or come from a region map / mask on the
-image's grid, or from a whole-brain segmentation on any grid (FreeSurfer's aseg.mgz,
-SynthSeg, fMRIPrep's desc-aseg), mapped by :func:`napari_pvs.regions.from_segmentation`
-in the worker.  The worker runs :func:`napari_pvs.active.predict_and_save`, which also
-saves a MedNeXt prediction of a store subject to the store, for the active-learning
-queue; the widget only reads its inputs on the GUI thread and adds the result layers
+The model is a starter model shipped in the package (the default, first in the list:
+:data:`napari_pvs.model.STARTER_MODELS`), the Frangi baseline, a model of the current
+store's registry, or a checkpoint file.  The regions (where PVS are labelled, and named
+WM or BG in the cluster table) are estimated automatically, or come from a region map /
+mask on the image's grid, or from a whole-brain segmentation on any grid (FreeSurfer's
+aseg.mgz, SynthSeg, fMRIPrep's desc-aseg), mapped by
+:func:`napari_pvs.regions.from_segmentation` in the worker.  The worker runs
+:func:`napari_pvs.active.predict_and_save`, which also saves a MedNeXt prediction of a
+store subject to the store, for the active-learning queue; the widget only reads its
+inputs on the GUI thread and adds the result layers
 (:func:`._layers.add_prediction_layers`), with the region map made from a segmentation.
 """
 
@@ -27,6 +29,7 @@ from .._errors import PVSInputError
 from .._volume import Volume
 from ..active import predict_and_save
 from ..inference import PredictionCancelled, Progress
+from ..model import STARTER_MODELS, modality_mismatch, read_meta, starter_models, starter_path
 from ..regions import from_segmentation
 from ._common import ViewerWidget
 from ._layers import MAPS, add_prediction_layers, geometry, modality, reset_ordered, role
@@ -34,8 +37,9 @@ from ._state import state_for
 from ._worker import start_worker
 
 __all__ = ["AUTOMATIC", "Segmentation", "predict_with_regions", "start_prediction",
-           "PredictWidget"]
+           "starter_choices", "PredictWidget"]
 
+STARTER = "starter"  # the default model: MedNeXt-XS for T2w images
 BASELINE = "baseline (Frangi)"
 FILE = "checkpoint file..."
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -45,6 +49,19 @@ AUTOMATIC_NOTE = (
     "and the region column, are not comparable with the MedNet-PVS paper's.  For the real "
     "regions open the subject's FreeSurfer / SynthSeg / fMRIPrep segmentation (File > Open, "
     "e.g. aseg.mgz) and choose it under 'regions' as 'segmentation: NAME'.")
+
+
+def starter_choices() -> list[tuple[str, str]]:
+    """``(label, name)`` of each shipped model, e.g. ``("starter (MedNeXt-XS, T2w)",
+    "starter")``; a model missing from the installation says so in its label."""
+    out = []
+    for m in starter_models():
+        if "error" in m:
+            out.append((f"{m['name']} (missing: reinstall napari-pvs)", m["name"]))
+        else:
+            out.append((f"{m['name']} (MedNeXt-{m['arch']['variant']}, "
+                        f"{m['preprocessing'].get('modality', '?')})", m["name"]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -161,7 +178,11 @@ class PredictWidget(ViewerWidget):
         self.worker = None
         self._cancel: threading.Event | None = None
         self.image = ComboBox(label="image", choices=self._images)
-        self.model = ComboBox(label="model", choices=self._models)
+        self._starters = starter_choices()  # read once: the labels need the files' headers
+        self.model = ComboBox(label="model", choices=self._models,
+                              tooltip="the shipped starter model (MedNeXt, for the contrast it "
+                                      "names), the Frangi baseline, a model of the store's "
+                                      "registry, or a checkpoint file")
         self.checkpoint = FileEdit(label="checkpoint", filter="*.safetensors *.json", visible=False)
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
         self.tta = SpinBox(label="TTA flips", min=1, max=8, value=1,
@@ -217,7 +238,8 @@ class PredictWidget(ViewerWidget):
                    if role(lay, self.viewer) != "regions"])
 
     def _models(self, _=None) -> list:
-        return [BASELINE, *self.state.model_ids(), FILE]
+        """The shipped models first (the first is the default), then the others."""
+        return [*self._starters, *((m, m) for m in (BASELINE, *self.state.model_ids(), FILE))]
 
     def _refresh(self, *_):
         self.form.reset_choices()
@@ -233,9 +255,13 @@ class PredictWidget(ViewerWidget):
         self.model.value = model_id
 
     def model_spec(self) -> str:
+        """What the pipeline takes: ``"baseline"``, a checkpoint's path (a shipped model's
+        in the installed package) or a registry id."""
         value = self.model.value
         if value == BASELINE:
             return "baseline"
+        if value in STARTER_MODELS:
+            return str(starter_path(value))
         if value == FILE:
             path = Path(self.checkpoint.value)
             if not path.is_file():
@@ -258,8 +284,9 @@ class PredictWidget(ViewerWidget):
         choice = self.regions.value
         seg = choice.layer if isinstance(choice, Segmentation) else None
         try:
+            spec = self.model_spec()
             self.worker = start_prediction(
-                self.viewer, self.image.value, self.model_spec(),
+                self.viewer, self.image.value, spec,
                 roi_layer=None if seg is not None else choice, segmentation_layer=seg,
                 tta=int(self.tta.value), device=self.device.value, store=self.state.store,
                 cancel=self._cancel, progress=self._progress, finished=self._finished)
@@ -268,11 +295,27 @@ class PredictWidget(ViewerWidget):
             return None
         if choice is None:
             self._note_automatic()
+        self._check_modality(spec)
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.status.value = f"predicting {self.image.value.name} ..."
         self.bar.setRange(0, 0)
         return self.worker
+
+    def _check_modality(self, spec: str) -> None:
+        """Warn when the image's contrast is not the one the checkpoint was trained on."""
+        from napari.utils.notifications import show_warning
+
+        if not spec.endswith(".safetensors"):
+            return
+        try:
+            meta = read_meta(spec)
+        except PVSInputError:  # the worker reports a broken checkpoint
+            return
+        message = modality_mismatch(meta, modality(self.image.value), self.image.value.name,
+                                    name=self.model.value)
+        if message:
+            show_warning(message)
 
     def _note_automatic(self) -> None:
         """Once per viewer: what automatic regions mean, and how to give the real ones."""
