@@ -20,7 +20,17 @@ if ! command -v xvfb-run >/dev/null 2>&1 || ! dpkg -s libxcb-cursor0 >/dev/null 
     }
 fi
 
+# One pytest worker per core (pytest-xdist; a file's tests stay on one worker, so its
+# module fixtures are built once), unless the arguments choose (-n N, -n 0, -p no:xdist)
+# or PVS_TEST_WORKERS says how many.
+WORKERS=()
+case " $* " in
+    *" -n"*|*"--numprocesses"*|*"no:xdist"*) ;;
+    *) n=${PVS_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}
+       [ "$n" -gt 1 ] && WORKERS=(-n "$n" --dist loadfile) ;;
+esac
+
 if command -v xvfb-run >/dev/null 2>&1; then
-    exec xvfb-run -a -s "-screen 0 1280x1024x24" python -m pytest "$@"
+    exec xvfb-run -a -s "-screen 0 1280x1024x24" python -m pytest "${WORKERS[@]}" "$@"
 fi
-exec python -m pytest "$@"
+exec python -m pytest "${WORKERS[@]}" "$@"

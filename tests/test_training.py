@@ -78,6 +78,21 @@ def test_finetune_registers_a_model_that_names_its_parent_and_data(tmp_path, pha
     store.close()
 
 
+def test_finetune_starts_from_the_shipped_starter_model(tmp_path, phantom_store):
+    """``init="starter"`` fine-tunes the packaged model: its architecture and grid, its
+    id as the parent, and not its model card (the card's scores are not the child's)."""
+    from napari_pvs.model import read_meta, starter_path
+
+    store = phantom_store(**COHORT, corrected=LABELLED, path=tmp_path / "s.pvs.zarr")
+    starter = read_meta(starter_path())
+    child = list(finetune(store, init="starter", config=_cfg(iterations=2)))[-1].message
+    meta = [m for m in store.models.list() if m["id"] == child][0]
+    assert meta["provenance"]["parent"] == starter["id"] and "card" not in meta
+    assert meta["arch"]["n_channels"] == starter["arch"]["n_channels"]
+    assert meta["preprocessing"]["target_spacing"] == starter["preprocessing"]["target_spacing"]
+    store.close()
+
+
 _TRAINER = textwrap.dedent("""
     import sys
     from napari_pvs.store import CorrectionsStore

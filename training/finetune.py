@@ -42,7 +42,14 @@ from napari_pvs._fs import atomic_path
 from napari_pvs._store_checks import check_wait
 from napari_pvs.inference import predict_prepared, run
 from napari_pvs.metrics import cluster_scores, voxel_dice
-from napari_pvs.model import arch_config, build_network, default_meta, load_checkpoint
+from napari_pvs.model import (
+    STARTER_MODELS,
+    arch_config,
+    build_network,
+    default_meta,
+    load_checkpoint,
+    starter_path,
+)
 from napari_pvs.store import CorrectionsStore
 
 from ._distributed import barrier, distributed, shard_subjects
@@ -62,9 +69,12 @@ def _initial(store, init, cfg):
         meta = default_meta(arch, target_spacing=list(cfg.target_spacing or (0.8, 0.8, 0.8)),
                             patch_size=[max(p, 32) for p in cfg.patch])
         return build_network(arch, deep_supervision=True), meta, None
+    if str(init) in STARTER_MODELS:  # "starter": the model shipped in the package
+        init = starter_path(str(init))
     path = Path(init)
     net, meta = load_checkpoint(path) if path.suffix == ".safetensors" and path.is_file() \
         else store.models.load(str(init))
+    meta.pop("card", None)  # the card describes the parent's data and scores, not the child's
     arch = {k: v for k, v in meta["arch"].items() if k != "deep_supervision_heads"}
     ds = build_network(arch, deep_supervision=True)
     missing, unexpected = ds.load_state_dict(net.state_dict(), strict=False)

@@ -32,6 +32,7 @@ from .predict import start_prediction
 __all__ = ["RetrainWidget"]
 
 NEW = "new network (from scratch)"
+STARTER = "starter"  # the model shipped in the package (napari_pvs.model.STARTER_MODELS)
 LR_FINETUNE, LR_NEW = 3e-4, 3e-3
 
 
@@ -87,7 +88,9 @@ class RetrainWidget(ViewerWidget):
 
     # ------------------------------------------------------------------ choices
     def _inits(self, _=None) -> list:
-        return [*self.state.model_ids(), NEW]  # the newest model first: fine-tune it by default
+        # the newest model first: fine-tune it by default; the shipped starter model when
+        # the store has none yet
+        return [*self.state.model_ids(), STARTER, NEW]
 
     def _default_lr(self, init) -> None:
         self.lr.value = LR_NEW if init in (None, NEW) else LR_FINETUNE
