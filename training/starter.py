@@ -44,6 +44,8 @@ RECIPE = {
     "iterations": 3000, "lr": 2e-3, "pos_fraction": 0.5, "hard_fraction": 0.25,
     "realistic": 24, "phantoms": 6, "phantom_size_mm": 128, "seed": 0, "tta": 1,
     "realistic_spacing": None,  # None: each subject's scanner draws its voxel size
+    # stage 2: the same network refined on the same subjects at a finer grid
+    "refine_spacing": 0.8, "refine_iterations": 1500, "refine_lr": 1e-3,
 }
 
 
@@ -108,9 +110,19 @@ def training_subjects(recipe: dict, modality: str, pre: dict, log=print,
     return out
 
 
+def _heads(path) -> dict:
+    """The deep-supervision heads saved beside a checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("out_blocks.")}
+
+
 def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
-                  cache: Path | None = None):
-    """Train the starter network; returns ``(net, meta)`` (meta without held-out scores)."""
+                  cache: Path | None = None, init: Path | None = None):
+    """Train the starter network; returns ``(net, meta)`` (meta without held-out scores).
+
+    ``init``: the checkpoint that stage 1 of the same recipe wrote; only stage 2 runs.
+    """
     import torch
 
     from napari_pvs.inference import run
@@ -121,27 +133,43 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
     meta = default_meta(arch, target_spacing=[r["target_spacing"]] * 3, modality=modality,
                         patch_size=[64, 64, 64])
     meta["arch"]["deep_supervision_heads"] = True
-    subjects = training_subjects(r, modality, meta["preprocessing"], log, cache)
-    ids = sorted(subjects)
-    sampler = PatchSampler(subjects, ids, (r["patch"],) * 3, pos_fraction=r["pos_fraction"],
-                           hard_fraction=r["hard_fraction"], augment=True, seed=r["seed"])
-    torch.manual_seed(r["seed"])
-    net = build_network(arch, deep_supervision=True)
-    trainer = Trainer(net, lambda it: sampler.batch(r["batch"])[:2], iterations=r["iterations"],
-                      lr=r["lr"])
     t = time.perf_counter()
     losses = []
 
-    def show(e):
-        if e.kind == "iteration":
-            losses.append(e.loss)
-            if e.iteration % 50 == 0:
-                log(f"  iteration {e.iteration}/{e.total}: loss {np.mean(losses[-50:]):.3f} "
-                    f"({time.perf_counter() - t:.0f} s)")
+    def stage(net, spacing, iterations, lr, seed):
+        meta["preprocessing"]["target_spacing"] = [spacing] * 3
+        subjects = training_subjects(r, modality, meta["preprocessing"], log, cache)
+        sampler = PatchSampler(subjects, sorted(subjects), (r["patch"],) * 3,
+                               pos_fraction=r["pos_fraction"], hard_fraction=r["hard_fraction"],
+                               augment=True, seed=seed)
+        torch.manual_seed(seed)
+        trainer = Trainer(net, lambda it: sampler.batch(r["batch"])[:2], iterations=iterations,
+                          lr=lr)
 
-    net = run(trainer.run(), show)
+        def show(e):
+            if e.kind == "iteration":
+                losses.append(e.loss)
+                if e.iteration % 50 == 0:
+                    log(f"  {spacing:g} mm, iteration {e.iteration}/{e.total}: loss "
+                        f"{np.mean(losses[-50:]):.3f} ({time.perf_counter() - t:.0f} s)")
+
+        return run(trainer.run(), show)
+
+    if init is None:  # stage 1: from scratch on the coarse grid
+        net = stage(build_network(arch, deep_supervision=True), r["target_spacing"],
+                    r["iterations"], r["lr"], r["seed"])
+    else:  # stage 1 done before: its checkpoint
+        from napari_pvs.model import load_checkpoint
+
+        net = build_network(arch, deep_supervision=True)
+        net.load_state_dict(load_checkpoint(init)[0].state_dict(), strict=False)
+        net.load_state_dict(_heads(init), strict=False)
+    if r["refine_iterations"]:  # stage 2: the same network on the finer grid
+        net = stage(net.train(), r["refine_spacing"], r["refine_iterations"], r["refine_lr"],
+                    r["seed"] + 1)
     seconds = time.perf_counter() - t
-    meta["provenance"].update(iterations=r["iterations"], note="starter model (see card)")
+    meta["provenance"].update(iterations=r["iterations"] + r["refine_iterations"],
+                              note="starter model (see card)")
     # one pass keeps a 160³ image under 10 s on a 2-core CPU; its uncertainty is then the
     # entropy of the probability (--tta 2 adds the mirror variance)
     meta["preprocessing"]["tta"] = r["tta"]
@@ -174,12 +202,15 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, help="folder that keeps the generated subjects "
                    "between runs")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--stage1", type=Path, help="the checkpoint of stage 1 of this recipe "
+                   "(the 1 mm network, --refine-iterations 0): run stage 2 only")
+    p.add_argument("--refine-iterations", type=int, default=RECIPE["refine_iterations"])
     p.add_argument("--no-eval", dest="evaluate", action="store_false",
                    help="skip the held-out evaluation (the card then has no scores)")
     args = p.parse_args(argv)
     out = args.out or PACKAGE_MODELS / f"starter_{args.modality.lower()}.safetensors"
     recipe = {"iterations": args.iterations, "realistic": args.realistic,
-              "phantoms": args.phantoms}
+              "phantoms": args.phantoms, "refine_iterations": args.refine_iterations}
     print(f"training the {args.modality} starter model -> {out}", flush=True)
     import torch
 
@@ -187,7 +218,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     net, meta = train_starter(recipe, args.modality, log=lambda m: print(m, flush=True),
-                              cache=args.cache)
+                              cache=args.cache, init=args.stage1)
     tmp = out.with_name(out.name + ".tmp.safetensors")
     save_checkpoint(tmp, net, meta)
     if args.evaluate:
