@@ -143,6 +143,8 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
                                pos_fraction=r["pos_fraction"], hard_fraction=r["hard_fraction"],
                                augment=True, seed=seed)
         torch.manual_seed(seed)
+        if net is None:  # a new network, initialised from this seed
+            net = build_network(arch, deep_supervision=True)
         trainer = Trainer(net, lambda it: sampler.batch(r["batch"])[:2], iterations=iterations,
                           lr=lr)
 
@@ -156,8 +158,7 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
         return run(trainer.run(), show)
 
     if init is None:  # stage 1: from scratch on the coarse grid
-        net = stage(build_network(arch, deep_supervision=True), r["target_spacing"],
-                    r["iterations"], r["lr"], r["seed"])
+        net = stage(None, r["target_spacing"], r["iterations"], r["lr"], r["seed"])
     else:  # stage 1 done before: its checkpoint
         from napari_pvs.model import load_checkpoint
 
