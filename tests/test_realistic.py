@@ -106,18 +106,23 @@ def test_generator_is_deterministic(subject):
 
 def test_starter_recipe_reproduces_its_weights(tmp_path):
     """The shipped weights come from a seeded recipe: the same recipe gives the same
-    network (here 1 realistic subject, 1 small phantom and 4 iterations)."""
+    network (here 1 coarse realistic subject, 1 small phantom, 3 + 2 iterations of the
+    two stages)."""
     import torch
 
     from napari_pvs.training.starter import train_starter
 
     recipe = {"realistic": 1, "phantoms": 1, "phantom_size_mm": 48, "iterations": 3,
-              "realistic_spacing": 2.0}
+              "realistic_spacing": 2.0, "refine_spacing": 1.5, "refine_iterations": 2}
     torch.set_flush_denormal(True)
     runs = [train_starter(recipe, log=lambda m: None, cache=tmp_path) for _ in range(2)]
     (a, meta), (b, _) = runs
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     card = meta["card"]
     assert card["recipe"]["iterations"] == 3 and "1000-1000" in card["data"]
-    assert meta["preprocessing"]["target_spacing"] == [1.0, 1.0, 1.0]
-    assert sorted(p.name for p in tmp_path.rglob("*.npz")) == ["phantom00-48mm.npz", "real00.npz"]
+    assert meta["provenance"]["iterations"] == 5
+    assert meta["preprocessing"]["target_spacing"] == [1.5, 1.5, 1.5]  # stage 2's grid
+    # each stage's subjects are cached on their own grid
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.npz")) == sorted(
+        f"T2w-{g}mm-realistic2mm/{n}" for g in ("1", "1.5")
+        for n in ("phantom00-48mm.npz", "real00.npz"))
