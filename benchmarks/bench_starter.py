@@ -56,7 +56,7 @@ def speed(model: Path) -> dict:
         for m in (str(model), str(s_path)):
             _seconds(ph, m, repeat=1)
         out = {"frangi": _seconds(ph, "baseline"), "starter XS k3": _seconds(ph, str(model)),
-               "S k3": _seconds(ph, str(s_path))}
+               "S k3": _seconds(ph, str(s_path), repeat=1)}
     print(f"\n160³ phantom (1 mm, TTA {meta['preprocessing'].get('tta', 1)}), default runtime:")
     for name, s in out.items():
         print(f"  {name:<14} {s:6.1f} s  ({s / out['frangi']:.2f}x Frangi)")
