@@ -301,9 +301,11 @@ def test_os_error_names_the_file(tmp_path):
 def test_ctrl_c_prints_interrupted(tmp_path):
     import signal
 
+    # pytest-xdist's workers ignore SIGINT, and children inherit that: restore Ctrl-C
     proc = subprocess.Popen([sys.executable, "-m", "napari_pvs.cli", "phantom", str(tmp_path),
                              "--sites", "3", "--per-site", "2", "--size-mm", "96"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().startswith("[1/6]")  # at work
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -279,7 +279,9 @@ def test_evaluate_interrupted_after_a_fold_removes_that_fold_model(store, tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "napari_pvs.cli", "evaluate", "--store",
                              str(store), "--scheme", "kfold:2", "--iterations", "30", "--patch",
                              "32", "--batch-size", "1", "-o", str(tmp_path / "ev")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            # pytest-xdist's workers ignore SIGINT; children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("fold 1 (2/2"):  # fold 0 is registered; fold 1 trains 30 iterations
             break
