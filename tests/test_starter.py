@@ -36,8 +36,9 @@ def test_an_unknown_or_missing_starter_is_one_clear_error(tmp_path, monkeypatch)
     monkeypatch.setattr(M, "_STARTER_FOLDER", tmp_path)  # an installation without the file
     with pytest.raises(PVSInputError, match=r"shipped model 'starter' is missing.*reinstall"):
         M.starter_path()
-    (entry,) = M.starter_models()
-    assert entry["name"] == "starter" and "is missing" in entry["error"]
+    entries = M.starter_models()
+    assert [e["name"] for e in entries] == list(M.STARTER_MODELS)
+    assert all("is missing" in e["error"] for e in entries)
 
 
 def test_adding_an_entry_is_all_a_new_starter_model_takes(tmp_path, monkeypatch, capsys):
@@ -115,7 +116,8 @@ def test_predict_model_starter_writes_the_three_maps_in_the_source_geometry(subj
 
 def test_predict_unknown_model_name_is_one_line_naming_the_shipped_ones(subject, tmp_path):
     rc, out, err = run_cli("predict", subject.image, "-o", tmp_path, "--model", "startr")
-    assert_clean_failure(rc, out, err, "'startr'", "shipped model (starter)", "--store STORE")
+    assert_clean_failure(rc, out, err, "'startr'", "shipped model (starter, starter-fast)",
+                         "--store STORE")
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
 

@@ -85,6 +85,18 @@ def card_lines(card: dict, width: int = 100) -> list[str]:
     for key, value in card.items():
         if key in ("name", "modality"):  # on the model's own line already
             continue
+        if key == "held_out" and isinstance(value, dict) and all(
+                isinstance(v, dict) and "mean" in v for v in value.values()):
+            # training.holdout.evaluate's scores: the means, model next to Frangi
+            lines.append("    held-out (WM + BG; voxel Dice, cluster Dice, cluster P, R):")
+            for case, res in value.items():
+                for method, m in (res.get("mean") or {}).items():
+                    a = m.get("all", {})
+                    add(f"{case} {method}: " + ", ".join(
+                        f"{a.get(k, float('nan')):.3f}" for k in
+                        ("voxel_dice", "cluster_dice", "cluster_precision", "cluster_recall")),
+                        "      ")
+            continue
         if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
             lines.append(f"    {key}:")
             for sub, entry in value.items():

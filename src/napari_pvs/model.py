@@ -92,7 +92,8 @@ MAX_ENSEMBLE_BYTES = 2**20
 #: The models shipped in the package (``napari_pvs/models/``): name -> file name.  A
 #: name is what ``--model`` and the predict widget take; adding a model is one entry
 #: here and its file there.
-STARTER_MODELS: dict[str, str] = {"starter": "starter_t2w.safetensors"}
+STARTER_MODELS: dict[str, str] = {"starter": "starter_t2w.safetensors",
+                                  "starter-fast": "starter_t2w_fast.safetensors"}
 _STARTER_FOLDER = Path(__file__).resolve().parent / "models"  # editable and wheel alike
 
 
