@@ -44,7 +44,8 @@ def test_predict_widget_adds_layers_and_keeps_the_viewer_responsive(make_napari_
     if model == "mednext":
         model_id = store_with_model(tmp_path / "s.pvs.zarr", ph)
         state_for(viewer).store = str(tmp_path / "s.pvs.zarr")
-        assert w.model.choices == ("starter", BASELINE, model_id, "checkpoint file...")
+        assert w.model.choices == ("starter", "starter-fast", BASELINE, model_id,
+                                   "checkpoint file...")
         w.model.value = model_id
         w.tta.value = 2
     returned = []
@@ -89,7 +90,8 @@ def test_predict_widget_defaults_to_the_shipped_starter_model(make_napari_viewer
     ph, image, regions = phantom_viewer(viewer, size_mm=48.0)
     w = PredictWidget(viewer)
     qtbot.addWidget(w)
-    assert w.model.value == "starter" and w.model.choices[:2] == ("starter", BASELINE)
+    assert w.model.value == "starter"
+    assert w.model.choices[:3] == ("starter", "starter-fast", BASELINE)  # shipped ones first
     assert w.model.native.currentText() == "starter (MedNeXt-XS, T2w)"
     assert w.model_spec() == str(starter_path())
     warned = []
