@@ -12,8 +12,13 @@ __all__ = ["confounders", "length_stats", "lookup", "pvs_tubes", "render_tubes",
            "sample_inside", "tube_path"]
 
 
-def tube_path(rng, start, direction, length, step, inside, pull=None) -> np.ndarray:
-    """Grow a tortuous centre line from ``start`` in +/- ``direction`` (mm)."""
+def tube_path(rng, start, direction, length, step, inside, pull=None, *, noise=0.35,
+              pull_weight=0.3) -> np.ndarray:
+    """Grow a tortuous centre line from ``start`` in +/- ``direction`` (mm).
+
+    Each step turns by ``noise`` x a Gaussian and ``pull_weight`` x ``pull(p)`` (else the
+    current direction), relative to the current direction.
+    """
     halves = []
     for sign in (1.0, -1.0):
         d = sign * direction
@@ -22,7 +27,7 @@ def tube_path(rng, start, direction, length, step, inside, pull=None) -> np.ndar
         n = int(length / 2 / step)
         for _ in range(n):
             target = d if pull is None else sign * pull(p)
-            d = d + 0.35 * rng.standard_normal(3) + 0.3 * target
+            d = d + noise * rng.standard_normal(3) + pull_weight * target
             d /= np.linalg.norm(d) + 1e-12
             p = p + step * d
             if not inside(p):
