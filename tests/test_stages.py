@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from napari_pvs import PVSInputError
 from napari_pvs._backends import make_runner
@@ -112,6 +114,45 @@ def test_window_plan_skips_windows_without_roi():
     assert 0 < len(skip.windows) < 27 and all(mask[w].any() for w in skip.windows)
     with pytest.raises(PVSInputError, match="overlap"):
         plan_windows(mask.shape, (32, 32, 32), 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(*[st.integers(8, 60)] * 3), patch=st.integers(8, 24),
+       overlap=st.sampled_from([0.0, 0.25, 0.5]), seed=st.integers(0, 2**16), data=st.data())
+def test_window_plan_tiles_the_roi_box_and_covers_every_roi_voxel(shape, patch, overlap, seed,
+                                                                   data):
+    """Own models tile only the ROI's bounding box (plus a margin): every ROI voxel is
+    still inside a window, every window lies inside the (padded) grid, and there are never
+    more windows than tiling the whole grid gives."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, bool)
+    lo = [int(rng.integers(0, n)) for n in shape]
+    hi = [int(rng.integers(a, n)) + 1 for a, n in zip(lo, shape)]
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = rng.random([b - a for a, b in
+                                                                   zip(lo, hi)]) < 0.3
+    mask[tuple(lo)] = True
+    margin = data.draw(st.sampled_from([None, 0, 3]))
+    plan = plan_windows(shape, (patch,) * 3, overlap, mask=mask, margin=margin)
+    full = plan_windows(shape, (patch,) * 3, overlap, mask=mask, nnunet=False,
+                        skip_outside_roi=False)
+    hit = np.zeros(plan.shape, bool)
+    for w in plan.windows:
+        assert all(0 <= s.start and s.stop <= n and s.stop - s.start == patch
+                   for s, n in zip(w, plan.shape))
+        hit[w] = True
+    assert plan.crop(hit)[mask].all()
+    assert len(plan.windows) <= len(full.windows) == plan.n_all
+
+
+def test_window_plan_of_a_small_roi_runs_fewer_windows_around_it():
+    mask = np.zeros((200, 200, 200), bool)
+    mask[70:130, 60:140, 80:120] = True  # 60 x 80 x 40 voxels in the middle
+    plan = plan_windows(mask.shape, (64, 64, 64), 0.25, mask=mask)
+    whole = plan_windows(mask.shape, (64, 64, 64), 0.25)
+    assert plan.n_all == len(whole.windows) == 64
+    assert len(plan.windows) == 2 * 2 * 1  # the box (+8 voxels each side) takes 2 x 2 x 1
+    starts = np.array([[s.start for s in w] for w in plan.windows])
+    assert starts.min(0).tolist() == [62, 52, 68]
 
 
 # ---------------------------------------------------------------- TTA merger

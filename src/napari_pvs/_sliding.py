@@ -1,8 +1,9 @@
 """Sliding-window stages on the model grid: the window plan and the TTA merger.
 
 :func:`plan_windows` pads the preprocessed image to at least one window and tiles it
-(MONAI ``dense_patch_slices``, or nnU-Net v1's evenly spaced starts for imported
-nnU-Net models), skipping windows without ROI voxels.  :class:`TTAMerger` runs each
+(MONAI ``dense_patch_slices`` over the ROI's bounding box, or nnU-Net v1's evenly spaced
+starts over the whole grid for imported nnU-Net models), skipping windows without ROI
+voxels.  :class:`TTAMerger` runs each
 batch of windows through a runner (:mod:`napari_pvs._backends`) under mirror flips,
 averages the foreground probability over flips (keeping its variance), and blends the
 windows with a Gaussian importance map (MONAI ``compute_importance_map``, sigma 1/8 of
@@ -90,7 +91,8 @@ class WindowPlan:
 
 
 def plan_windows(work_shape, patch, overlap: float, *, mask: np.ndarray | None = None,
-                 nnunet: bool = False, skip_outside_roi: bool = True) -> WindowPlan:
+                 nnunet: bool = False, skip_outside_roi: bool = True,
+                 margin: int | None = None) -> WindowPlan:
     """Tile ``work_shape`` with ``patch``-sized windows at ``overlap``.
 
     Parameters
@@ -102,9 +104,18 @@ def plan_windows(work_shape, patch, overlap: float, *, mask: np.ndarray | None =
     overlap : float
         In [0, 1).
     mask : ndarray of bool, optional
-        ROI on the work grid; windows without one of its voxels are skipped.
+        ROI on the work grid; windows without one of its voxels are skipped.  For our own
+        models (not ``nnunet``) the windows tile the ROI's bounding box grown by
+        ``margin`` voxels rather than the whole grid: the same windows cover the ROI, but
+        none are spent on the head and background around it (a 160 mm head at 0.8 mm and
+        overlap 0.25: 64 windows become 36-48).  ``n_all`` still counts the whole grid's.
     nnunet : bool
-        nnU-Net v1's evenly spaced starts instead of MONAI's ``dense_patch_slices``.
+        nnU-Net v1's evenly spaced starts over the whole grid (as nnU-Net tiles) instead of
+        MONAI's ``dense_patch_slices``.
+    skip_outside_roi : bool
+        False tiles the whole grid and runs every window.
+    margin : int, optional
+        Context around the ROI's box, in voxels; default 1/8 of the window.
     """
     patch = tuple(int(p) for p in patch)
     work_shape = tuple(int(n) for n in work_shape)
@@ -119,8 +130,30 @@ def plan_windows(work_shape, patch, overlap: float, *, mask: np.ndarray | None =
     n_all = len(windows)
     if mask is not None and skip_outside_roi:
         padded = np.pad(mask, pad) if any(short) else mask
+        if not nnunet and padded.any():
+            lo, hi = _roi_box(padded, patch, margin)
+            windows = [tuple(slice(s.start + a, s.stop + a) for s, a in zip(w, lo))
+                       for w in _tiles(tuple(b - a for a, b in zip(lo, hi)), patch, overlap,
+                                       False)]
         windows = [w for w in windows if padded[w].any()]
     return WindowPlan(patch, work_shape, pad, windows, n_all, nnunet)
+
+
+def _roi_box(mask: np.ndarray, patch, margin) -> tuple[list[int], list[int]]:
+    """The ROI's bounding box grown by ``margin`` voxels (default 1/8 of the window) and to
+    at least one window, inside the grid: ``(start, stop)`` per axis."""
+    lo, hi = [], []
+    for axis, (n, p) in enumerate(zip(mask.shape, patch)):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        m = p // 8 if margin is None else int(margin)
+        a, b = max(int(idx[0]) - m, 0), min(int(idx[-1]) + 1 + m, n)
+        if b - a < p:  # grow to one window, centred, clipped to the grid
+            a = min(max(a - (p - (b - a)) // 2, 0), n - p)
+            b = a + p
+        lo.append(a)
+        hi.append(b)
+    return lo, hi
 
 
 def importance(patch) -> np.ndarray:
