@@ -180,7 +180,7 @@ def site_d_phantoms(modality: str = "T2w", size_mm: float = 144.0):
         yield f"siteD-{seed}", make_phantom(seed, modality=modality, site=3, size_mm=size_mm)
 
 
-def _scores(ph: Phantom, model: str) -> tuple[dict, float]:
+def _scores(ph: Phantom, model: str, overlap: float | None = None) -> tuple[dict, float]:
     from napari_pvs.inference import run
     from napari_pvs.metrics import score
     from napari_pvs.pipeline import predict_array
@@ -189,14 +189,17 @@ def _scores(ph: Phantom, model: str) -> tuple[dict, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pred = run(predict_array(ph.image, ph.spacing, model, roi=ph.regions,
-                                 modality=ph.meta["modality"]))
+                                 modality=ph.meta["modality"], overlap=overlap))
     seconds = time.perf_counter() - t
     return score(pred.labels, ph.labels, ph.regions), seconds
 
 
 def evaluate(model: str | Path, *, modality: str = "T2w", cases=("site_d", "anatomy"),
-             log=print) -> dict:
+             log=print, overlap: float | None = None, baseline: bool = True) -> dict:
     """Scores of ``model`` and of the Frangi baseline on the held-out cases.
+
+    ``overlap`` overrides the model's window overlap; ``baseline=False`` skips Frangi
+    (its entries are then absent).
 
     Returns ``{case: {subject: {"model": score, "frangi": score}}}`` with
     :func:`napari_pvs.metrics.score` dicts (``all``, ``WM``, ``BG``), plus a
@@ -216,8 +219,9 @@ def evaluate(model: str | Path, *, modality: str = "T2w", cases=("site_d", "anat
         rows = {}
         for name, ph in subjects:
             rows[name] = {}
-            for method, spec in (("model", str(model)), ("frangi", "baseline")):
-                s, secs = _scores(ph, spec)
+            methods = (("model", str(model)), ("frangi", "baseline"))[: 2 if baseline else 1]
+            for method, spec in methods:
+                s, secs = _scores(ph, spec, overlap if method == "model" else None)
                 rows[name][method] = s
                 log(f"  {case} {name} {method}: " + "  ".join(
                     f"{r} vox {s[r]['voxel_dice']:.3f} clu {s[r]['cluster_dice']:.3f} "
@@ -229,7 +233,7 @@ def evaluate(model: str | Path, *, modality: str = "T2w", cases=("site_d", "anat
 
 def _mean(rows: dict) -> dict:
     out = {}
-    for method in ("model", "frangi"):
+    for method in next(iter(rows.values())):
         out[method] = {
             region: {k: float(np.mean([r[method][region][k] for r in rows.values()]))
                      for k in ("voxel_dice", "cluster_dice", "cluster_precision", "cluster_recall")}
