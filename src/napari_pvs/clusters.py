@@ -18,6 +18,8 @@ mm plus each voxel's own extent (``h^2 / 12`` per axis, so a single voxel is iso
 and ``priority``: ``0.6 * unc_mean + 0.4 * (1 - linearity)`` with an uncertainty map,
 else ``0.6 * (1 - prob_mean) + 0.4 * (1 - linearity)``; higher means review first
 (uncertain, blob-like clusters are the likely false positives; PVS are tubular).
+``p_false_positive``: P(false positive) from the model's fitted classifier
+(:mod:`napari_pvs.triage`), empty without one; with it, ``priority`` is that probability.
 """
 
 from __future__ import annotations
@@ -95,8 +97,13 @@ def cluster_table(
     regions: np.ndarray | None = None,
     affine: np.ndarray | None = None,
     spacing=None,
+    triage: dict | None = None,
 ) -> ClusterTable:
-    """The per-cluster table of a cluster map (see the module docstring)."""
+    """The per-cluster table of a cluster map (see the module docstring).
+
+    ``triage``: a model's fitted false-positive classifier (:mod:`napari_pvs.triage`);
+    with it (and a probability map) ``priority`` is ``p_false_positive``.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"need a 3D cluster map, got shape {labels.shape}")
@@ -119,6 +126,13 @@ def cluster_table(
     else:
         pm = np.nan_to_num(cols["prob_mean"], nan=1.0)
         cols["priority"] = 0.6 * (1 - pm) + 0.4 * (1 - cols["linearity"])
+    cols["p_false_positive"] = np.full(runs.n, np.nan)
+    if triage is not None and probability is not None:
+        from .triage import p_false_positive
+
+        cols["p_false_positive"] = p_false_positive(cols, triage)
+        scored = np.isfinite(cols["p_false_positive"])
+        cols["priority"] = np.where(scored, cols["p_false_positive"], cols["priority"])
     return ClusterTable(cols)
 
 

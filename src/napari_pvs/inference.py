@@ -108,12 +108,16 @@ def predict_preprocessed(
 
 
 def postprocess(probability: np.ndarray, variance: np.ndarray, roi: np.ndarray | None,
-                threshold: float = 0.5) -> Prediction:
+                threshold: float = 0.5, temperature: float = 1.0) -> Prediction:
     """Uncertainty and labels from source-grid probability and TTA variance (stage 5).
 
-    Outside ``roi`` every map is 0.  ``uncertainty = clip(H(p) + 4 * var, 0, 1)``.
+    Outside ``roi`` every map is 0.  ``temperature``: the model's fitted calibration
+    (:func:`napari_pvs.triage.apply_temperature`; the labels of threshold 0.5 do not
+    depend on it).  ``uncertainty = clip(H(p) + 4 * var, 0, 1)`` of the calibrated ``p``.
     """
-    prob = np.asarray(probability, np.float32).copy()
+    from .triage import apply_temperature
+
+    prob = apply_temperature(probability, temperature).copy()
     var = np.asarray(variance, np.float32).copy()
     if roi is not None:
         prob[~roi] = 0.0
@@ -155,7 +159,10 @@ def predict_prepared(
     prob, var = yield from predict_preprocessed(
         prep.image, plan, runner, tta=tta, blend_logits=blends_logits(meta),
         model=meta.get("id") or "(unnamed)", cancel=cancel)
-    pred = postprocess(prep.to_source(prob), prep.to_source(var), roi, threshold)
+    from .triage import temperature_of
+
+    pred = postprocess(prep.to_source(prob), prep.to_source(var), roi, threshold,
+                       temperature_of(meta))
     pred.info = {"windows": len(plan.windows), "windows_total": plan.n_all,
                  "patch_size": list(patch), "overlap": overlap,
                  "work_shape": list(prep.work_shape)}

@@ -132,6 +132,14 @@ def check_meta(meta, source: str = "metadata") -> dict[str, Any]:
                             f"got {str(patch)[:80]}")
     if not isinstance(meta.get("provenance", {}), dict):
         raise PVSInputError(f"{source}: provenance must be a JSON object")
+    if meta.get("triage") is not None or meta.get("calibration") is not None:
+        from .triage import check_triage, temperature_of
+
+        if meta.get("triage") is not None:
+            check_triage(meta["triage"], source)
+        if not isinstance(meta.get("calibration") or {}, dict):
+            raise PVSInputError(f"{source}: calibration must be a JSON object")
+        temperature_of(meta)
     return meta
 
 

@@ -183,6 +183,8 @@ class ArrayPrediction:
     #: it came from: ``{"source": "roi" | "segmentation" | "automatic", ...}``.
     regions: np.ndarray | None = None
     regions_meta: dict | None = None
+    #: The model's false-positive classifier (:mod:`napari_pvs.triage`), None without one.
+    triage: dict | None = None
 
 
 def load_model(model: str, registry=None, device: str = "cpu"):
@@ -276,6 +278,7 @@ def predict_array(
         raise PVSInputError(f"brain mask shape {np.shape(brain)} does not match image shape "
                             f"{image.shape}")
     out: dict[str, Any] = {}
+    triage = None
     if model == "baseline":
         yield Progress(0, 1, "Frangi vesselness")
         result = segment_frangi(image, spacing, roi=mask, modality=modality)
@@ -293,10 +296,12 @@ def predict_array(
                                          cancel=cancel)
         labels, out["probability"], out["uncertainty"] = pred.labels, pred.probability, pred.uncertainty
         model = meta.get("id") or model
+        triage = meta.get("triage")
     if cancel is not None and cancel.is_set():
         raise PredictionCancelled("prediction cancelled")
     pred = prediction_from_labels(labels, model=str(model), regions=regions, affine=affine,
-                                  spacing=spacing, seconds=time.perf_counter() - t0, **out)
+                                  spacing=spacing, seconds=time.perf_counter() - t0,
+                                  triage=triage, **out)
     pred.regions, pred.regions_meta = regions, regions_meta
     return pred
 
@@ -336,17 +341,19 @@ def _automatic_regions(image: np.ndarray, spacing,
 
 def prediction_from_labels(labels: np.ndarray, *, model: str = "baseline",
                            regions: np.ndarray | None = None, affine=None, spacing=None,
-                           seconds: float = 0.0, **maps) -> ArrayPrediction:
+                           seconds: float = 0.0, triage: dict | None = None,
+                           **maps) -> ArrayPrediction:
     """An :class:`ArrayPrediction` of PVS labels: their clusters and cluster table.
 
     ``maps`` are the prediction's ``probability`` / ``uncertainty`` / ``vesselness``.  A
     WM (1) / BG (2) region map names the clusters' regions; a plain mask does not.
+    ``triage``: the model's false-positive classifier, for ``p_false_positive``.
     """
     labels = np.asarray(labels, np.uint8)
     clusters, _ = label_clusters(labels)
     table = cluster_table(clusters, probability=maps.get("probability"),
                           uncertainty=maps.get("uncertainty"),
                           regions=None if regions is None or regions.max() > 2 else regions,
-                          affine=affine, spacing=spacing)
+                          affine=affine, spacing=spacing, triage=triage)
     return ArrayPrediction(labels=labels, clusters=clusters, table=table, model=str(model),
-                           seconds=seconds, **maps)
+                           seconds=seconds, triage=triage, **maps)

@@ -1,0 +1,155 @@
+"""Learned false-positive triage and temperature scaling (napari_pvs.triage and
+napari_pvs.training.triage): the fitted numbers, how prediction applies them, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from napari_pvs import PVSInputError
+from napari_pvs.clusters import cluster_table, label_clusters
+from napari_pvs.inference import postprocess
+from napari_pvs.model import read_meta, save_checkpoint
+from napari_pvs.network import arch_config, build_network, default_meta
+from napari_pvs.training.triage import (
+    auroc, expected_calibration_error, fit_classifier, fit_temperature)
+from napari_pvs.triage import FEATURES, apply_temperature, feature_matrix, p_false_positive
+
+
+def _triage(coef=None, intercept=0.0):
+    k = len(FEATURES)
+    return {"features": list(FEATURES), "mean": [0.0] * k, "scale": [1.0] * k,
+            "coef": list(coef if coef is not None else [0.0] * k), "intercept": intercept}
+
+
+@settings(max_examples=50, deadline=None)
+@given(p=st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=50),
+       t=st.floats(0.1, 10))
+def test_temperature_keeps_the_labels_and_the_order(p, t):
+    p = np.asarray(p, np.float32)
+    q = apply_temperature(p, t)
+    assert np.array_equal(q >= 0.5, apply_temperature(p, 1.0) >= 0.5) or np.any(
+        np.abs(p - 0.5) < 1e-6)  # only a probability of exactly 0.5 may round across
+    assert np.all(np.diff(q[np.argsort(p, kind="stable")]) >= -1e-7)  # monotone
+    assert np.all(q[p == 0] == 0)  # outside the ROI stays 0
+    assert np.array_equal(apply_temperature(p, 1.0), p)
+
+
+def test_temperature_above_one_softens_and_postprocess_applies_it():
+    prob = np.array([0.0, 0.02, 0.3, 0.6, 0.99], np.float32).reshape(1, 1, 5)
+    var = np.zeros_like(prob)
+    a = postprocess(prob, var, None, 0.5, 1.0)
+    b = postprocess(prob, var, None, 0.5, 2.0)
+    assert np.array_equal(a.labels, b.labels)
+    inside = prob > 0
+    assert np.all(np.abs(b.probability - 0.5)[inside] < np.abs(a.probability - 0.5)[inside])
+    assert np.all(b.uncertainty[inside] > a.uncertainty[inside])  # softer: more entropy
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_data():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, (60, 60, 60))
+    truth = rng.random(z.shape) < 1 / (1 + np.exp(-z / 2.5))  # the truth is 2.5x softer
+    from napari_pvs.training.triage import ClusterSample
+
+    s = ClusterSample("a", (1 / (1 + np.exp(-z))).astype(np.float32), np.zeros(z.shape, np.float32),
+                      (z > 0).astype(np.uint8), truth.astype(np.uint8), np.ones(z.shape, bool),
+                      None, np.eye(4))
+    assert fit_temperature([s]) == pytest.approx(2.5, rel=0.05)
+
+
+def test_auroc_and_ece_match_their_definitions():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = rng.random(500) < 0.3
+    s = rng.normal(size=500) + y
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s))
+    assert np.isnan(auroc(s, np.ones(500, bool)))
+    p = rng.random(200_000)
+    assert expected_calibration_error(p, rng.random(p.size) < p) < 0.01  # calibrated
+    assert expected_calibration_error(np.full(1000, 0.9), np.zeros(1000)) == pytest.approx(0.9)
+
+
+def test_the_fitted_classifier_is_sklearns_logistic_regression_applied_by_numpy():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(2)
+    n = 600
+    x = rng.normal(size=(n, len(FEATURES))) * [0.2, 0.3, 0.1, 1.0, 0.5, 0.2, 0.5] + 1
+    is_fp = (x[:, 5] - 1) * 4 + rng.normal(0, 0.5, n) < 0  # low linearity: false positive
+    groups = np.repeat(np.arange(6), n // 6)
+    t = fit_classifier(x, is_fp, groups, heuristic=rng.random(n))
+    assert t["cv_auroc"][str(t["C"])] > 0.9 > 0.6 > t["cv_auroc_heuristic"]
+    assert t["clusters"] == n and t["false_positives"] == int(is_fp.sum())
+    sc = StandardScaler().fit(x)
+    ref = LogisticRegression(C=t["C"], max_iter=2000, class_weight="balanced").fit(
+        sc.transform(x), is_fp)
+    cols = {"id": np.arange(n), "prob_mean": x[:, 0], "prob_max": x[:, 1], "unc_mean": x[:, 2],
+            "volume_mm3": np.exp(x[:, 3]), "length_mm": np.exp(x[:, 4]), "linearity": x[:, 5],
+            "region": np.where(x[:, 6] > 1, "BG", "WM")}
+    xm = feature_matrix(cols)
+    ours = p_false_positive(cols, t)
+    np.testing.assert_allclose(ours, ref.predict_proba(sc.transform(xm))[:, 1], atol=1e-6)
+
+
+def test_one_class_of_clusters_cannot_be_fitted():
+    with pytest.raises(ValueError, match="all false positives"):
+        fit_classifier(np.zeros((10, len(FEATURES))), np.ones(10, bool), np.zeros(10))
+
+
+def test_table_priority_is_p_false_positive_with_a_classifier_and_the_heuristic_without():
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:12, 5, 5] = 1  # a tube
+    labels[14:17, 14:17, 14:17] = 1  # a blob
+    prob = np.where(labels > 0, 0.8, 0.0).astype(np.float32)
+    unc = np.where(labels > 0, 0.5, 0.0).astype(np.float32)
+    clusters, _ = label_clusters(labels)
+    plain = cluster_table(clusters, probability=prob, uncertainty=unc)
+    assert np.all(np.isnan(plain.columns["p_false_positive"]))
+    lin = FEATURES.index("linearity")
+    coef = [0.0] * len(FEATURES)
+    coef[lin] = -8.0  # blob-like (linearity 0): false positive
+    tri = cluster_table(clusters, probability=prob, uncertainty=unc,
+                        triage=_triage(coef, intercept=4.0))
+    pf = tri.columns["p_false_positive"]
+    np.testing.assert_array_equal(tri.columns["priority"], pf)
+    tube = int(np.argmax(tri.columns["linearity"]))
+    assert pf[1 - tube] > 0.9 > 0.1 > pf[tube]
+    # the baseline (no probability) keeps the heuristic even with a classifier
+    base = cluster_table(clusters, triage=_triage(coef, intercept=4.0))
+    assert np.all(np.isnan(base.columns["p_false_positive"]))
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"coef": [1.0]}, "coefficient arrays"),
+    ({"scale": [0.0] * len(FEATURES)}, "non-finite"),
+    ({"features": ["prob_mean", "colour"]}, "unknown features"),
+    ({"intercept": "x"}, "incomplete"),
+])
+def test_a_checkpoint_with_a_broken_classifier_is_refused_by_name(tmp_path, bad, needle):
+    meta = default_meta(arch_config("XS", 3))
+    net = build_network(meta["arch"])
+    good = save_checkpoint(tmp_path / "good.safetensors", net,
+                           {**meta, "triage": _triage(), "calibration": {"temperature": 1.3}})
+    assert read_meta(good)["calibration"]["temperature"] == 1.3
+    with pytest.raises(PVSInputError, match=needle):
+        save_checkpoint(tmp_path / "bad.safetensors", net, {**meta, "triage": {**_triage(), **bad}})
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("t", [0, -1, "nan", None])
+def test_a_bad_temperature_is_refused(tmp_path, t):
+    meta = default_meta(arch_config("XS", 3))
+    cal = {"temperature": float(t) if t == "nan" else t}
+    if t is None:
+        cal = ["not", "a", "dict"]
+    with pytest.raises(PVSInputError, match="temperature|calibration"):
+        save_checkpoint(tmp_path / "bad.safetensors", build_network(meta["arch"]),
+                        {**meta, "calibration": cal})
+    json.dumps(meta)  # the caller's dict is untouched and still serialisable

@@ -1,0 +1,259 @@
+"""Fit a model's false-positive triage and temperature on validation subjects.
+
+    python -m napari_pvs.training.triage MODEL [--out FILE] [--realistic N] [--phantoms N]
+
+After training, the model predicts its validation subjects (never its training ones).
+Each predicted cluster is a true positive when it touches a reference PVS voxel, else a
+false positive.  Then, in this order:
+
+1. **Temperature.**  One scalar ``T`` minimises the voxel negative log-likelihood of
+   ``sigmoid(logit(p) / T)`` against the reference inside the ROI (scipy's bounded
+   scalar minimiser on ``log T``).
+2. **Classifier.**  With the probability and uncertainty maps recomputed under ``T``,
+   the cluster features (:data:`napari_pvs.triage.FEATURES`) are standardised and a
+   scikit-learn logistic regression predicts "false positive".  Its regularisation is
+   picked by leave-one-subject-out AUROC; the record keeps that AUROC next to the
+   heuristic priority's on the same folds, so the choice is measured.
+
+Both go into the checkpoint's metadata (``meta["calibration"]``, ``meta["triage"]``),
+where prediction applies them (:mod:`napari_pvs.triage`).  The starter recipe runs this
+on its own validation subjects (realistic seeds 1100..., phantoms of sites A-C, seeds
+2100...), and fine-tuning on the store's validation subjects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_pvs.clusters import cluster_table, label_clusters
+from napari_pvs.inference import postprocess
+from napari_pvs.triage import FEATURES, feature_matrix
+
+__all__ = ["ClusterSample", "auroc", "cluster_samples", "expected_calibration_error", "fit",
+           "fit_classifier", "fit_temperature", "starter_validation", "write_fit"]
+
+#: Regularisation strengths tried for the logistic regression.
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+@dataclass
+class ClusterSample:
+    """One validation subject's prediction at temperature 1, and its reference."""
+
+    name: str
+    probability: np.ndarray  # raw, source grid, 0 outside the ROI
+    variance: np.ndarray  # TTA variance
+    labels: np.ndarray  # predicted PVS (p >= 0.5 in the ROI)
+    truth: np.ndarray  # reference PVS
+    roi: np.ndarray  # bool
+    regions: np.ndarray | None
+    affine: np.ndarray
+
+    def table(self, temperature: float = 1.0):
+        """``(cluster table, is_false_positive)`` with the maps under ``temperature``."""
+        cal = postprocess(self.probability, self.variance, self.roi, 0.5, temperature)
+        clusters, _ = label_clusters(self.labels)
+        table = cluster_table(clusters, probability=cal.probability,
+                              uncertainty=cal.uncertainty, regions=self.regions,
+                              affine=self.affine)
+        hit = np.zeros(int(clusters.max()) + 1, bool)
+        hit[np.unique(clusters[(self.truth > 0) & (clusters > 0)])] = True
+        return table, ~hit[np.asarray(table.columns["id"], np.int64)]
+
+
+def cluster_samples(model, subjects: Iterable, log=print) -> list[ClusterSample]:
+    """Predict ``subjects`` (``(name, image, spacing, truth, regions, affine)``) with
+    ``model`` (a checkpoint path) at temperature 1 and its own TTA and overlap."""
+    from napari_pvs.inference import predict_volume, run
+    from napari_pvs.pipeline import load_model
+
+    net, meta, key = load_model(str(model))
+    meta = {k: v for k, v in meta.items() if k not in ("calibration", "triage")}
+    pre = meta.get("preprocessing", {})
+    out = []
+    for name, image, spacing, truth, regions, affine in subjects:
+        roi = np.asarray(regions) > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pred = run(predict_volume(image, spacing, net, meta, roi=roi,
+                                      tta=int(pre.get("tta") or 1),
+                                      overlap=float(pre.get("overlap", 0.5)), cache_key=key))
+        out.append(ClusterSample(name, pred.probability, pred.tta_variance, pred.labels,
+                                 np.asarray(truth), roi, np.asarray(regions), np.asarray(affine)))
+        log(f"  triage: predicted {name} ({int(label_clusters(pred.labels)[1])} clusters)")
+    return out
+
+
+def fit_temperature(samples: list[ClusterSample]) -> float:
+    """The temperature minimising the voxel NLL inside the ROIs (1 when nothing is
+    predicted at all)."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = [], []
+    for s in samples:
+        p = np.clip(s.probability[s.roi].astype(np.float64), 1e-7, 1 - 1e-7)
+        z.append(np.log(p) - np.log1p(-p))
+        y.append(s.truth[s.roi] > 0)
+    z, y = np.concatenate(z), np.concatenate(y)
+    if not z.size:
+        return 1.0
+
+    def nll(log_t):
+        q = z / np.exp(log_t)
+        # -log sigmoid(q) for positives, -log sigmoid(-q) for negatives, stably
+        return float(np.mean(np.logaddexp(0.0, np.where(y, -q, q))))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
+                          options={"xatol": 1e-4})
+    return float(np.exp(res.x))
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for ``positive`` (NaN without both classes)."""
+    from scipy.stats import rankdata
+
+    score, positive = np.asarray(score, float), np.asarray(positive, bool)
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if not n1 or not n0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def expected_calibration_error(prob: np.ndarray, outcome: np.ndarray, bins: int = 10) -> float:
+    """ECE of probabilities for a binary outcome over ``bins`` equal-width bins."""
+    prob, outcome = np.asarray(prob, float), np.asarray(outcome, float)
+    if not prob.size:
+        return float("nan")
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    err = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            err += m.mean() * abs(prob[m].mean() - outcome[m].mean())
+    return float(err)
+
+
+def fit_classifier(x: np.ndarray, is_fp: np.ndarray, groups: np.ndarray,
+                   heuristic: np.ndarray | None = None) -> dict:
+    """The logistic regression (standardised features) and how it was picked."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, is_fp, groups = np.asarray(x, float), np.asarray(is_fp, bool), np.asarray(groups)
+    if is_fp.all() or not is_fp.any():
+        raise ValueError(f"the validation clusters are all {'false' if is_fp.all() else 'true'} "
+                         "positives: no classifier can be fitted from them")
+    ok = np.all(np.isfinite(x), axis=1)
+    x, is_fp, groups = x[ok], is_fp[ok], groups[ok]
+
+    def model(c):
+        return LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
+
+    cv = {}
+    names = np.unique(groups)
+    for c in C_GRID:
+        score = np.full(len(x), np.nan)
+        for g in names if len(names) > 1 else []:
+            tr, te = groups != g, groups == g
+            if is_fp[tr].all() or not is_fp[tr].any():
+                continue
+            sc = StandardScaler().fit(x[tr])
+            score[te] = model(c).fit(sc.transform(x[tr]), is_fp[tr]).decision_function(
+                sc.transform(x[te]))
+        done = np.isfinite(score)
+        cv[c] = auroc(score[done], is_fp[done]) if done.any() else float("nan")
+    best = max(C_GRID, key=lambda c: -np.inf if np.isnan(cv[c]) else cv[c])
+    sc = StandardScaler().fit(x)
+    scale = np.where(sc.scale_ > 0, sc.scale_, 1.0)
+    lr = model(best).fit((x - sc.mean_) / scale, is_fp)
+    return {
+        "kind": "logistic_regression", "features": list(FEATURES),
+        "mean": sc.mean_.tolist(), "scale": scale.tolist(),
+        "coef": lr.coef_[0].tolist(), "intercept": float(lr.intercept_[0]), "C": best,
+        "cv_auroc": {str(c): (None if np.isnan(v) else round(v, 4)) for c, v in cv.items()},
+        "cv_auroc_heuristic": (None if heuristic is None else
+                               round(auroc(np.asarray(heuristic)[ok], is_fp), 4)),
+        "clusters": int(len(x)), "false_positives": int(is_fp.sum()),
+    }
+
+
+def fit(samples: list[ClusterSample], log=print) -> tuple[dict, dict]:
+    """``(calibration, triage)`` fitted on ``samples``."""
+    t = fit_temperature(samples)
+    xs, ys, gs, hs, pm0, pm1 = [], [], [], [], [], []
+    for s in samples:
+        table0, _ = s.table(1.0)
+        table, is_fp = s.table(t)
+        xs.append(feature_matrix(table.columns))
+        ys.append(is_fp)
+        gs.append(np.full(len(is_fp), s.name, dtype=object))
+        hs.append(table0.columns["priority"])
+        pm0.append(table0.columns["prob_mean"])
+        pm1.append(table.columns["prob_mean"])
+    x, y, g = np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
+    triage = fit_classifier(x, y, g, np.concatenate(hs))
+    calibration = {
+        "temperature": round(t, 5), "subjects": [s.name for s in samples],
+        "cluster_ece_before": round(expected_calibration_error(np.concatenate(pm0), ~y), 4),
+        "cluster_ece_after": round(expected_calibration_error(np.concatenate(pm1), ~y), 4),
+    }
+    triage["subjects"] = calibration["subjects"]
+    log(f"  triage: T = {t:.3f}; {triage['clusters']} clusters, {triage['false_positives']} "
+        f"false positives; leave-one-subject-out AUROC {triage['cv_auroc'][str(triage['C'])]} "
+        f"(heuristic priority {triage['cv_auroc_heuristic']})")
+    return calibration, triage
+
+
+def write_fit(model: Path, out: Path, calibration: dict, triage: dict) -> Path:
+    """Write ``model``'s weights with the fitted calibration and triage to ``out``."""
+    from napari_pvs.model import load_checkpoint, save_checkpoint
+
+    net, meta = load_checkpoint(model)
+    meta = {**meta, "calibration": calibration, "triage": triage}
+    return save_checkpoint(out, net, meta)
+
+
+def starter_validation(modality: str = "T2w", realistic: int = 4, phantoms: int = 6):
+    """The starter model's validation subjects: realistic seeds 1100..., phantoms of
+    sites A-C seeds 2100... (the training uses 1000... and 2000...; site D none)."""
+    from napari_pvs.phantom import make_phantom
+
+    from .realistic import make_realistic
+
+    for i in range(realistic):
+        s = make_realistic(1100 + i, modality=modality)
+        yield f"real-val{i:02d}", s.image, s.spacing, s.labels, s.regions, s.affine
+    for j in range(phantoms):
+        p = make_phantom(2100 + j, modality=modality, site=j % 3, size_mm=128)
+        yield f"phantom-val{j:02d}", p.image, p.spacing, p.labels, p.regions, p.affine
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m napari_pvs.training.triage",
+                                description=__doc__.splitlines()[0],
+                                epilog="Fits on the starter's validation subjects.")
+    p.add_argument("model", type=Path, help="checkpoint (.safetensors)")
+    p.add_argument("--out", type=Path, help="checkpoint to write (default: MODEL in place)")
+    p.add_argument("--modality", choices=("T2w", "T1w"), default="T2w")
+    p.add_argument("--realistic", type=int, default=4)
+    p.add_argument("--phantoms", type=int, default=6)
+    args = p.parse_args(argv)
+    samples = cluster_samples(args.model, starter_validation(args.modality, args.realistic,
+                                                             args.phantoms))
+    calibration, triage = fit(samples)
+    out = write_fit(args.model, args.out or args.model, calibration, triage)
+    print(json.dumps({"calibration": calibration, "triage": triage}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
