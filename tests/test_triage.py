@@ -153,3 +153,26 @@ def test_a_bad_temperature_is_refused(tmp_path, t):
         save_checkpoint(tmp_path / "bad.safetensors", build_network(meta["arch"]),
                         {**meta, "calibration": cal})
     json.dumps(meta)  # the caller's dict is untouched and still serialisable
+
+
+def test_expected_false_positives_left_sums_the_unreviewed_clusters():
+    from napari_pvs.review import ReviewSession
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:12, 5, 5] = 1  # a tube
+    labels[14:17, 14:17, 14:17] = 1  # a blob
+    labels[2:5, 15:18, 2:5] = 1  # another blob
+    prob = np.where(labels > 0, 0.8, 0.0).astype(np.float32)
+    coef = [0.0] * len(FEATURES)
+    coef[FEATURES.index("linearity")] = -8.0
+    s = ReviewSession(labels.copy(), probability=prob, uncertainty=prob / 2,
+                      triage=_triage(coef, intercept=4.0))
+    pf = dict(zip(s.table.columns["id"].tolist(), s.table.columns["p_false_positive"]))
+    assert s.expected_false_positives() == pytest.approx(sum(pf.values()))
+    first = s.order()[0]
+    assert pf[first] == max(pf.values())  # the review starts at the likeliest false positive
+    s.reject(first)
+    assert s.expected_false_positives() == pytest.approx(sum(pf.values()) - pf[first])
+    s.undo()
+    assert s.expected_false_positives() == pytest.approx(sum(pf.values()))
+    assert ReviewSession(labels.copy(), probability=prob).expected_false_positives() is None

@@ -100,6 +100,10 @@ class ReviewSession:
         Voxel-to-world transform, for world centroids and mm lengths.
     connectivity : {6, 18, 26}
         Cluster connectivity.
+    triage : dict, optional
+        The model's false-positive classifier (:mod:`napari_pvs.triage`): the table gets
+        ``p_false_positive``, the priority follows it, and
+        :meth:`expected_false_positives` estimates what is left to find.
 
     Raises
     ------
@@ -125,8 +129,10 @@ class ReviewSession:
 
     def __init__(self, labels: np.ndarray, *, probability: np.ndarray | None = None,
                  uncertainty: np.ndarray | None = None, regions: np.ndarray | None = None,
-                 affine: np.ndarray | None = None, connectivity: int = 26):
+                 affine: np.ndarray | None = None, connectivity: int = 26,
+                 triage: dict | None = None):
         check_labels(labels)
+        self._triage = triage
         self.labels = labels
         # a flat view (C order) that writes through, whatever the array's memory order
         self._flat = labels.reshape(-1) if labels.flags.c_contiguous else labels.flat
@@ -142,7 +148,8 @@ class ReviewSession:
         undo step or located paint yet.  Changes nothing when the table fails."""
         labels = self.labels
         clusters, n = label_clusters(labels, self._connectivity)
-        self.table: ClusterTable = cluster_table(clusters, affine=self._affine, **maps)
+        self.table: ClusterTable = cluster_table(clusters, affine=self._affine,
+                                                 triage=self._triage, **maps)
         self.clusters, self.n, self._maps = clusters, n, maps
         self._original = labels.copy()
         # voxels of every cluster: flat indices sorted by cluster id, sliced by offsets
@@ -210,6 +217,16 @@ class ReviewSession:
     @property
     def reviewed(self) -> int:
         return len(self.decisions)
+
+    def expected_false_positives(self) -> float | None:
+        """The sum of P(false positive) over the unreviewed clusters: how many false
+        positives the model expects are left.  None without a fitted classifier."""
+        pf = np.asarray(self.table.columns["p_false_positive"], float)
+        if not np.isfinite(pf).any():
+            return None
+        ids = np.asarray(self.table.columns["id"], np.int64)
+        open_ = np.array([int(c) not in self.decisions for c in ids], bool)
+        return float(np.nansum(pf[open_]))
 
     @property
     def painted(self) -> int:

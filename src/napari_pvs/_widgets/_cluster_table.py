@@ -23,10 +23,14 @@ COLUMNS = [("cluster", "id", "cluster id"),
            ("prob.", "prob_mean", "mean PVS probability over the cluster (0-1)"),
            ("region", "region", "WM (white matter), BG (basal ganglia) or other"),
            ("mm", "length_mm", "cluster length in mm"),
-           ("priority", "priority", "review priority: the most doubtful clusters first")]
-# the columns only a network's prediction fills (NaN for the Frangi baseline): hidden
-# when no cluster has a value
-MODEL_COLUMNS = ("unc_mean", "prob_mean")
+           ("P(FP)", "p_false_positive", "P(false positive) from the model's fitted triage "
+            "classifier (empty: the model has none)"),
+           ("priority", "priority", "review priority: P(FP) when the model has a triage "
+            "classifier, else a heuristic; the most doubtful clusters first")]
+# the columns only a network's prediction fills (NaN for the Frangi baseline, and
+# p_false_positive for a model without a triage classifier): hidden when no cluster has
+# a value
+MODEL_COLUMNS = ("unc_mean", "prob_mean", "p_false_positive")
 DECIMALS = {"length_mm": 1}
 STATUS_COLOUR = {"accepted": "#2e7d32", "rejected": "#c62828"}
 

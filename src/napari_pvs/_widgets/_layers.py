@@ -136,7 +136,8 @@ def add_prediction_layers(viewer, image_layer, pred, *, regions_layer=None) -> A
     src = {k: v for k, v in (image_layer.metadata or {}).items()
            if k in ("nifti_affine", "store", "subject", "site", "modality", "spacing", "shape")}
     names = {"model": pred.model, "image": image_layer.name,
-             "regions": None if regions_layer is None else regions_layer.name}
+             "regions": None if regions_layer is None else regions_layer.name,
+             "triage": getattr(pred, "triage", None)}
     for key in MAPS:
         data = getattr(pred, key)
         names[key] = None if data is None else _add_map(viewer, key, data, f"{base} {key}", src,

@@ -80,7 +80,7 @@ class Counters(QWidget):
     each (reviewed, accepted, rejected, voxels painted, unsaved)."""
 
     CAPTIONS = {"reviewed": "reviewed", "accepted": "accepted", "rejected": "rejected",
-                "painted": "voxels painted", "unsaved": "unsaved"}
+                "fp_left": "FP left", "painted": "voxels painted", "unsaved": "unsaved"}
 
     def __init__(self):
         super().__init__()
@@ -114,9 +114,11 @@ class Counters(QWidget):
             self.setToolTip(self.value)
             return
         sm = session.summary()
+        left = session.expected_false_positives()
         counts = {"reviewed": f"{session.reviewed} / {session.n}",
                   "accepted": str(sm["clusters_accepted"]),
                   "rejected": str(sm["clusters_rejected"]),
+                  "fp_left": "-" if left is None else f"{left:.0f}",
                   "painted": str(sm["voxels_painted_manually"]),
                   "unsaved": "yes" if session.dirty else "no"}
         for key, text in counts.items():
@@ -126,6 +128,8 @@ class Counters(QWidget):
         self.cells["unsaved"].setStyleSheet("color: #ef6c00" if session.dirty else "")
         self.value = (f"reviewed {session.reviewed} of {session.n}: {counts['accepted']} accepted, "
                       f"{counts['rejected']} rejected, {counts['painted']} voxels painted"
+                      + ("" if left is None else
+                         f"; expected false positives left: {left:.0f}")
                       + (" (unsaved)" if session.dirty else ""))
         self.setToolTip(self.value)
 

@@ -196,7 +196,9 @@ class ReviewWidget(ViewerWidget):
             if not isinstance(layer.data, np.ndarray) or not layer.data.flags.writeable:
                 layer.data = np.array(layer.data)  # lazy store arrays are read-only: edit a copy
             affine, _ = geometry(layer)
-            self.session = ReviewSession(layer.data, affine=affine, **self._linked(layer))
+            triage = ((layer.metadata or {}).get("prediction") or {}).get("triage")
+            self.session = ReviewSession(layer.data, affine=affine, triage=triage,
+                                         **self._linked(layer))
             self._watch(self.session, True)
             layer.events.paint.disconnect(self._on_paint)  # connected once, whatever happened
             layer.events.paint.connect(self._on_paint)
