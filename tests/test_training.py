@@ -85,9 +85,20 @@ def test_finetune_starts_from_the_shipped_starter_model(tmp_path, phantom_store)
 
     store = phantom_store(**COHORT, corrected=LABELLED, path=tmp_path / "s.pvs.zarr")
     starter = read_meta(starter_path())
-    child = list(finetune(store, init="starter", config=_cfg(iterations=2)))[-1].message
+    events = list(finetune(store, init="starter", config=_cfg(iterations=2)))
+    child = events[-1].message
     meta = [m for m in store.models.list() if m["id"] == child][0]
     assert meta["provenance"]["parent"] == starter["id"] and "card" not in meta
+    # the parent's triage and temperature describe the parent: the child's are refitted on
+    # its own validation subjects, or it has none and says why
+    assert [e.kind for e in events].count("triage") == 1
+    val = meta["provenance"]["validation_subjects"]
+    if "triage" in meta:
+        assert meta["triage"]["subjects"] == val == meta["calibration"]["subjects"]
+        assert meta["triage"] != starter.get("triage")
+    else:
+        assert "calibration" not in meta
+        assert meta["provenance"]["triage"].startswith("not fitted: the validation clusters")
     assert meta["arch"]["n_channels"] == starter["arch"]["n_channels"]
     assert meta["preprocessing"]["target_spacing"] == starter["preprocessing"]["target_spacing"]
     store.close()

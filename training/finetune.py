@@ -261,6 +261,29 @@ class _Finetune(Trainer):
             "config": json.loads(json.dumps(asdict(self.cfg))), "run": self.run_id})
         yield TrainEvent("checkpoint", iteration, self.iterations, message=str(self.state_path))
 
+    def _fit_triage(self, net, meta):
+        """Refit the triage classifier and temperature on the validation subjects; the
+        parent's no longer describe the new weights.  Without validation subjects, or
+        when their clusters are all true (or all false) positives, the model has none and
+        the review falls back to the heuristic priority; the provenance says why."""
+        from .triage import fit, store_samples
+
+        meta.pop("triage", None)
+        meta.pop("calibration", None)
+        n = self.iterations
+        if not self.val:
+            meta["provenance"]["triage"] = "not fitted: no validation subjects"
+            return
+        yield TrainEvent("triage", n, n, message=f"fitting the false-positive triage on "
+                                                 f"{len(self.val)} validation subjects")
+        samples = store_samples(net, meta, [self.cache.get(s) for s in self.val], self.store,
+                                device=self.device)
+        try:
+            meta["calibration"], meta["triage"] = fit(samples, log=lambda m: None)
+        except ValueError as exc:
+            meta.pop("calibration", None)
+            meta["provenance"]["triage"] = f"not fitted: {exc}"
+
     def register(self):
         n = self.iterations
         yield TrainEvent("trained", n, n, message=f"rank {self.rank} of {self.world}",
@@ -281,6 +304,7 @@ class _Finetune(Trainer):
         origin = _origin(self.meta.get("provenance") or {})
         if self.parent is not None and origin:
             meta["provenance"]["origin"] = origin
+        yield from self._fit_triage(net, meta)
         model_id = _register(self.store, net, meta, self.parent, self.wait)
         barrier(self.world)
         yield TrainEvent("done", n, n, message=model_id)

@@ -41,7 +41,8 @@ class TrainingDiverged(PVSInputError):
 class TrainEvent:
     """Progress of a training run.
 
-    ``kind`` is "start", "iteration", "validation", "checkpoint", "trained" or "done".
+    ``kind`` is "start", "iteration", "validation", "checkpoint", "trained", "triage"
+    (fine-tuning fits the false-positive triage) or "done".
     """
 
     kind: str

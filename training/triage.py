@@ -37,7 +37,8 @@ from napari_pvs.inference import postprocess
 from napari_pvs.triage import FEATURES, feature_matrix
 
 __all__ = ["ClusterSample", "auroc", "cluster_samples", "expected_calibration_error", "fit",
-           "fit_classifier", "fit_temperature", "starter_validation", "write_fit"]
+           "fit_classifier", "fit_temperature", "starter_validation", "store_samples",
+           "write_fit"]
 
 #: Regularisation strengths tried for the logistic regression.
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -88,6 +89,34 @@ def cluster_samples(model, subjects: Iterable, log=print) -> list[ClusterSample]
         out.append(ClusterSample(name, pred.probability, pred.tta_variance, pred.labels,
                                  np.asarray(truth), roi, np.asarray(regions), np.asarray(affine)))
         log(f"  triage: predicted {name} ({int(label_clusters(pred.labels)[1])} clusters)")
+    return out
+
+
+def store_samples(net, meta, data, store, *, device: str = "cpu",
+                  backend: str = "auto") -> list[ClusterSample]:
+    """Fine-tuning's validation subjects (``SubjectData`` of ``store``) predicted by the
+    trained ``net`` at temperature 1, as validation scores them."""
+    from napari_pvs._backends import make_runner
+    from napari_pvs.inference import predict_prepared, run
+
+    meta = {k: v for k, v in meta.items() if k not in ("calibration", "triage")}
+    pre = meta.get("preprocessing") or {}
+    patch = tuple(int(p) for p in (pre.get("patch_size") or (64, 64, 64)))
+    net.eval()
+    try:
+        runner = make_runner(net, window=patch, device=device, backend=backend)
+        out = []
+        for d in data:
+            pred = run(predict_prepared(d.prep, runner, meta, tta=int(pre.get("tta") or 1),
+                                        overlap=float(pre.get("overlap", 0.5)),
+                                        roi=d.source_roi))
+            regions = store.read_regions(d.subject)
+            out.append(ClusterSample(d.subject, pred.probability, pred.tta_variance,
+                                     pred.labels, d.source_labels, d.source_roi,
+                                     None if regions is None else np.asarray(regions),
+                                     np.asarray(store.info(d.subject)["affine"], float)))
+    finally:
+        net.to(device).train()
     return out
 
 

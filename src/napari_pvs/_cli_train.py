@@ -33,6 +33,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                         f"{event.val_dice:.3f}, cluster Dice {event.val_cluster_dice:.3f}")
         elif event.kind == "start":
             report.note(f"start: {event.message} (device {cfg.device})")
+        elif event.kind == "triage":
+            report.note(event.message)
         elif event.kind == "done" and event.extra.get("already_registered"):
             again.append(event.message)
 

@@ -187,7 +187,7 @@ class RetrainWidget(ViewerWidget):
             self.history["val"].append(ev.val_dice)
             self.history["val_cluster"].append(ev.val_cluster_dice)
             self._plot(force=True)
-        elif ev.kind == "start":
+        elif ev.kind in ("start", "triage"):
             self.status.value = ev.message[:120]
 
     def _on_done(self, model_id: str) -> None:
