@@ -106,21 +106,35 @@ def test_generator_is_deterministic(subject):
 
 def test_starter_recipe_reproduces_its_weights(tmp_path):
     """The shipped weights come from a seeded recipe: the same recipe gives the same
-    network (here 1 coarse realistic subject, 1 small phantom, 3 + 2 iterations of the
-    two stages)."""
+    network (here 1 coarse realistic subject, 1 small phantom, 3 + 2 + 2 iterations of
+    the three stages), and so does resuming from the checkpoint of stages 1-2 (--stage2),
+    as the shipped stage 3 was made."""
     import torch
 
+    from napari_pvs.model import save_checkpoint
     from napari_pvs.training.starter import train_starter
 
     recipe = {"realistic": 1, "phantoms": 1, "phantom_size_mm": 48, "iterations": 3,
-              "realistic_spacing": 2.0, "refine_spacing": 1.5, "refine_iterations": 2}
+              "realistic_spacing": 2.0, "refine_spacing": 1.5, "refine_iterations": 2,
+              "polish_iterations": 2}
     torch.set_flush_denormal(True)
     runs = [train_starter(recipe, log=lambda m: None, cache=tmp_path) for _ in range(2)]
     (a, meta), (b, _) = runs
-    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+    def same(x, y):
+        return all(torch.equal(x.state_dict()[k], y.state_dict()[k]) for k in x.state_dict())
+
+    assert same(a, b)
     card = meta["card"]
     assert card["recipe"]["iterations"] == 3 and "1000-1000" in card["data"]
-    assert meta["provenance"]["iterations"] == 5
+    assert meta["provenance"]["iterations"] == 7 and meta["preprocessing"]["overlap"] == 0.25
+    two, meta2 = train_starter({**recipe, "polish_iterations": 0}, log=lambda m: None,
+                               cache=tmp_path)
+    assert meta2["provenance"]["iterations"] == 5 and not same(two, a)
+    ckpt = save_checkpoint(tmp_path / "stage2.safetensors", two, meta2)
+    resumed, _ = train_starter(recipe, log=lambda m: None, cache=tmp_path, init=ckpt,
+                               init_stage=2)
+    assert same(resumed, a)
     assert meta["preprocessing"]["target_spacing"] == [1.5, 1.5, 1.5]  # stage 2's grid
     # each stage's subjects are cached on their own grid
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.npz")) == sorted(

@@ -88,7 +88,7 @@ def test_the_fitted_classifier_is_sklearns_logistic_regression_applied_by_numpy(
     assert t["cv_auroc"][str(t["C"])] > 0.9 > 0.6 > t["cv_auroc_heuristic"]
     assert t["clusters"] == n and t["false_positives"] == int(is_fp.sum())
     sc = StandardScaler().fit(x)
-    ref = LogisticRegression(C=t["C"], max_iter=2000, class_weight="balanced").fit(
+    ref = LogisticRegression(C=t["C"], max_iter=2000).fit(
         sc.transform(x), is_fp)
     cols = {"id": np.arange(n), "prob_mean": x[:, 0], "prob_max": x[:, 1], "unc_mean": x[:, 2],
             "volume_mm3": np.exp(x[:, 3]), "length_mm": np.exp(x[:, 4]), "linearity": x[:, 5],

@@ -47,6 +47,9 @@ RECIPE = {
     "realistic_spacing": None,  # None: each subject's scanner draws its voxel size
     # stage 2: the same network refined on the same subjects at a finer grid
     "refine_spacing": 0.8, "refine_iterations": 1500, "refine_lr": 1e-3,
+    # stage 3: more of stage 2 at a lower rate, on new patch draws (measured: real-anatomy
+    # cluster precision 0.879 -> 0.908, site-D BG cluster Dice 0.914 -> 0.940)
+    "polish_iterations": 1500, "polish_lr": 5e-4,
 }
 
 
@@ -119,10 +122,11 @@ def _heads(path) -> dict:
 
 
 def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
-                  cache: Path | None = None, init: Path | None = None):
+                  cache: Path | None = None, init: Path | None = None, init_stage: int = 1):
     """Train the starter network; returns ``(net, meta)`` (meta without held-out scores).
 
-    ``init``: the checkpoint that stage 1 of the same recipe wrote; only stage 2 runs.
+    ``init``: the checkpoint that stages 1..``init_stage`` of the same recipe wrote; the
+    later stages run.
     """
     import torch
 
@@ -166,12 +170,19 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
         net = build_network(arch, deep_supervision=True)
         net.load_state_dict(load_checkpoint(init)[0].state_dict(), strict=False)
         net.load_state_dict(_heads(init), strict=False)
-    if r["refine_iterations"]:  # stage 2: the same network on the finer grid
+    if r["refine_iterations"] and (init is None or init_stage < 2):
+        # stage 2: the same network on the finer grid
         net = stage(net.train(), r["refine_spacing"], r["refine_iterations"], r["refine_lr"],
                     r["seed"] + 1)
+    if r["refine_iterations"] and r["polish_iterations"] and (init is None or init_stage < 3):
+        # stage 3: on the same grid, a lower rate and new patches
+        net = stage(net.train(), r["refine_spacing"], r["polish_iterations"], r["polish_lr"],
+                    r["seed"] + 2)
     seconds = time.perf_counter() - t
-    meta["provenance"].update(iterations=r["iterations"] + r["refine_iterations"],
-                              note="starter model (see card)")
+    meta["provenance"].update(
+        iterations=r["iterations"] + r["refine_iterations"]
+        + (r["polish_iterations"] if r["refine_iterations"] else 0),
+        note="starter model (see card)")
     # one pass keeps a 160³ image under 10 s on a 2-core CPU; its uncertainty is then the
     # entropy of the probability (--tta 2 adds the mirror variance)
     meta["preprocessing"]["tta"] = r["tta"]
@@ -208,14 +219,23 @@ def main(argv=None) -> int:
                    "between runs")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--stage1", type=Path, help="the checkpoint of stage 1 of this recipe "
-                   "(the 1 mm network, --refine-iterations 0): run stage 2 only")
+                   "(the 1 mm network, --refine-iterations 0): run stages 2 and 3 only")
+    p.add_argument("--stage2", type=Path, help="the checkpoint of stages 1 and 2 of this "
+                   "recipe (--polish-iterations 0): run stage 3 only")
     p.add_argument("--refine-iterations", type=int, default=RECIPE["refine_iterations"])
+    p.add_argument("--polish-iterations", type=int, default=RECIPE["polish_iterations"])
+    p.add_argument("--no-triage", dest="triage", action="store_false",
+                   help="skip fitting the false-positive triage and temperature on the "
+                   "validation subjects (napari_pvs.training.triage)")
     p.add_argument("--no-eval", dest="evaluate", action="store_false",
                    help="skip the held-out evaluation (the card then has no scores)")
     args = p.parse_args(argv)
     out = args.out or PACKAGE_MODELS / f"starter_{args.modality.lower()}.safetensors"
     recipe = {"iterations": args.iterations, "realistic": args.realistic,
-              "phantoms": args.phantoms, "refine_iterations": args.refine_iterations}
+              "phantoms": args.phantoms, "refine_iterations": args.refine_iterations,
+              "polish_iterations": args.polish_iterations}
+    if args.stage1 and args.stage2:
+        p.error("give --stage1 or --stage2, not both")
     print(f"training the {args.modality} starter model -> {out}", flush=True)
     import torch
 
@@ -223,9 +243,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     net, meta = train_starter(recipe, args.modality, log=lambda m: print(m, flush=True),
-                              cache=args.cache, init=args.stage1)
+                              cache=args.cache, init=args.stage2 or args.stage1,
+                              init_stage=2 if args.stage2 else 1)
     tmp = out.with_name(out.name + ".tmp.safetensors")
     save_checkpoint(tmp, net, meta)
+    if args.triage:  # on the validation subjects: seeds the training never used
+        from .triage import cluster_samples, fit, starter_validation
+
+        samples = cluster_samples(tmp, starter_validation(args.modality),
+                                  log=lambda m: print(m, flush=True))
+        meta["calibration"], meta["triage"] = fit(samples, log=lambda m: print(m, flush=True))
+        save_checkpoint(tmp, net, meta)
     if args.evaluate:
         from .holdout import evaluate
 

@@ -184,7 +184,8 @@ def fit_classifier(x: np.ndarray, is_fp: np.ndarray, groups: np.ndarray,
     x, is_fp, groups = x[ok], is_fp[ok], groups[ok]
 
     def model(c):
-        return LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
+        # unweighted: P(false positive) stays a probability (its sum estimates the count)
+        return LogisticRegression(C=c, max_iter=2000)
 
     cv = {}
     names = np.unique(groups)
