@@ -176,3 +176,32 @@ def test_expected_false_positives_left_sums_the_unreviewed_clusters():
     s.undo()
     assert s.expected_false_positives() == pytest.approx(sum(pf.values()))
     assert ReviewSession(labels.copy(), probability=prob).expected_false_positives() is None
+
+
+def test_the_queue_ranks_clusters_across_subjects_by_p_false_positive(tmp_path, phantom_store):
+    from napari_pvs.active import rank_clusters
+
+    store = phantom_store(2, 2, 48, corrected=("siteA01",), path=tmp_path / "s.pvs.zarr")
+    meta = default_meta(arch_config("XS", 3))
+    coef = [0.0] * len(FEATURES)
+    coef[FEATURES.index("linearity")] = -8.0  # blobs are false positives
+    model_id = store.models.register(build_network(meta["arch"]),
+                                     {**meta, "triage": _triage(coef, intercept=4.0)})
+    blobs = {"siteA01": 1, "siteA02": 2, "siteB01": 0, "siteB02": 3}
+    for sid, n_blobs in blobs.items():
+        shape = tuple(store.info(sid)["shape"])
+        labels = np.zeros(shape, np.uint8)
+        labels[4:16, 10, 10] = 1  # one tube each
+        for b in range(n_blobs):
+            labels[20 + 6 * b:23 + 6 * b, 30:33, 30:33] = 1
+        prob = np.where(labels > 0, 0.8, 0.0).astype(np.float32)
+        store.save_prediction(sid, model_id, probability=prob, uncertainty=prob / 3,
+                              labels=labels)
+    rows = rank_clusters(store)
+    assert {r["subject"] for r in rows} == {"siteA02", "siteB01", "siteB02"}  # not corrected
+    assert len(rows) == 3 + 2 + 3 - 0  # tubes: 3, blobs: 2 + 0 + 3
+    pf = [r["p_false_positive"] for r in rows]
+    assert pf == sorted(pf, reverse=True) and [r["priority"] for r in rows] == pf
+    assert all(p > 0.9 for p in pf[:5]) and all(p < 0.1 for p in pf[5:])  # blobs first
+    assert rows[0]["subject"] == "siteA02"  # ties: by subject, then cluster
+    assert len(rank_clusters(store, limit=2)) == 2

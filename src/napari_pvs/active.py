@@ -1,9 +1,12 @@
-"""Active learning: rank a store's subjects by the latest model's uncertainty (no Qt).
+"""Active learning: rank a store's subjects by the latest model's uncertainty, or its
+clusters across subjects by P(false positive) (no Qt).
 
 :func:`predict_subjects` runs a registered model over store subjects and saves each
 prediction with its uncertainty statistics; :func:`rank_subjects` orders the subjects
 so that the one to correct next comes first: subjects not yet corrected before
-corrected ones, then by decreasing uncertainty.
+corrected ones, then by decreasing uncertainty.  :func:`rank_clusters` ranks the
+clusters of the saved predictions across all subjects not yet corrected, the likeliest
+false positive (the model's triage classifier) first.
 
 :func:`predict_and_save` predicts one image, a store subject's or not, and saves a
 MedNeXt prediction of a store subject the same way (the predict widget's job).
@@ -30,8 +33,8 @@ from .inference import Progress, run
 from .pipeline import predict_array
 from .store import CorrectionsStore, model_registry
 
-__all__ = ["SCORES", "predict_and_save", "predict_subjects", "prediction_stats", "rank_subjects",
-           "save_prediction"]
+__all__ = ["SCORES", "predict_and_save", "predict_subjects", "prediction_stats", "rank_clusters",
+           "rank_subjects", "save_prediction"]
 
 SCORES = ("clusters", "image")
 
@@ -173,3 +176,56 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
         return (r["status"] == "corrected", math.isnan(u), -(0.0 if math.isnan(u) else u), r["subject"])
 
     return sorted(rows, key=key)
+
+
+def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
+                  ) -> list[dict[str, Any]]:
+    """The predicted clusters of every subject not yet corrected, across subjects, the
+    likeliest false positive first.
+
+    Parameters
+    ----------
+    store : CorrectionsStore
+    model_id : str, optional
+        Whose saved predictions are ranked (default: the newest registered model).  Its
+        triage classifier (:mod:`napari_pvs.triage`) gives ``p_false_positive``; a model
+        without one ranks by the heuristic ``priority``.
+    limit : int, optional
+        Return the first ``limit`` rows only.
+
+    Returns
+    -------
+    list of dict
+        One row per cluster: ``subject``, ``site``, ``cluster`` (its id in the cluster
+        map of the saved labels), ``p_false_positive`` (NaN without a classifier),
+        ``priority``, ``voxels``, ``region``, ``centroid_{i,j,k}``; sorted by decreasing
+        priority, then subject and cluster.
+    """
+    if model_id is None:
+        latest = store.models.latest()
+        model_id = latest["id"] if latest else None
+    if model_id is None:
+        return []
+    meta = next((m for m in store.models.list() if m["id"] == model_id), None)
+    triage = (meta or {}).get("triage")
+    rows = []
+    for sid in store.subjects():
+        info = store.info(sid)
+        if info["status"] == "corrected" or model_id not in store.predictions(sid):
+            continue
+        labels = store.read_prediction(sid, model_id, "labels")
+        clusters, _ = label_clusters(labels)
+        table = cluster_table(clusters, probability=store.read_prediction(sid, model_id,
+                                                                          "probability"),
+                              uncertainty=store.read_prediction(sid, model_id, "uncertainty"),
+                              regions=store.read_regions(sid),
+                              affine=np.asarray(info["affine"], float), triage=triage)
+        cols = table.columns
+        for i in range(len(table)):
+            rows.append({"subject": sid, "site": info.get("site", "unknown"),
+                         "cluster": int(cols["id"][i]),
+                         **{k: cols[k][i].item() if hasattr(cols[k][i], "item") else cols[k][i]
+                            for k in ("p_false_positive", "priority", "voxels", "region",
+                                      "centroid_i", "centroid_j", "centroid_k")}})
+    rows.sort(key=lambda r: (-r["priority"], r["subject"], r["cluster"]))
+    return rows[:limit] if limit is not None else rows
