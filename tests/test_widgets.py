@@ -135,6 +135,63 @@ def test_predict_cancel_stops_without_adding_layers(make_napari_viewer, qtbot, t
     assert progress[-1].done < progress[-1].total
 
 
+def test_queue_ranks_clusters_across_subjects_and_opens_the_likeliest_false_positive(
+        make_napari_viewer, qtbot, tmp_path):
+    """Ranking clusters: one list over the subjects not yet corrected, by the model's
+    P(false positive); "Open next" opens the top cluster's subject, and the review widget
+    goes to that cluster, its table showing P(FP) and the false positives expected left."""
+    from napari_pvs._widgets._state import state_for
+    from napari_pvs._widgets.queue import QueueWidget
+    from napari_pvs._widgets.review import ReviewWidget
+    from napari_pvs.model import arch_config, build_network, default_meta
+    from napari_pvs.phantom import make_phantom
+    from napari_pvs.triage import FEATURES
+
+    k = len(FEATURES)
+    coef = [0.0] * k
+    coef[FEATURES.index("linearity")] = -8.0  # blobs: false positives
+    triage = {"features": list(FEATURES), "mean": [0.0] * k, "scale": [1.0] * k,
+              "coef": coef, "intercept": 4.0}
+    path = tmp_path / "q.pvs.zarr"
+    with CorrectionsStore.create(path) as store:
+        for n, blob in enumerate((False, True, False)):
+            ph = make_phantom(seed=n, size_mm=40.0, subject=f"q{n}")
+            store.add_subject(f"q{n}", Volume(ph.image, ph.affine, ph.spacing), site="A",
+                              regions=ph.regions)
+            lab = np.zeros(ph.image.shape, np.uint8)
+            lab[4:20, 10, 10] = 1  # a tube in each
+            if blob:
+                lab[25:28, 25:28, 25:28] = 1  # the one false-positive-looking cluster
+            prob = np.where(lab > 0, 0.8, 0.0).astype(np.float32)
+            store.save_prediction(f"q{n}", "m1", probability=prob, uncertainty=prob / 3,
+                                  labels=lab)
+        arch = arch_config("XS", 3)
+        store.models.register(build_network(arch), {**default_meta(arch), "id": "m1",
+                                                    "triage": triage})
+    viewer = make_napari_viewer()
+    review = ReviewWidget(viewer)
+    w = QueueWidget(viewer)
+    qtbot.addWidget(review)
+    qtbot.addWidget(w)
+    state_for(viewer).store = str(path)
+    w.rank.value = "clusters"
+    rows = w.rows
+    assert len(rows) == 4 and rows[0]["subject"] == "q1" and rows[0]["p_false_positive"] > 0.9
+    assert all(r["p_false_positive"] < 0.1 for r in rows[1:])
+    assert [w.table.horizontalHeaderItem(c).text() for c in range(3)] == ["subject", "site",
+                                                                           "cluster"]
+    assert w.open_button.text == "Open next likeliest false positive"
+    layer = w.open_next()
+    assert layer.metadata["subject"] == "q1" and review.layer is layer
+    s = review.session
+    assert review.current == rows[0]["cluster"]
+    assert s.row(review.current)["p_false_positive"] > 0.9
+    assert s.expected_false_positives() > 0.9
+    assert "expected false positives left: 1" in review.nav.counters.value
+    w.rank.value = "subjects"
+    assert w.table.horizontalHeaderItem(2).text() == "status"
+
+
 def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, qtbot, tmp_path):
     from napari_pvs._widgets._state import state_for
     from napari_pvs._widgets.queue import QueueWidget

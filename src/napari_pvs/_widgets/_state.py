@@ -27,12 +27,16 @@ class ViewerState:
         Layers of a store subject were added (the editable labels layer is passed).
     predicted(object)
         A prediction's layers were added (its editable labels layer is passed).
+    cluster_requested(object)
+        The (i, j, k) voxel of a cluster of the subject just opened (the queue's next
+        likeliest false positive): the review widget goes to that cluster.
     """
 
     store_changed = Signal(str)
     model_registered = Signal(str)
     subject_opened = Signal(object)
     predicted = Signal(object)
+    cluster_requested = Signal(object)
 
     def __init__(self) -> None:
         self._store: str | None = None

@@ -1,10 +1,14 @@
-"""Active-learning queue: the store's subjects, most uncertain first.
+"""Active-learning queue: the store's subjects, most uncertain first, or their clusters,
+likeliest false positive first.
 
-A thin layer over :mod:`napari_pvs.active`.  The table ranks subjects by the latest
-model's uncertainty (mean over clusters, or over the image) with their status;
-"Predict missing" runs the model over subjects without its prediction, in the
-background; "Open next most uncertain" loads the first subject not yet corrected, with
-its prediction, ready for the review widget.
+A thin layer over :mod:`napari_pvs.active`.  Ranking *subjects*, the table orders them by
+the latest model's uncertainty (mean over clusters, or over the image) with their
+status; "Open next" loads the first subject not yet corrected, with its prediction,
+ready for the review widget.  Ranking *clusters*, the table lists the predicted clusters
+of every subject not yet corrected, across subjects, by P(false positive) (the model's
+triage classifier; the heuristic priority without one); "Open next" loads the subject
+of the first one and the review widget goes to that cluster.  "Predict missing" runs the
+model over subjects without its prediction, in the background.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._errors import PVSInputError
-from ..active import predict_subjects, rank_subjects
+from ..active import predict_subjects, rank_clusters, rank_subjects
 from ..store import CorrectionsStore
 from ._common import StoreEdit, ViewerWidget
 from ._layers import open_store_subject
@@ -34,6 +38,11 @@ __all__ = ["QueueWidget"]
 
 COLUMNS = [("subject", "subject"), ("site", "site"), ("status", "status"),
            ("versions", "versions"), ("uncertainty", "uncertainty"), ("clusters", "n_clusters")]
+CLUSTER_COLUMNS = [("subject", "subject"), ("site", "site"), ("cluster", "cluster"),
+                   ("P(FP)", "p_false_positive"), ("priority", "priority"),
+                   ("voxels", "voxels"), ("region", "region")]
+#: Clusters listed in the cluster ranking (the queue's head; "Open next" takes the first).
+MAX_CLUSTER_ROWS = 500
 
 
 class QueueWidget(ViewerWidget):
@@ -42,15 +51,20 @@ class QueueWidget(ViewerWidget):
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
         self.rows: list[dict] = []
+        self._model: str | None = None  # whose predictions the rows rank
         self.worker = None
         self.store = StoreEdit(self.state)
         self.score = ComboBox(label="uncertainty", choices=["clusters", "image"], value="clusters",
                               tooltip="clusters: mean over predicted clusters; image: mean over WM+BG")
+        self.rank = ComboBox(label="rank", choices=["subjects", "clusters"], value="subjects",
+                             tooltip="subjects: by uncertainty; clusters: every predicted "
+                                     "cluster of the subjects not yet corrected, likeliest "
+                                     "false positive first")
         self.model = Label(value="model: none")
         self.refresh_button = PushButton(text="Refresh")
         self.predict_button = PushButton(text="Predict missing")
         self.open_button = PushButton(text="Open next most uncertain")
-        self.form = Container(widgets=[self.store, self.score, self.model,
+        self.form = Container(widgets=[self.store, self.rank, self.score, self.model,
                                        Container(widgets=[self.refresh_button, self.predict_button],
                                                  layout="horizontal", labels=False),
                                        self.open_button])
@@ -70,7 +84,8 @@ class QueueWidget(ViewerWidget):
         self.predict_button.clicked.connect(self.predict_missing)
         self.open_button.clicked.connect(self.open_next)
         self.score.changed.connect(lambda _: self.refresh())
-        self.table.cellDoubleClicked.connect(lambda r, _c: self.open(self.rows[r]["subject"]))
+        self.rank.changed.connect(lambda _: self.refresh())
+        self.table.cellDoubleClicked.connect(lambda r, _c: self.open_row(r))
         self.store.changed.connect(lambda _: self.refresh())
         self.state.model_registered.connect(lambda _: self.refresh())
         if self.state.store:
@@ -88,27 +103,50 @@ class QueueWidget(ViewerWidget):
             show_error(str(exc))
             return None
 
+    @property
+    def by_cluster(self) -> bool:
+        return self.rank.value == "clusters"
+
     def refresh(self) -> list[dict]:
-        """Re-rank the store's subjects; returns the rows, the one to correct next first."""
+        """Re-rank the store's subjects (or clusters); returns the rows, the next first."""
         store = self._open_store()
-        self.rows = [] if store is None else rank_subjects(store, by=self.score.value)
-        model = self.rows[0]["model_id"] if self.rows else None
+        model = None
+        if store is not None:
+            latest = store.models.latest()
+            model = latest["id"] if latest else None
+        self.score.enabled = not self.by_cluster
+        self.open_button.text = ("Open next likeliest false positive" if self.by_cluster
+                                 else "Open next most uncertain")
+        if store is None:
+            self.rows = []
+        elif self.by_cluster:
+            self.rows = rank_clusters(store, model, limit=MAX_CLUSTER_ROWS)
+        else:
+            self.rows = rank_subjects(store, by=self.score.value)
         self.model.value = f"model: {model or 'none registered'}"
+        columns = CLUSTER_COLUMNS if self.by_cluster else COLUMNS
         t = self.table
+        t.setColumnCount(len(columns))
+        t.setHorizontalHeaderLabels([c for c, _ in columns])
         t.setRowCount(len(self.rows))
         for r, row in enumerate(self.rows):
-            for c, (_, key) in enumerate(COLUMNS):
+            for c, (_, key) in enumerate(columns):
                 v = row[key]
-                text = ("not predicted" if isinstance(v, float) and math.isnan(v)
+                nan = isinstance(v, float) and math.isnan(v)
+                text = (("" if self.by_cluster else "not predicted") if nan
                         else f"{v:.4f}" if isinstance(v, float) else str(v))
                 item = QTableWidgetItem(text)
-                if key == "uncertainty":
+                if isinstance(v, (int, float)):
                     item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 t.setItem(r, c, item)
+        self._model = model
         return self.rows
 
     def next_subject(self) -> str | None:
-        """The most uncertain subject not yet corrected that has a prediction."""
+        """The most uncertain subject not yet corrected that has a prediction (ranking
+        clusters: the subject of the likeliest false positive)."""
+        if self.by_cluster:
+            return self.rows[0]["subject"] if self.rows else None
         for row in self.rows:
             if row["status"] != "corrected" and not math.isnan(row["uncertainty"]):
                 return row["subject"]
@@ -123,14 +161,30 @@ class QueueWidget(ViewerWidget):
             show_info("no predicted subject left to correct: run 'Predict missing' first, or "
                       "every subject is corrected")
             return None
-        return self.open(sid)
+        return self.open_row(0) if self.by_cluster else self.open(sid)
+
+    def open_row(self, r: int):
+        """Open row ``r``'s subject (and, ranking clusters, go to its cluster)."""
+        row = self.rows[r]
+        if not self.by_cluster:
+            return self.open(row["subject"])
+        layer = self.open(row["subject"])
+        if layer is not None:
+            ijk = tuple(row[f"centroid_{a}"] for a in "ijk")
+            world = layer.data_to_world(ijk)
+            self.viewer.dims.set_point(range(len(world)), tuple(world))
+            self.state.cluster_requested.emit(ijk)
+        return layer
 
     def open(self, subject: str):
         """Add the subject's layers (image, labels to correct, prediction); returns the labels layer."""
         store = self._open_store()
         if store is None:
             return None
-        model = next((r["model_id"] for r in self.rows), None)
+        model = self._model
+        if model is None:
+            latest = store.models.latest()
+            model = latest["id"] if latest else None
         layer = open_store_subject(self.viewer, store, subject, model)
         self.state.subject_opened.emit(layer)
         return layer

@@ -89,6 +89,7 @@ class ReviewWidget(ViewerWidget):
             ev.connect(self._refresh_choices)
         self.state.add_saver(self.save, self.has_unsaved)
         self.state.subject_opened.connect(self._follow)
+        self.state.cluster_requested.connect(self.go_to_voxel)
         self.state.predicted.connect(self._follow)
 
     # ------------------------------------------------------------------ keys
@@ -285,6 +286,22 @@ class ReviewWidget(ViewerWidget):
             QTimer.singleShot(0, lambda: self.nav.show_progress(self.session))
 
     # ------------------------------------------------------------------ navigation
+    def go_to_voxel(self, ijk) -> int | None:
+        """Go to the cluster at voxel ``ijk`` of the reviewed labels (else the cluster whose
+        centroid is nearest); returns its id, None without clusters."""
+        s = self.session
+        if s is None or not s.n:
+            return None
+        idx = tuple(int(round(float(v))) for v in ijk)
+        inside = all(0 <= v < n for v, n in zip(idx, s.clusters.shape))
+        cid = int(s.clusters[idx]) if inside else 0
+        if not cid:
+            cols = s.table.columns
+            cen = np.stack([cols[f"centroid_{a}"] for a in "ijk"], 1)
+            cid = int(cols["id"][int(np.argmin(((cen - np.asarray(idx)) ** 2).sum(1)))])
+        self.go_to(cid)
+        return cid
+
     def go_to(self, cid: int, select: bool = True) -> None:
         """Centre the viewer on cluster ``cid``, ring it and select its row."""
         s = self.session
