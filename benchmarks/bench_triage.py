@@ -54,7 +54,8 @@ def main() -> None:
     t_fit = temperature_of(meta)
     print(f"model {meta['id']}: temperature {t_fit:.3f}; classifier fitted on "
           f"{len(triage.get('subjects', []))} validation subjects ({triage.get('clusters')} "
-          f"clusters, leave-one-subject-out AUROC {triage['cv_auroc'].get(str(triage['C']))})")
+          f"clusters): {triage.get('feature_set')} {triage['features']}, leave-one-subject-"
+          f"out AUROC {triage.get('cv_auroc')} (heuristic {triage.get('cv_auroc_heuristic')})")
     t0 = time.perf_counter()
 
     def subjects():

@@ -111,7 +111,25 @@ def test_predict_model_starter_writes_the_three_maps_in_the_source_geometry(subj
     assert not maps["pvs"][regions == 0].any()
     assert not maps["uncertainty"][regions == 0].any() and maps["uncertainty"].max() > 0
     np.testing.assert_array_equal(maps["pvs"] > 0, maps["prob"] >= 0.5)
-    assert (tmp_path / f"{stem}_clusters.csv").is_file()
+    # the starter's triage classifier: every cluster has P(false positive), the priority
+    import csv
+
+    with open(tmp_path / f"{stem}_clusters.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(0 <= float(r["p_false_positive"]) <= 1 for r in rows)
+    assert all(r["priority"] == r["p_false_positive"] for r in rows)
+
+
+def test_the_starter_carries_its_fitted_triage_and_temperature():
+    from napari_pvs.triage import check_triage, temperature_of
+
+    meta = M.read_meta(M.starter_path())
+    t = check_triage(meta["triage"])
+    assert t["clusters"] > 1000 and 0 < t["false_positives"] < t["clusters"]
+    assert not set(t["subjects"]) & {"siteD-901", "siteD-902"}  # fitted away from site D
+    assert 0.2 < temperature_of(meta) < 5 and meta["calibration"]["subjects"] == t["subjects"]
+    assert meta["card"]["recipe"]["polish_iterations"] == meta["provenance"]["iterations"] - (
+        meta["card"]["recipe"]["iterations"] + meta["card"]["recipe"]["refine_iterations"])
 
 
 def test_predict_unknown_model_name_is_one_line_naming_the_shipped_ones(subject, tmp_path):
