@@ -1,7 +1,8 @@
 """Active-learning queue: the store's subjects, most uncertain first.
 
 A thin layer over :mod:`napari_pvs.active`.  The table ranks subjects by the latest
-model's uncertainty (mean over clusters, or over the image) with their status;
+model's uncertainty (mean over clusters, or over the image) with their status and the
+kind of their latest labels (full, review: cluster decisions only, or none);
 "Predict missing" runs the model over subjects without its prediction, in the
 background; "Open next most uncertain" loads the first subject not yet corrected, with
 its prediction, ready for the review widget.
@@ -33,7 +34,8 @@ from ._worker import start_worker
 __all__ = ["QueueWidget"]
 
 COLUMNS = [("subject", "subject"), ("site", "site"), ("status", "status"),
-           ("versions", "versions"), ("uncertainty", "uncertainty"), ("clusters", "n_clusters")]
+           ("versions", "versions"), ("labels", "labels"), ("uncertainty", "uncertainty"),
+           ("clusters", "n_clusters")]
 
 
 class QueueWidget(ViewerWidget):

@@ -9,7 +9,9 @@ Labels layer does not use; they are unbound when the widget closes or leaves its
 The widget acts on the session and listens to its signals to update the table, the
 labels and the counters.  Manual painting in the labels layer counts as a correction.
 Save commits the labels as a new version of the store subject, with the edit summary
-and every decision as an event.  Closing napari with unsaved corrections asks first.
+and every decision as an event; Save decisions commits them as a review-only version
+(only the decided clusters and painted voxels count for training).  Closing napari
+with unsaved corrections asks first.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class ReviewWidget(ViewerWidget):
         for name, fn in self._actions().items():
             self.buttons[name].clicked.connect(fn)
         self.save_panel.save_button.clicked.connect(self.save)
+        self.save_panel.decisions_button.clicked.connect(self.save_decisions)
         self.save_panel.refresh_button.clicked.connect(self.recompute)
         self.sort.changed.connect(lambda value: self.table.sort_by(SORT[value]))
         self.labels.changed.connect(self._on_labels_choice)
@@ -358,8 +361,16 @@ class ReviewWidget(ViewerWidget):
     def has_unsaved(self) -> bool:
         return self.session is not None and self.session.dirty
 
-    def save(self) -> bool:
-        """Commit the labels as a new store version; False (with a notification) on failure."""
+    def save_decisions(self) -> bool:
+        """Commit the decisions as a review-only store version (see :meth:`save`)."""
+        return self.save(review_only=True)
+
+    def save(self, *, review_only: bool = False) -> bool:
+        """Commit the labels as a new store version; False (with a notification) on failure.
+
+        ``review_only`` saves only what was decided: the accepted and rejected clusters
+        and the painted voxels (:meth:`napari_pvs.review.ReviewSession.save`).
+        """
         from napari.utils.notifications import show_error, show_info
 
         if self.session is None:
@@ -374,7 +385,8 @@ class ReviewWidget(ViewerWidget):
         image = self._linked_layer("image")
         try:
             version = commit_review(self.session, self.layer, Path(path), subject, image=image,
-                                    regions=self._linked(self.layer).get("regions"))
+                                    regions=self._linked(self.layer).get("regions"),
+                                    review_only=review_only)
         except (PVSInputError, OSError, ValueError) as exc:
             show_error(f"corrections NOT saved ({exc}); they are still in the layer")
             return False
@@ -383,7 +395,8 @@ class ReviewWidget(ViewerWidget):
         if image is not None:
             image.metadata = {**(image.metadata or {}), "store": path, "subject": subject}
         self.state.store = path
-        show_info(f"saved {subject} v{version}: {summary['clusters_rejected']} clusters rejected, "
+        show_info(f"saved {subject} v{version}{' (decisions only)' if review_only else ''}: "
+                  f"{summary['clusters_rejected']} clusters rejected, "
                   f"{summary['clusters_accepted']} accepted, {summary['voxels_painted_manually']} "
                   "voxels painted")
         return True
