@@ -34,8 +34,8 @@ from ._worker import start_worker
 __all__ = ["QueueWidget"]
 
 COLUMNS = [("subject", "subject"), ("site", "site"), ("status", "status"),
-           ("versions", "versions"), ("labels", "labels"), ("uncertainty", "uncertainty"),
-           ("clusters", "n_clusters")]
+           ("versions", "versions"), ("uncertainty", "uncertainty"), ("clusters", "n_clusters"),
+           ("labels", "labels")]
 
 
 class QueueWidget(ViewerWidget):
