@@ -130,6 +130,11 @@ def test_review_rejects_a_planted_false_positive_with_its_key(make_napari_viewer
             assert known[s.cluster_voxels(c)].all()
         undecided = next(c for c in range(1, s.n + 1) if c not in s.decisions)
         assert not known[s.cluster_voxels(undecided)].any()
+    # work pending when retraining starts is saved as this review was: decisions only
+    rw.accept()
+    assert rw.has_unsaved() and rw.state.save_pending() and not rw.has_unsaved()
+    with CorrectionsStore.open(tmp_path / "lab.pvs.zarr") as store:
+        assert store.version_kind("w01") == "review" and store.info("w01")["latest"] == 3
     rw.unbind_keys()
 
 

@@ -59,6 +59,7 @@ class ReviewWidget(ViewerWidget):
         self.session: ReviewSession | None = None
         self.layer = None
         self.current: int | None = None
+        self._decisions_only = False  # how this review was last saved (see save_pending)
         self._cluster_ids: dict[int, np.ndarray] = {}  # cluster map values of rejected clusters
         self.nav = NavigationBar(self._labels_choices)
         self.table = ClusterTable()
@@ -90,7 +91,7 @@ class ReviewWidget(ViewerWidget):
         self.table.chosen.connect(lambda cid: self.go_to(cid, select=False))
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._refresh_choices)
-        self.state.add_saver(self.save, self.has_unsaved)
+        self.state.add_saver(self.save_pending, self.has_unsaved)
         self.state.subject_opened.connect(self._follow)
         self.state.predicted.connect(self._follow)
 
@@ -191,6 +192,7 @@ class ReviewWidget(ViewerWidget):
             self.layer.events.paint.disconnect(self._on_paint)
         self._watch(self.session, False)
         self.layer, self.session, self.current = layer, None, None
+        self._decisions_only = False  # how this review was last saved
         self._cluster_ids = {}
         if layer is not None:
             if self.labels.value is not layer:
@@ -365,6 +367,11 @@ class ReviewWidget(ViewerWidget):
         """Commit the decisions as a review-only store version (see :meth:`save`)."""
         return self.save(review_only=True)
 
+    def save_pending(self) -> bool:
+        """Save unsaved work (before retraining, or closing) the way this review was last
+        saved: decisions only after Save decisions, else in full."""
+        return self.save(review_only=self._decisions_only)
+
     def save(self, *, review_only: bool = False) -> bool:
         """Commit the labels as a new store version; False (with a notification) on failure.
 
@@ -390,6 +397,7 @@ class ReviewWidget(ViewerWidget):
         except (PVSInputError, OSError, ValueError) as exc:
             show_error(f"corrections NOT saved ({exc}); they are still in the layer")
             return False
+        self._decisions_only = review_only
         self.layer.metadata = {**(self.layer.metadata or {}), "store": path, "subject": subject,
                                "version": version}
         if image is not None:
@@ -409,7 +417,7 @@ class ReviewWidget(ViewerWidget):
             f"{self.counters.value}.\nSave them to the store before closing?",
             QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, QMessageBox.Save)
         if answer == QMessageBox.Save:
-            return self.save()
+            return self.save_pending()
         return answer == QMessageBox.Discard
 
 
