@@ -68,7 +68,7 @@ def deep_supervision(loss, outputs: Sequence[torch.Tensor], target: torch.Tensor
     import torch.nn.functional as F
 
     total = torch.tensor(0, dtype=torch.float, device=target.device)
-    for w, out in zip(weights, outputs):
+    for w, out in zip(weights, outputs, strict=False):
         t, m = target, mask
         if out.shape[2:] != target.shape[2:]:
             t = F.interpolate(target, size=out.shape[2:], mode=mode)

@@ -16,7 +16,8 @@ from ._errors import PVSInputError
 from ._nifti_checks import one_line
 
 __all__ = ["PREDICTION_MAPS", "REVIEWED", "StoreCorruptError", "StoreLockedError", "StoreWarning",
-           "StoreWriteError", "check_site", "check_subject_id", "check_wait", "open_array", "read_verified"]
+           "StoreWriteError", "check_site", "check_subject_id", "check_wait", "open_array",
+           "read_verified"]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CHUNKS = (64, 64, 64)

@@ -202,6 +202,7 @@ class LabelVersions(StoreBase):
 
         self._after_commit(what, pointer, lambda: self.log_event(subject, "commit", {
             "version": number, "parent": parent, "author": author, "source": source,
-            "labels_kind": attrs["kind"], "summary": attrs["summary"]}), *[(lambda e=e: self.log_event(
-                subject, e.get("kind", "review"), e)) for e in events or []])
+            "labels_kind": attrs["kind"], "summary": attrs["summary"]}),
+            *[(lambda e=e: self.log_event(subject, e.get("kind", "review"), e))
+              for e in events or []])
         return number
