@@ -295,3 +295,29 @@ def test_review_only_subjects_train_but_never_validate():
     assert _split(cfg, {"r1": 3, "r2": 1}, None, None, kinds)[:2] == (["r1", "r2"], [])
     with pytest.raises(PVSInputError, match="review-only labels"):
         _split(cfg, versions, ["f1", "r2"], ["r1"], kinds)
+
+
+def test_train_cli_learns_from_decisions_alone_and_says_it_cannot_validate(tmp_path, phantom_store,
+                                                                           capsys):
+    from napari_pvs.cli import main
+    from napari_pvs.training.data import training_versions
+
+    path = tmp_path / "s.pvs.zarr"
+    store = phantom_store(n_sites=1, per_site=2, size_mm=48, corrected=(), path=path)
+    for sid in store.subjects():  # half of each subject's PVS decided, nothing else
+        image = store.read_image(sid)
+        labels = np.zeros(image.shape, np.uint8)
+        labels[image > np.percentile(image, 99.5)] = 1  # a crude candidate map
+        known = np.zeros(image.shape, bool)
+        known[: image.shape[0] // 2] = True
+        store.commit_labels(sid, labels, author="ann", reviewed=known)
+    assert len(training_versions(store)) == 2
+    store.close()
+    assert main(["train", "--store", str(path), "--iterations", "2", "--epoch", "2",
+                 "--patch", "32", "--lr", "3e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 review-only" in out and "no validation" in out and "done: mednext-" in out
+    with CorrectionsStore.open(path) as store:
+        meta = store.models.latest()
+        assert meta["provenance"]["review_only_subjects"] == sorted(store.subjects())
+        assert meta["provenance"]["validation_subjects"] == []
