@@ -117,6 +117,24 @@ def test_review_rejects_a_planted_false_positive_with_its_key(make_napari_viewer
         assert kinds.count("cluster_rejected") == 2 and "undo" in kinds and "paint" in kinds
         np.testing.assert_allclose(store.info("w01")["affine"], ph.affine)  # the image's geometry
         np.testing.assert_array_equal(store.regions("w01")[...], ph.regions)
+    # Save decisions: a review-only version whose mask holds the decided clusters
+    rw.go_to(rw.session.next_unreviewed(rw.order(), other))
+    third = rw.current
+    rw.reject()
+    rw.save_panel.decisions_button.native.click()
+    assert not rw.has_unsaved()
+    with CorrectionsStore.open(tmp_path / "lab.pvs.zarr") as store:
+        assert store.version_kind("w01") == "review" and store.info("w01")["status"] == "corrected"
+        known = store.read_reviewed("w01").reshape(-1)
+        for c in (cid, other, third):
+            assert known[s.cluster_voxels(c)].all()
+        undecided = next(c for c in range(1, s.n + 1) if c not in s.decisions)
+        assert not known[s.cluster_voxels(undecided)].any()
+    # work pending when retraining starts is saved as this review was: decisions only
+    rw.accept()
+    assert rw.has_unsaved() and rw.state.save_pending() and not rw.has_unsaved()
+    with CorrectionsStore.open(tmp_path / "lab.pvs.zarr") as store:
+        assert store.version_kind("w01") == "review" and store.info("w01")["latest"] == 3
     rw.unbind_keys()
 
 

@@ -220,6 +220,7 @@ def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, q
     rows = w.refresh()
     assert [r["subject"] for r in rows] == ["q1", "q0", "q2"]
     assert w.table.item(0, 0).text() == "q1" and w.table.item(2, 2).text() == "corrected"
+    assert [w.table.item(r, 6).text() for r in range(3)] == ["none", "none", "full"]  # labels
     layer = w.open_next()
     assert layer.name == "q1 [m1] PVS" and layer.metadata["subject"] == "q1"
     assert {"q1 image", "q1 [m1] uncertainty", "q1 [m1] probability"} <= {x.name for x in viewer.layers}

@@ -5,14 +5,22 @@ their loss, validations with voxel / cluster Dice, checkpoints) and returns the 
 the model it registered in the store.  The GUI runs it in a worker; the CLI drains it.
 
 * Start from a registered model (id), a checkpoint file, or from scratch.
+* It learns from every corrected subject and from the cluster decisions of reviewed
+  ones (review-only label versions, :func:`~napari_pvs.training.data.training_versions`).
 * Each batch mixes subjects whose corrections the parent model has not seen with
   replayed older ones (``replay_fraction``), so the model does not forget.
 * Loss: MONAI ``DiceCELoss`` under ``DeepSupervisionLoss`` (all decoder heads);
-  AdamW; polynomial learning-rate decay; fp16 autocast on CUDA only.
+  AdamW; polynomial learning-rate decay; fp16 autocast on CUDA only.  When some
+  training subjects are review-only, every batch carries loss weights and the loss
+  ignores their unreviewed voxels (:mod:`napari_pvs.training.losses`); a store of
+  full corrections only trains exactly as before.
 * Every epoch: validation on held-out corrected subjects (the best weights are kept)
   and a checkpoint (``work_dir/state.pt``, written atomically, loaded with
   ``weights_only=True``).  ``resume=True`` continues from it after a crash; after a
   run that finished, it returns the model that run registered instead of a duplicate.
+  Only subjects known in full are held out: review-only ones cannot be scored, and
+  always train.  Without a full subject to hold out there is no validation, and the
+  last weights are registered (the start event says so).
 * ``cancel`` (a ``threading.Event``) is checked every iteration.
 * A non-finite loss or non-finite weights stop the run with :class:`TrainingDiverged`;
   nothing is registered.
@@ -54,7 +62,7 @@ from napari_pvs.store import CorrectionsStore
 
 from ._distributed import barrier, distributed, shard_subjects
 from .config import FinetuneConfig
-from .data import PatchSampler, SubjectCache, corrected_versions
+from .data import PatchSampler, SubjectCache, label_kinds, training_versions
 from .trainer import Trainer, TrainEvent, TrainingCancelled, TrainingDiverged
 
 __all__ = ["FinetuneConfig", "FinetuneEvent", "TrainingCancelled", "TrainingDiverged", "finetune"]
@@ -175,31 +183,40 @@ def _register(store, net, meta: dict, parent, wait: float) -> str:
         return _register(locked, net, meta, parent, wait)
 
 
-def _split(cfg, versions, train_subjects, val_subjects):
-    """``(train, val, versions)``: the fixed split of a fold, else a seeded hold-out."""
-    subjects = sorted(versions)
+def _split(cfg, versions, train_subjects, val_subjects, kinds=None):
+    """``(train, val, versions)``: the fixed split of a fold, else a seeded hold-out of
+    the subjects known in full (``kinds``: review-only subjects always train)."""
+    kinds = kinds or {}
     if train_subjects is not None:
         unknown = sorted(set(train_subjects) - set(versions))
         if unknown:
             raise PVSInputError(f"training subjects without corrected labels: {unknown}")
+        partial = sorted(s for s in val_subjects or [] if kinds.get(s) == "review")
+        if partial:
+            raise PVSInputError(f"validation subjects {partial} have review-only labels (cluster "
+                                "decisions), which cannot be scored; validate on subjects "
+                                "with a full correction")
         train = sorted(train_subjects)
         val = sorted(s for s in (val_subjects or []) if s in versions)
         return train, val, {s: versions[s] for s in [*train, *val]}
+    subjects = sorted(s for s in versions if kinds.get(s, "full") == "full")
     rng = np.random.default_rng(cfg.seed)
     n_val = int(round(cfg.val_fraction * len(subjects))) if len(subjects) > 1 else 0
     val = sorted(rng.choice(subjects, size=n_val, replace=False).tolist()) if n_val else []
-    return [s for s in subjects if s not in val] or subjects, val, versions
+    return [s for s in sorted(versions) if s not in val] or subjects, val, versions
 
 
 class _Finetune(Trainer):
     """The trainer's hooks for the store: held-out validation, resumable checkpoints,
     registration of the best weights."""
 
-    def __init__(self, store, cfg, net, meta, parent, work: Path, cancel, split, wait):
+    def __init__(self, store, cfg, net, meta, parent, work: Path, cancel, split, wait,
+                 kinds=None):
         import torch
 
         self.store, self.cfg, self.meta, self.parent, self.wait = store, cfg, meta, parent, wait
         self.train_ids, self.val, self.versions = split
+        self.review_only = sorted(s for s in self.train_ids if (kinds or {}).get(s) == "review")
         self.state_path, self.run_id = work / "state.pt", uuid.uuid4().hex
         dev = pick_device(cfg.device)
         self.rank, self.world = distributed(dev)
@@ -209,7 +226,8 @@ class _Finetune(Trainer):
         self.new = [s for s in self.train_ids if seen.get(s) != self.versions[s]]
         self.weights = [(1 - cfg.replay_fraction) / max(len(self.new), 1) * (s in self.new)
                         + cfg.replay_fraction / len(self.train_ids) for s in self.train_ids]
-        self.cache = SubjectCache(store, self.versions, self.pre, cfg.cache_budget_mb * 2**20)
+        self.cache = SubjectCache(store, self.versions, self.pre, cfg.cache_budget_mb * 2**20,
+                                  cfg.review_rim)
         self.sampler = PatchSampler(self.cache, self.train_ids, cfg.patch, cfg.pos_fraction,
                                     augment=cfg.augment, seed=cfg.seed + self.rank,
                                     weights=self.weights)
@@ -223,6 +241,9 @@ class _Finetune(Trainer):
         if self.world > 1 and it % self.cfg.iterations_per_epoch == 0:
             shard_subjects(self.sampler, self.train_ids, self.weights, self.rank, self.world,
                            self.cfg.seed, it // self.cfg.iterations_per_epoch)
+        if self.review_only:  # loss weights: the unreviewed voxels of those subjects count 0
+            x, y, _, mask = self.sampler.batch(self.cfg.batch_size, masks=True)
+            return x, y, mask
         x, y, _ = self.sampler.batch(self.cfg.batch_size)
         return x, y
 
@@ -301,6 +322,8 @@ class _Finetune(Trainer):
                                                            self.best if self.val else None},
                               "validation_subjects": self.val, "note": "fine-tuned on corrections",
                               "run": self.run_id}
+        if self.review_only:
+            meta["provenance"]["review_only_subjects"] = self.review_only
         origin = _origin(self.meta.get("provenance") or {})
         if self.parent is not None and origin:
             meta["provenance"]["origin"] = origin
@@ -315,12 +338,15 @@ def finetune(store, *, init=None, config: FinetuneConfig | None = None,
              work_dir: str | os.PathLike[str] | None = None, resume: bool = False,
              cancel: threading.Event | None = None, train_subjects=None, val_subjects=None,
              wait: float = 30.0):
-    """Fine-tune on every corrected subject of ``store``; returns the new model id.
+    """Fine-tune on every corrected or reviewed subject of ``store``; returns the new model id.
 
     ``store`` may be opened read-only: the write lock is taken (waiting up to ``wait``
     seconds) only to register the model.  ``train_subjects`` / ``val_subjects`` fix the
-    split (cross-validation folds); otherwise ``val_fraction`` of the corrected subjects
-    are held out, seeded.
+    split (cross-validation folds; validation subjects need full labels); otherwise
+    ``val_fraction`` of the subjects known in full are held out, seeded.  Subjects with
+    review-only labels (cluster decisions) always train, on their reviewed voxels only;
+    with no full subject to hold out the run does not validate and registers its last
+    weights.
     """
     cfg = (config or FinetuneConfig()).validate()
     wait = check_wait(wait)  # now, not when registering after the whole run
@@ -345,11 +371,13 @@ def _finetune(store, init, cfg, work, resume, cancel, train_subjects, val_subjec
 
     torch.manual_seed(cfg.seed)  # new networks start from seeded weights
     net, meta, parent = _initial(store, init, cfg)
-    versions = corrected_versions(store)
+    versions = training_versions(store)
     if not versions:
-        raise PVSInputError(f"{store.path} has no corrected subjects; save corrections first")
-    split = _split(cfg, versions, train_subjects, val_subjects)
-    trainer = _Finetune(store, cfg, net, meta, parent, work, cancel, split, wait)
+        raise PVSInputError(f"{store.path} has no corrected or reviewed subjects; save "
+                            "corrections (or cluster decisions) first")
+    kinds = label_kinds(store, versions)
+    split = _split(cfg, versions, train_subjects, val_subjects, kinds)
+    trainer = _Finetune(store, cfg, net, meta, parent, work, cancel, split, wait, kinds)
     if resume and trainer.state_path.is_file():
         done = trainer.resume()
         if done is not None:  # the run finished and registered: never a duplicate
@@ -359,8 +387,13 @@ def _finetune(store, init, cfg, work, resume, cancel, train_subjects, val_subjec
     else:
         torch.manual_seed(cfg.seed)
     train, val = split[0], split[1]
+    partial = len(trainer.review_only)
     return (yield from trainer.run(
-        f"{len(train)} training ({len(trainer.new)} new), {len(val)} validation subjects"
+        f"{len(train)} training ({len(trainer.new)} new"
+        + (f", {partial} review-only: reviewed voxels only" if partial else "")
+        + f"), {len(val)} validation subjects"
+        + ("; no validation: no subject with a full correction to hold out, the last weights "
+           "are registered" if partial and not val else "")
         + ("" if trainer.device.startswith("cuda") else "; CPU run: small patches and model")))
 
 

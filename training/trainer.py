@@ -3,7 +3,11 @@
 :class:`Trainer` owns what every training run shares: AdamW, nnU-Net's polynomial
 learning-rate decay, MONAI's Dice + cross-entropy loss (under ``DeepSupervisionLoss``
 for networks with deep-supervision heads), fp16 autocast on CUDA, the cancel check and
-the divergence check.  :meth:`Trainer.run` is a generator of :class:`TrainEvent`:
+the divergence check.  A batch that comes with loss weights (review-only labels: 1
+where the label is known) is scored with :class:`~napari_pvs.training.losses.MaskedDiceCELoss`
+on the same heads instead, which equals the usual loss for weights of ones; a batch
+without them takes the usual loss, unchanged.  :meth:`Trainer.run` is a generator of
+:class:`TrainEvent`:
 
     for each iteration:        train_step
     at the end of each epoch:  (weights finite?) validate, then checkpoint
@@ -55,7 +59,7 @@ class TrainEvent:
     extra: dict = field(default_factory=dict)
 
 
-Batches = Callable[[int], tuple[np.ndarray, np.ndarray]]
+Batches = Callable[[int], tuple[np.ndarray, ...]]
 
 
 class Trainer:
@@ -66,7 +70,9 @@ class Trainer:
     net : torch.nn.Module
         The network; trained in place.
     batches : callable
-        ``batches(iteration) -> (images (B, C, ...) float32, labels (B, 1, ...) int)``.
+        ``batches(iteration) -> (images (B, C, ...) float32, labels (B, 1, ...) int)``,
+        or a third item, the loss weights (B, 1, ...) (1: label known, 0: ignore the
+        voxel; None: all known), for batches of review-only labels.
     iterations : int
         Total iterations of the run.
     lr : float
@@ -95,6 +101,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-5)
         self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True),
                                            weight_mode="exp")
+        self.masked_loss_fn = None  # made for the first batch with loss weights
         self.amp = self.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start = 0
@@ -112,12 +119,14 @@ class Trainer:
 
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(iteration)
-        x, y = self.batches(iteration)
+        x, y, *rest = self.batches(iteration)
+        mask = rest[0] if rest else None
         # float labels: DeepSupervisionLoss resizes them to each head
         x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).float().to(self.device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             out = self.model(x)
-            loss = self.loss_fn(list(out) if isinstance(out, (tuple, list)) else [out], y)
+            heads = list(out) if isinstance(out, (tuple, list)) else [out]
+            loss = self.loss_fn(heads, y) if mask is None else self.masked_loss(heads, y, mask)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingDiverged(f"training diverged at iteration {iteration + 1}: the loss is "
@@ -128,6 +137,19 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         return value
+
+    def masked_loss(self, heads: list, y, mask: np.ndarray):
+        """The loss of a batch with loss weights: :class:`~napari_pvs.training.losses.
+        MaskedDiceCELoss` on every head, weighted as :attr:`loss_fn` weights them."""
+        import torch
+
+        from .losses import MaskedDiceCELoss, deep_supervision
+
+        if self.masked_loss_fn is None:
+            self.masked_loss_fn = MaskedDiceCELoss()
+        m = torch.as_tensor(np.asarray(mask, np.float32)).to(self.device)
+        return deep_supervision(self.masked_loss_fn, heads, y, m,
+                                self.loss_fn.get_weights(len(heads)), self.loss_fn.interp_mode)
 
     def validate(self, iteration: int) -> Generator[TrainEvent, None, float | None]:
         """Score the current weights (higher is better); None when there is nothing to score."""

@@ -200,13 +200,15 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def _ls(store) -> None:
+    """One line per subject; ``labels`` is the latest version's kind (full, review: only
+    the reviewed clusters and painted voxels are known, or none)."""
     print(f"{'subject':<16} {'site':<10} {'modality':<8} {'status':<11} {'versions':>8} "
-          f"{'latest':>6}  predictions")
+          f"{'latest':>6} {'labels':<7}  predictions")
     for sid in store.subjects():
         info = store.info(sid)
         print(f"{sid:<16} {info['site']:<10} {info['modality']:<8} {info['status']:<11} "
-              f"{len(store.version_numbers(sid)):>8} {info['latest'] or '-':>6}  "
-              f"{', '.join(store.predictions(sid)) or '-'}")
+              f"{len(store.version_numbers(sid)):>8} {info['latest'] or '-':>6} "
+              f"{store.labels_kind(sid):<7}  {', '.join(store.predictions(sid)) or '-'}")
 
 
 def _import(store, args: argparse.Namespace) -> int:
@@ -266,7 +268,8 @@ def add_store_parser(sub) -> None:
     c = ssub.add_parser("export", help="write the latest labels to NIfTI")
     c.add_argument("store", help=_STORE)
     add_out(c, "output folder: <subject>_pvs.nii.gz each", positional="OUTDIR")
-    c = ssub.add_parser("ls", help="list subjects, sites, status and versions")
+    c = ssub.add_parser("ls", help="list subjects, sites, status, versions and the latest "
+                        "labels' kind (full, review, none)")
     c.add_argument("store", help=_STORE)
     c = ssub.add_parser("verify", help="check every version, image, prediction, model and the "
                         "event log; exit 1 if anything is damaged")

@@ -42,7 +42,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MODALITIES", "STATUSES", "StoreBase", "m
 
 FORMAT = "napari-pvs-store"
 FORMAT_VERSION = 1
-STATUSES = ("unlabelled", "predicted", "in-review", "corrected")
+STATUSES = ("unlabelled", "predicted", "in-review", "reviewed", "corrected")
 MODALITIES = ("T2w", "T1w")
 _VERSION = re.compile(r"v(\d{4,})")
 _READ = object()

@@ -15,13 +15,15 @@ import numpy as np
 from ._errors import PVSInputError
 from ._nifti_checks import one_line
 
-__all__ = ["PREDICTION_MAPS", "StoreCorruptError", "StoreLockedError", "StoreWarning", "StoreWriteError",
-           "check_site", "check_subject_id", "check_wait", "open_array", "read_verified"]
+__all__ = ["PREDICTION_MAPS", "REVIEWED", "StoreCorruptError", "StoreLockedError", "StoreWarning",
+           "StoreWriteError", "check_site", "check_subject_id", "check_wait", "open_array",
+           "read_verified"]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CHUNKS = (64, 64, 64)
 _RESTORE = "restore the store folder from a backup"
 PREDICTION_MAPS = ("probability", "uncertainty", "labels")
+REVIEWED = "reviewed"  # a review-only version's mask of known voxels, inside its folder
 
 
 class StoreLockedError(PVSInputError):
@@ -118,9 +120,18 @@ def read_verified(store: Path, path: Path, where: str, remedy: str | None = None
     return data
 
 
-def _write_labels(path: Path, labels: np.ndarray, attrs: dict[str, Any]) -> None:
+def _write_labels(path: Path, labels: np.ndarray, attrs: dict[str, Any],
+                  reviewed: np.ndarray | None = None) -> None:
+    """Write a label version at ``path``; a review-only version's ``reviewed`` mask (uint8
+    0/1, with its own sha256) goes inside it, at ``path/reviewed``, so that one folder
+    rename commits both."""
     import zarr
 
     arr = zarr.create_array(str(path), shape=labels.shape, dtype=np.uint8, chunks=_CHUNKS,
                             fill_value=0, attributes=attrs)
     arr[...] = labels
+    if reviewed is not None:
+        mask = zarr.create_array(str(path / REVIEWED), shape=reviewed.shape, dtype=np.uint8,
+                                 chunks=_CHUNKS, fill_value=0,
+                                 attributes={"sha256": _sha256(reviewed)})
+        mask[...] = reviewed

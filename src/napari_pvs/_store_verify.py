@@ -10,7 +10,8 @@ them with counts of what was checked.  Checked:
   (arrays of stores written before checksums existed are decoded and counted as
   ``not checksummed``; they are not damage);
 * label versions run 1..latest without a gap, each folder has its ``zarr.json``, and
-  the ``latest`` attribute does not point past the newest version;
+  the ``latest`` attribute does not point past the newest version; a review-only
+  version's ``reviewed`` mask decodes and matches its checksum;
 * every registered model loads (metadata, weights that match the architecture, all
   finite) and names itself by its file name;
 * ``events.jsonl``: every line is a JSON object, except a torn last line.
@@ -105,6 +106,7 @@ def _verify_subject(store, sid: str, damage, counts) -> None:
             counts["label versions"] += 1
             _checked(data, shape, f"subject {sid} labels v{n:04d}", damage, counts,
                      store.labels(sid, n))
+            store.read_reviewed(sid, n)  # a review-only version's mask, against its checksum
         except StoreCorruptError as exc:
             damage(exc.where, exc.detail)
     preds = store.path / "subjects" / sid / "predictions"

@@ -3,10 +3,11 @@ clusters across subjects by P(false positive) (no Qt).
 
 :func:`predict_subjects` runs a registered model over store subjects and saves each
 prediction with its uncertainty statistics; :func:`rank_subjects` orders the subjects
-so that the one to correct next comes first: subjects not yet corrected before
-corrected ones, then by decreasing uncertainty.  :func:`rank_clusters` ranks the
-clusters of the saved predictions across all subjects not yet corrected, the likeliest
-false positive (the model's triage classifier) first.
+so that the one to correct next comes first: subjects neither reviewed nor corrected,
+then reviewed ones (their cluster decisions saved), then corrected ones, each by
+decreasing uncertainty.  :func:`rank_clusters` ranks the clusters of the saved
+predictions across all subjects not yet corrected, the likeliest false positive (the
+model's triage classifier) first.
 
 :func:`predict_and_save` predicts one image, a store subject's or not, and saves a
 MedNeXt prediction of a store subject the same way (the predict widget's job).
@@ -150,10 +151,13 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
     Returns
     -------
     list of dict
-        One row per subject: ``subject``, ``site``, ``status``, ``versions``,
-        ``model_id``, ``uncertainty`` (the chosen score; NaN when the subject has no
-        prediction of the model), ``image``, ``clusters``, ``n_clusters``.  Subjects not yet
-        corrected come first, then by decreasing uncertainty, unpredicted ones last.
+        One row per subject: ``subject``, ``site``, ``status``, ``versions``, ``labels``
+        (the latest version's kind: ``full``, ``review`` for review-only decisions, or
+        ``none``), ``model_id``, ``uncertainty`` (the chosen score; NaN when the subject
+        has no prediction of the model), ``image``, ``clusters``, ``n_clusters``.
+        Subjects neither corrected nor reviewed come first, then reviewed ones (their
+        clusters were triaged, the rest of the map was not), corrected ones last; within
+        each, by decreasing uncertainty, unpredicted ones last.
     """
     if by not in SCORES:
         raise PVSInputError(f"unknown uncertainty score {by!r}; choose one of {SCORES}")
@@ -164,7 +168,8 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
     for sid in store.subjects():
         info = store.info(sid)
         row = {"subject": sid, "site": info.get("site", "unknown"), "status": info["status"],
-               "versions": len(store.version_numbers(sid)), "model_id": model_id,
+               "versions": len(store.version_numbers(sid)), "labels": store.labels_kind(sid),
+               "model_id": model_id,
                "uncertainty": math.nan, "image": math.nan, "clusters": math.nan, "n_clusters": 0}
         if model_id is not None and model_id in store.predictions(sid):
             row.update(_stats(store, sid, model_id))
@@ -173,7 +178,8 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
 
     def key(r):
         u = r["uncertainty"]
-        return (r["status"] == "corrected", math.isnan(u), -(0.0 if math.isnan(u) else u), r["subject"])
+        done = {"reviewed": 1, "corrected": 2}.get(r["status"], 0)
+        return (done, math.isnan(u), -(0.0 if math.isnan(u) else u), r["subject"])
 
     return sorted(rows, key=key)
 

@@ -49,6 +49,16 @@ Every decision, undo and paint is an event (a dict); :meth:`ReviewSession.save`
 commits the labels as a new version of a store subject, with the edit summary and the
 events, and clears the unsaved flag.
 
+Review-only saves
+-----------------
+A reviewer who triaged some clusters has not checked the rest of the map.
+``save(..., review_only=True)`` commits the labels as a *review-only* version with
+:meth:`ReviewSession.reviewed_mask`: 1 on every voxel of an accepted cluster (label as
+it is: PVS), of a rejected cluster (0 unless painted since) and on every painted voxel
+(whatever was painted); 0 elsewhere, including clusters not decided.  Training learns
+from the 1s only.  Decisions made before :meth:`ReviewSession.recompute` stay in the
+mask; voxels reported by count only cannot be located and are not in it.
+
 Each change emits psygnal signals (see :class:`ReviewSession`), which the review
 widget listens to; a no-op (a repeated decision, nothing to undo) emits nothing.
 """
@@ -141,6 +151,7 @@ class ReviewSession:
         self.events: list[dict[str, Any]] = []
         self.dirty = False
         self._painted_count_only = 0  # voxels reported by count only (cannot be located)
+        self._reviewed_before: np.ndarray | None = None  # decided before a recompute (flat)
         self._start(self._maps)
 
     def _start(self, maps: dict[str, np.ndarray | None]) -> None:
@@ -180,8 +191,10 @@ class ReviewSession:
         if unknown:
             raise ValueError(f"unknown maps {unknown}; give some of {sorted(self._maps)}")
         painted = self.painted
+        known = self.reviewed_mask().reshape(-1)  # decided voxels stay known for review-only saves
         self._start({**self._maps, **maps})
         self._painted_count_only = painted
+        self._reviewed_before = known
         self._emit(self.recomputed, self.n)
         return self.n
 
@@ -393,18 +406,48 @@ class ReviewSession:
         self._emit(self.paint_recorded, n)
         return event
 
+    def reviewed_mask(self) -> np.ndarray:
+        """The voxels whose label the reviewer decided, bool, shaped like the labels.
+
+        True on every voxel of an accepted or rejected cluster, on every voxel painted
+        in this session, and on those decided before a :meth:`recompute`; False on
+        clusters not decided and everywhere else (see "Review-only saves" in the module
+        docstring).
+        """
+        known = self._painted_mask.copy()
+        decided = np.zeros(self.n + 1, bool)
+        decided[list(self.decisions)] = True
+        known[self._voxels[decided[self.clusters.reshape(-1)[self._voxels]]]] = True
+        if self._reviewed_before is not None:
+            known |= self._reviewed_before
+        return known.reshape(self.labels.shape)
+
     # ------------------------------------------------------------------ saving
     def save(self, store, subject: str, *, author: str, image_sha256: str | None = None,
-             affine: np.ndarray | None = None) -> int:
+             affine: np.ndarray | None = None, review_only: bool = False) -> int:
         """Commit the labels as a new version of ``subject`` in a writable store.
 
         The version's summary holds the painted / erased voxel counts against its parent
         and :meth:`summary`; the decisions go to the store's event log.  Returns the new
         version number.  Nothing is marked saved unless the commit succeeded.
+
+        ``review_only=True`` saves the decisions only: a review-only version with
+        :meth:`reviewed_mask`, which leaves the subject's status short of ``corrected``
+        (see :meth:`napari_pvs.store.CorrectionsStore.commit_labels`).  It raises
+        ValueError when nothing was decided or painted (such a version would teach
+        training nothing).
         """
+        reviewed = None
+        if review_only:
+            reviewed = self.reviewed_mask()
+            if not reviewed.any():
+                raise ValueError("no cluster accepted or rejected and no voxel painted: there "
+                                 "are no decisions to save; decide some clusters first, or "
+                                 "save the whole map as a correction")
         version = store.commit_labels(subject, self.labels, author=author, source="review",
                                       affine=affine, image_sha256=image_sha256,
-                                      summary=self.summary(), events=self.events)
+                                      summary=self.summary(), events=self.events,
+                                      reviewed=reviewed)
         self.events = []
         self.dirty = False
         self._emit(self.saved, version)

@@ -13,7 +13,12 @@ Layout (format version 1)::
         image                        float32 array, written once at import, never again
         regions                      uint8 region mask (0 other, 1 WM, 2 BG), optional
         labels/v0001, v0002, ...     uint8 label versions, immutable; attributes: version,
-                                     author, time, parent, source, summary, sha256
+                                     author, time, parent, source, summary, sha256, kind
+                                     ("full"; "review" for review-only versions; absent in
+                                     versions written before kinds existed: full)
+        labels/v0003/reviewed        a review-only version's mask (uint8 0/1) of the voxels
+                                     whose label is known; attributes: sha256 (also kept
+                                     as the version's reviewed_sha256)
         predictions/<model id>/      probability, uncertainty (float32), labels (uint8)
 
 Every array carries ``attributes["sha256"]``: the SHA-256 of its content (C-order bytes in
@@ -63,6 +68,12 @@ Guarantees
   naming the PID, or waits up to ``wait`` seconds (a finite number >= 0).  Readers
   need no lock: images, regions and label versions are immutable once renamed into
   place.
+* A review-only version (``commit_labels(..., reviewed=mask)``) holds the labels the
+  reviewer saw and decided on, and the mask of the voxels they decided (accepted and
+  rejected clusters, painted voxels); :meth:`CorrectionsStore.read_reviewed` reads the
+  mask, checked like the labels (all True for a full version).  It marks the subject
+  ``reviewed``, not ``corrected`` (a corrected subject stays corrected); training learns
+  from its reviewed voxels only (see :mod:`napari_pvs.training.data`).
 * Labels whose shape, affine or image hash differ from the subject are refused;
   subject ids and sites are 1-128 letters, digits, ``.``, ``_``, ``-`` (whole-string
   match), modality is T2w or T1w.

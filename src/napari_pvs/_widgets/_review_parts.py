@@ -135,26 +135,35 @@ class Counters(QWidget):
 
 
 class SavePanel(QWidget):
-    """The store and subject to save to, Save and Recompute."""
+    """The store and subject to save to, Save, Save decisions and Recompute."""
 
     def __init__(self, state: ViewerState):
         super().__init__()
         self.store = StoreEdit(state)
         self.subject = LineEdit(label="subject")
-        self.save_button = PushButton(text="Save corrections to store")
+        self.save_button = PushButton(text="Save corrections to store",
+                                      tooltip="the whole map is correct: a full version")
+        self.decisions_button = PushButton(
+            text="Save decisions",
+            tooltip="only the accepted / rejected clusters and painted voxels are known: a "
+                    "review-only version (training ignores the clusters not decided)")
         self.refresh_button = PushButton(text="Recompute clusters")
-        self.form = Container(widgets=[self.store, self.subject, self.save_button,
+        self.form = Container(widgets=[self.store, self.subject,
+                                       Container(widgets=[self.save_button,
+                                                          self.decisions_button],
+                                                 layout="horizontal", labels=False),
                                        self.refresh_button])
         _form(self, self.form)
 
 
 def commit_review(session: ReviewSession, layer, path: Path, subject: str, image=None,
-                  regions: np.ndarray | None = None) -> int:
+                  regions: np.ndarray | None = None, review_only: bool = False) -> int:
     """Save ``session``'s labels (of Labels ``layer``) as a new version of ``subject``.
 
     The store is created when ``path`` holds none; a subject it lacks is added from
-    the ``image`` layer the labels were drawn on (with its ``regions``).  Returns the
-    version number; raises PVSInputError, OSError or ValueError when nothing was saved.
+    the ``image`` layer the labels were drawn on (with its ``regions``).
+    ``review_only`` saves the decisions only (see :meth:`ReviewSession.save`).  Returns
+    the version number; raises PVSInputError, OSError or ValueError when nothing was saved.
     """
     if not (path / "zarr.json").is_file():
         CorrectionsStore.create(path).close()
@@ -163,7 +172,8 @@ def commit_review(session: ReviewSession, layer, path: Path, subject: str, image
             _add_subject(store, subject, layer, image, regions)
         affine, _ = geometry(layer)
         return session.save(store, subject, author=user(), affine=affine,
-                            image_sha256=(layer.metadata or {}).get("sha256"))
+                            image_sha256=(layer.metadata or {}).get("sha256"),
+                            review_only=review_only)
 
 
 def _add_subject(store, subject: str, layer, image, regions) -> None:

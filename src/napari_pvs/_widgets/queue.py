@@ -3,7 +3,8 @@ likeliest false positive first.
 
 A thin layer over :mod:`napari_pvs.active`.  Ranking *subjects*, the table orders them by
 the latest model's uncertainty (mean over clusters, or over the image) with their
-status; "Open next" loads the first subject not yet corrected, with its prediction,
+status and the kind of their latest labels (full, review: cluster decisions only, or
+none); "Open next" loads the first subject not yet corrected, with its prediction,
 ready for the review widget.  Ranking *clusters*, the table lists the predicted clusters
 of every subject not yet corrected, across subjects, by P(false positive) (the model's
 triage classifier; the heuristic priority without one); "Open next" loads the subject
@@ -37,7 +38,8 @@ from ._worker import start_worker
 __all__ = ["QueueWidget"]
 
 COLUMNS = [("subject", "subject"), ("site", "site"), ("status", "status"),
-           ("versions", "versions"), ("uncertainty", "uncertainty"), ("clusters", "n_clusters")]
+           ("versions", "versions"), ("uncertainty", "uncertainty"), ("clusters", "n_clusters"),
+           ("labels", "labels")]
 CLUSTER_COLUMNS = [("subject", "subject"), ("site", "site"), ("cluster", "cluster"),
                    ("P(FP)", "p_false_positive"), ("priority", "priority"),
                    ("voxels", "voxels"), ("region", "region")]

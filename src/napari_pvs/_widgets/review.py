@@ -9,7 +9,9 @@ Labels layer does not use; they are unbound when the widget closes or leaves its
 The widget acts on the session and listens to its signals to update the table, the
 labels and the counters.  Manual painting in the labels layer counts as a correction.
 Save commits the labels as a new version of the store subject, with the edit summary
-and every decision as an event.  Closing napari with unsaved corrections asks first.
+and every decision as an event; Save decisions commits them as a review-only version
+(only the decided clusters and painted voxels count for training).  Closing napari
+with unsaved corrections asks first.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ReviewWidget(ViewerWidget):
         self.session: ReviewSession | None = None
         self.layer = None
         self.current: int | None = None
+        self._decisions_only = False  # how this review was last saved (see save_pending)
         self._cluster_ids: dict[int, np.ndarray] = {}  # cluster map values of rejected clusters
         self.nav = NavigationBar(self._labels_choices)
         self.table = ClusterTable()
@@ -81,13 +84,14 @@ class ReviewWidget(ViewerWidget):
         for name, fn in self._actions().items():
             self.buttons[name].clicked.connect(fn)
         self.save_panel.save_button.clicked.connect(self.save)
+        self.save_panel.decisions_button.clicked.connect(self.save_decisions)
         self.save_panel.refresh_button.clicked.connect(self.recompute)
         self.sort.changed.connect(lambda value: self.table.sort_by(SORT[value]))
         self.labels.changed.connect(self._on_labels_choice)
         self.table.chosen.connect(lambda cid: self.go_to(cid, select=False))
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._refresh_choices)
-        self.state.add_saver(self.save, self.has_unsaved)
+        self.state.add_saver(self.save_pending, self.has_unsaved)
         self.state.subject_opened.connect(self._follow)
         self.state.cluster_requested.connect(self.go_to_voxel)
         self.state.predicted.connect(self._follow)
@@ -189,6 +193,7 @@ class ReviewWidget(ViewerWidget):
             self.layer.events.paint.disconnect(self._on_paint)
         self._watch(self.session, False)
         self.layer, self.session, self.current = layer, None, None
+        self._decisions_only = False  # how this review was last saved
         self._cluster_ids = {}
         if layer is not None:
             if self.labels.value is not layer:
@@ -377,8 +382,21 @@ class ReviewWidget(ViewerWidget):
     def has_unsaved(self) -> bool:
         return self.session is not None and self.session.dirty
 
-    def save(self) -> bool:
-        """Commit the labels as a new store version; False (with a notification) on failure."""
+    def save_decisions(self) -> bool:
+        """Commit the decisions as a review-only store version (see :meth:`save`)."""
+        return self.save(review_only=True)
+
+    def save_pending(self) -> bool:
+        """Save unsaved work (before retraining, or closing) the way this review was last
+        saved: decisions only after Save decisions, else in full."""
+        return self.save(review_only=self._decisions_only)
+
+    def save(self, *, review_only: bool = False) -> bool:
+        """Commit the labels as a new store version; False (with a notification) on failure.
+
+        ``review_only`` saves only what was decided: the accepted and rejected clusters
+        and the painted voxels (:meth:`napari_pvs.review.ReviewSession.save`).
+        """
         from napari.utils.notifications import show_error, show_info
 
         if self.session is None:
@@ -393,16 +411,19 @@ class ReviewWidget(ViewerWidget):
         image = self._linked_layer("image")
         try:
             version = commit_review(self.session, self.layer, Path(path), subject, image=image,
-                                    regions=self._linked(self.layer).get("regions"))
+                                    regions=self._linked(self.layer).get("regions"),
+                                    review_only=review_only)
         except (PVSInputError, OSError, ValueError) as exc:
             show_error(f"corrections NOT saved ({exc}); they are still in the layer")
             return False
+        self._decisions_only = review_only
         self.layer.metadata = {**(self.layer.metadata or {}), "store": path, "subject": subject,
                                "version": version}
         if image is not None:
             image.metadata = {**(image.metadata or {}), "store": path, "subject": subject}
         self.state.store = path
-        show_info(f"saved {subject} v{version}: {summary['clusters_rejected']} clusters rejected, "
+        show_info(f"saved {subject} v{version}{' (decisions only)' if review_only else ''}: "
+                  f"{summary['clusters_rejected']} clusters rejected, "
                   f"{summary['clusters_accepted']} accepted, {summary['voxels_painted_manually']} "
                   "voxels painted")
         return True
@@ -415,7 +436,7 @@ class ReviewWidget(ViewerWidget):
             f"{self.counters.value}.\nSave them to the store before closing?",
             QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, QMessageBox.Save)
         if answer == QMessageBox.Save:
-            return self.save()
+            return self.save_pending()
         return answer == QMessageBox.Discard
 
 
