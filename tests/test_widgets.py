@@ -434,7 +434,7 @@ def test_docked_widgets_read_well_at_the_default_width(make_napari_viewer, qtbot
     table = rw.table
     hidden = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())
               if table.isColumnHidden(c)]
-    assert hidden == ["unc.", "prob."]  # the Frangi baseline has neither
+    assert hidden == ["unc.", "prob.", "P(FP)"]  # the Frangi baseline has none of them
     assert rw.sort.choices == ("priority", "size", "region")
     header = table.horizontalHeader()
     for c in range(table.columnCount()):
