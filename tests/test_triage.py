@@ -206,3 +206,11 @@ def test_the_queue_ranks_clusters_across_subjects_by_p_false_positive(tmp_path, 
     assert all(p > 0.9 for p in pf[:5]) and all(p < 0.1 for p in pf[5:])  # blobs first
     assert rows[0]["subject"] == "siteA02"  # ties: by subject, then cluster
     assert len(rank_clusters(store, limit=2)) == 2
+    # a saved review decided one blob of siteB02: it leaves the queue, the rest stay
+    shape = tuple(store.info("siteB02")["shape"])
+    reviewed = np.zeros(shape, bool)
+    reviewed[20:23, 30:33, 30:33] = True  # the first blob, rejected
+    store.commit_labels("siteB02", np.zeros(shape, np.uint8), author="t", reviewed=reviewed)
+    after = rank_clusters(store)
+    assert len(after) == len(rows) - 1
+    assert not any(r["subject"] == "siteB02" and 20 <= r["centroid_i"] < 23 for r in after)

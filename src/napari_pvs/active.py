@@ -184,6 +184,16 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
     return sorted(rows, key=key)
 
 
+def _decided(store, subject: str, shape) -> np.ndarray | None:
+    """Voxels decided in the subject's review-only versions (None: none saved)."""
+    out = None
+    for v in store.version_numbers(subject):
+        if store.version_kind(subject, v) == "review":
+            mask = store.read_reviewed(subject, v)
+            out = mask if out is None else out | mask
+    return None if out is None or out.shape != tuple(shape) else out
+
+
 def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
                   ) -> list[dict[str, Any]]:
     """The predicted clusters of every subject not yet corrected, across subjects, the
@@ -205,7 +215,8 @@ def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
         One row per cluster: ``subject``, ``site``, ``cluster`` (its id in the cluster
         map of the saved labels), ``p_false_positive`` (NaN without a classifier),
         ``priority``, ``voxels``, ``region``, ``centroid_{i,j,k}``; sorted by decreasing
-        priority, then subject and cluster.
+        priority, then subject and cluster.  Clusters whose voxels were mostly decided in
+        a saved review (review-only versions) are left out.
     """
     if model_id is None:
         latest = store.models.latest()
@@ -221,13 +232,21 @@ def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
             continue
         labels = store.read_prediction(sid, model_id, "labels")
         clusters, _ = label_clusters(labels)
+        decided = _decided(store, sid, labels.shape)
         table = cluster_table(clusters, probability=store.read_prediction(sid, model_id,
                                                                           "probability"),
                               uncertainty=store.read_prediction(sid, model_id, "uncertainty"),
                               regions=store.read_regions(sid),
                               affine=np.asarray(info["affine"], float), triage=triage)
         cols = table.columns
+        if decided is not None:  # clusters mostly decided in saved reviews: not again
+            n = int(clusters.max()) + 1
+            size = np.bincount(clusters.ravel(), minlength=n)
+            done = np.bincount(clusters.ravel(), weights=decided.ravel(), minlength=n)
+            open_ = (done <= 0.5 * size)[np.asarray(cols["id"], np.int64)]
         for i in range(len(table)):
+            if decided is not None and not open_[i]:
+                continue
             rows.append({"subject": sid, "site": info.get("site", "unknown"),
                          "cluster": int(cols["id"][i]),
                          **{k: cols[k][i].item() if hasattr(cols[k][i], "item") else cols[k][i]
