@@ -98,7 +98,7 @@ def test_finetune_starts_from_the_shipped_starter_model(tmp_path, phantom_store)
         assert meta["triage"] != starter.get("triage")
     else:
         assert "calibration" not in meta
-        assert meta["provenance"]["triage"].startswith("not fitted: the validation clusters")
+        assert meta["provenance"]["triage"].startswith("not fitted: the ")
     assert meta["arch"]["n_channels"] == starter["arch"]["n_channels"]
     assert meta["preprocessing"]["target_spacing"] == starter["preprocessing"]["target_spacing"]
     store.close()

@@ -102,6 +102,8 @@ def test_the_fitted_classifier_is_sklearns_logistic_regression_applied_by_numpy(
 def test_one_class_of_clusters_cannot_be_fitted():
     with pytest.raises(ValueError, match="all false positives"):
         fit_classifier(np.zeros((10, len(FEATURES))), np.ones(10, bool), np.zeros(10))
+    with pytest.raises(ValueError, match="no cluster"):
+        fit_classifier(np.zeros((0, len(FEATURES))), np.zeros(0, bool), np.zeros(0))
 
 
 def test_table_priority_is_p_false_positive_with_a_classifier_and_the_heuristic_without():

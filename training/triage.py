@@ -193,6 +193,9 @@ def fit_classifier(x: np.ndarray, is_fp: np.ndarray, groups: np.ndarray,
     from sklearn.preprocessing import StandardScaler
 
     x, is_fp, groups = np.asarray(x, float), np.asarray(is_fp, bool), np.asarray(groups)
+    if not len(is_fp):
+        raise ValueError("the model predicted no cluster on the validation subjects: no "
+                         "classifier can be fitted")
     if is_fp.all() or not is_fp.any():
         raise ValueError(f"the validation clusters are all {'false' if is_fp.all() else 'true'} "
                          "positives: no classifier can be fitted from them")
