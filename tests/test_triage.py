@@ -216,3 +216,36 @@ def test_the_queue_ranks_clusters_across_subjects_by_p_false_positive(tmp_path, 
     after = rank_clusters(store)
     assert len(after) == len(rows) - 1
     assert not any(r["subject"] == "siteB02" and 20 <= r["centroid_i"] < 23 for r in after)
+
+
+@pytest.mark.parametrize("bad", [
+    {"triage": {"features": ["prob_mean"], "mean": [0.0], "scale": [1.0], "coef": [1.0, 2.0],
+                "intercept": 0.0}},
+    {"triage": "not a classifier"},
+    {"calibration": {"temperature": -2.0}},
+])
+def test_predict_with_a_crafted_checkpoint_whose_triage_is_broken_fails_cleanly(tmp_path, bad):
+    """A checkpoint written by something else (not save_checkpoint) with a broken
+    classifier or temperature: one error line naming the file, no traceback, no output."""
+    from _helpers import assert_clean_failure, run_cli
+    from safetensors.torch import save_file
+
+    import nibabel as nib
+
+    from napari_pvs.model import FORMAT, FORMAT_VERSION
+    from napari_pvs.phantom import make_phantom
+
+    meta = {**default_meta(arch_config("XS", 3)), "format": FORMAT,
+            "format_version": FORMAT_VERSION, "id": "crafted", **bad}
+    net = build_network(meta["arch"])
+    ckpt = tmp_path / "crafted.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ckpt),
+              metadata={"napari_pvs": json.dumps(meta)})
+    ph = make_phantom(1, size_mm=32)
+    img = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(ph.image.astype(np.float32), ph.affine), str(img))
+    out = tmp_path / "out"
+    rc, so, se = run_cli("predict", str(img), "-o", str(out), "--model", str(ckpt))
+    assert_clean_failure(rc, so, se, "crafted.safetensors")
+    assert "triage" in se or "temperature" in se
+    assert not any(out.glob("*_pvs.nii.gz"))

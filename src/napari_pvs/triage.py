@@ -97,13 +97,17 @@ def p_false_positive(columns: Mapping[str, np.ndarray], triage: Mapping) -> np.n
         return 1.0 / (1.0 + np.exp(-z))
 
 
-def temperature_of(meta: Mapping[str, Any] | None) -> float:
+def temperature_of(meta: Mapping[str, Any] | None, where: str = "the model's metadata") -> float:
     """The fitted temperature of a model's metadata (1: none fitted)."""
     cal = (meta or {}).get("calibration") or {}
-    t = float(cal.get("temperature", 1.0))
+    try:
+        t = float(cal.get("temperature", 1.0))
+    except (TypeError, ValueError):
+        t = float("nan")
     if not np.isfinite(t) or t <= 0:
-        raise PVSInputError(f"the model's calibration temperature {t} is not a positive number; "
-                            "refit it with python -m napari_pvs.training.triage")
+        raise PVSInputError(f"the calibration temperature {cal.get('temperature')!r} in {where} "
+                            "is not a positive number; refit it with python -m "
+                            "napari_pvs.training.triage")
     return t
 
 
