@@ -101,28 +101,36 @@ def _origin(parent_provenance: dict) -> dict | None:
     return found or None
 
 
-def validation_scores(net, meta, data, *, device: str, backend: str = "auto") -> tuple[float, float]:
-    """Mean voxel and cluster Dice of ``net`` on preprocessed subjects (``SubjectData``).
+def validation_predictions(net, meta, data, *, device: str, backend: str = "auto",
+                           tta: int = 1):
+    """``(subject, prediction)`` of ``net`` for each preprocessed subject (``SubjectData``).
 
     The prediction stages of :func:`napari_pvs.inference.predict_volume` after its
     preprocessing (window plan, runner, TTA merger, back to the source grid,
-    post-processing) run on each cached subject, and the labels are scored on the
-    source grid: validation reports what ``napari-pvs predict`` would score.  On the CPU
-    the runner is the fast exported runtime when one is installed.
+    post-processing) run on each cached subject, so validation sees what ``napari-pvs
+    predict`` would.  On the CPU the runner is the fast exported runtime when one is
+    installed.  ``net`` is back in training mode once the generator is exhausted.
     """
     pre = meta.get("preprocessing") or {}
     patch = tuple(int(p) for p in (pre.get("patch_size") or (64, 64, 64)))
     net.eval()
     try:
         runner = make_runner(net, window=patch, device=device, backend=backend)
-        vd, cd = [], []
         for d in data:
-            pred = run(predict_prepared(d.prep, runner, meta, overlap=float(pre.get("overlap", 0.5)),
-                                        roi=d.source_roi))
-            vd.append(voxel_dice(pred.labels, d.source_labels, d.source_roi))
-            cd.append(cluster_scores(pred.labels, d.source_labels, mask=d.source_roi).dice)
+            yield d, run(predict_prepared(d.prep, runner, meta, tta=tta,
+                                          overlap=float(pre.get("overlap", 0.5)),
+                                          roi=d.source_roi))
     finally:
         net.to(device).train()
+
+
+def validation_scores(net, meta, data, *, device: str, backend: str = "auto") -> tuple[float, float]:
+    """Mean voxel and cluster Dice of ``net`` on preprocessed subjects (``SubjectData``),
+    scored on the source grid (:func:`validation_predictions`)."""
+    vd, cd = [], []
+    for d, pred in validation_predictions(net, meta, data, device=device, backend=backend):
+        vd.append(voxel_dice(pred.labels, d.source_labels, d.source_roi))
+        cd.append(cluster_scores(pred.labels, d.source_labels, mask=d.source_roi).dice)
     return float(np.mean(vd)), float(np.mean(cd))
 
 

@@ -29,6 +29,7 @@ import json
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +67,15 @@ class ClusterSample:
     regions: np.ndarray | None
     affine: np.ndarray
 
+    @cached_property
+    def clusters(self) -> np.ndarray:
+        """The cluster map of the predicted labels (labelled once, for every table)."""
+        return label_clusters(self.labels)[0]
+
     def table(self, temperature: float = 1.0):
         """``(cluster table, is_false_positive)`` with the maps under ``temperature``."""
         cal = postprocess(self.probability, self.variance, self.roi, 0.5, temperature)
-        clusters, _ = label_clusters(self.labels)
+        clusters = self.clusters
         table = cluster_table(clusters, probability=cal.probability,
                               uncertainty=cal.uncertainty, regions=self.regions,
                               affine=self.affine)
@@ -97,35 +103,26 @@ def cluster_samples(model, subjects: Iterable, log=print) -> list[ClusterSample]
                                       overlap=float(pre.get("overlap", 0.5)), cache_key=key))
         out.append(ClusterSample(name, pred.probability, pred.tta_variance, pred.labels,
                                  np.asarray(truth), roi, np.asarray(regions), np.asarray(affine)))
-        log(f"  triage: predicted {name} ({int(label_clusters(pred.labels)[1])} clusters)")
+        log(f"  triage: predicted {name} ({int(out[-1].clusters.max())} clusters)")
     return out
 
 
 def store_samples(net, meta, data, store, *, device: str = "cpu",
                   backend: str = "auto") -> list[ClusterSample]:
     """Fine-tuning's validation subjects (``SubjectData`` of ``store``) predicted by the
-    trained ``net`` at temperature 1, as validation scores them."""
-    from napari_pvs._backends import make_runner
-    from napari_pvs.inference import predict_prepared, run
+    trained ``net`` at temperature 1 and its own TTA, as validation predicts them."""
+    from .finetune import validation_predictions
 
     meta = {k: v for k, v in meta.items() if k not in ("calibration", "triage")}
-    pre = meta.get("preprocessing") or {}
-    patch = tuple(int(p) for p in (pre.get("patch_size") or (64, 64, 64)))
-    net.eval()
-    try:
-        runner = make_runner(net, window=patch, device=device, backend=backend)
-        out = []
-        for d in data:
-            pred = run(predict_prepared(d.prep, runner, meta, tta=int(pre.get("tta") or 1),
-                                        overlap=float(pre.get("overlap", 0.5)),
-                                        roi=d.source_roi))
-            regions = store.read_regions(d.subject)
-            out.append(ClusterSample(d.subject, pred.probability, pred.tta_variance,
-                                     pred.labels, d.source_labels, d.source_roi,
-                                     None if regions is None else np.asarray(regions),
-                                     np.asarray(store.info(d.subject)["affine"], float)))
-    finally:
-        net.to(device).train()
+    tta = int((meta.get("preprocessing") or {}).get("tta") or 1)
+    out = []
+    for d, pred in validation_predictions(net, meta, data, device=device, backend=backend,
+                                          tta=tta):
+        regions = store.read_regions(d.subject)
+        out.append(ClusterSample(d.subject, pred.probability, pred.tta_variance,
+                                 pred.labels, d.source_labels, d.source_roi,
+                                 None if regions is None else np.asarray(regions),
+                                 np.asarray(store.info(d.subject)["affine"], float)))
     return out
 
 

@@ -162,8 +162,7 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
     if by not in SCORES:
         raise PVSInputError(f"unknown uncertainty score {by!r}; choose one of {SCORES}")
     if model_id is None:
-        latest = store.models.latest()
-        model_id = latest["id"] if latest else None
+        model_id = store.models.latest_id()
     rows = []
     for sid in store.subjects():
         info = store.info(sid)
@@ -219,12 +218,10 @@ def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
         a saved review (review-only versions) are left out.
     """
     if model_id is None:
-        latest = store.models.latest()
-        model_id = latest["id"] if latest else None
+        model_id = store.models.latest_id()
     if model_id is None:
         return []
-    meta = next((m for m in store.models.list() if m["id"] == model_id), None)
-    triage = (meta or {}).get("triage")
+    triage = (store.models.meta(model_id) or {}).get("triage")
     rows = []
     for sid in store.subjects():
         info = store.info(sid)

@@ -396,6 +396,19 @@ class ModelRegistry:
         models = self.list()
         return models[-1] if models else None
 
+    def latest_id(self) -> str | None:
+        """The newest model's id, or None for an empty registry."""
+        latest = self.latest()
+        return latest["id"] if latest else None
+
+    def meta(self, model_id: str) -> dict[str, Any] | None:
+        """Metadata of a registered model, or None when the registry has no such model
+        (a removed one whose predictions are still saved, say)."""
+        try:
+            return read_meta(self.path(model_id))
+        except PVSInputError:
+            return None
+
 
 def write_ensemble(path: str | os.PathLike[str], members, **provenance) -> Path:
     """Write an ensemble file naming ``members`` (file names beside it), atomically."""

@@ -137,8 +137,6 @@ def check_meta(meta, source: str = "metadata") -> dict[str, Any]:
 
         if meta.get("triage") is not None:
             check_triage(meta["triage"], source)
-        if not isinstance(meta.get("calibration") or {}, dict):
-            raise PVSInputError(f"{source}: calibration must be a JSON object")
         temperature_of(meta, source)
     return meta
 

@@ -100,6 +100,8 @@ def p_false_positive(columns: Mapping[str, np.ndarray], triage: Mapping) -> np.n
 def temperature_of(meta: Mapping[str, Any] | None, where: str = "the model's metadata") -> float:
     """The fitted temperature of a model's metadata (1: none fitted)."""
     cal = (meta or {}).get("calibration") or {}
+    if not isinstance(cal, Mapping):
+        raise PVSInputError(f"{where}: calibration must be a JSON object")
     try:
         t = float(cal.get("temperature", 1.0))
     except (TypeError, ValueError):

@@ -188,8 +188,7 @@ def open_store_subject(viewer, store, subject: str, model_id: str | None = None,
                              "clusters": None}
     pred = store.prediction(subject, model_id) if model_id in store.predictions(subject) else None
     if pred is not None:  # the model's false-positive classifier, for the review's P(FP)
-        meta_m = next((m for m in store.models.list() if m["id"] == model_id), None)
-        names["triage"] = (meta_m or {}).get("triage")
+        names["triage"] = (store.models.meta(model_id) or {}).get("triage")
         for key in ("probability", "uncertainty"):
             names[key] = _add_map(viewer, key, store.read_prediction(subject, model_id, key),
                                   f"{subject} [{model_id}] {key}",

@@ -112,10 +112,7 @@ class QueueWidget(ViewerWidget):
     def refresh(self) -> list[dict]:
         """Re-rank the store's subjects (or clusters); returns the rows, the next first."""
         store = self._open_store()
-        model = None
-        if store is not None:
-            latest = store.models.latest()
-            model = latest["id"] if latest else None
+        model = None if store is None else store.models.latest_id()
         self.score.enabled = not self.by_cluster
         self.open_button.text = ("Open next likeliest false positive" if self.by_cluster
                                  else "Open next most uncertain")
@@ -183,10 +180,7 @@ class QueueWidget(ViewerWidget):
         store = self._open_store()
         if store is None:
             return None
-        model = self._model
-        if model is None:
-            latest = store.models.latest()
-            model = latest["id"] if latest else None
+        model = self._model or store.models.latest_id()
         layer = open_store_subject(self.viewer, store, subject, model)
         self.state.subject_opened.emit(layer)
         return layer
