@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from napari_pvs._errors import PVSInputError
 from napari_pvs.model import read_meta, starter_path
 from napari_pvs.phantom import make_phantom
 from napari_pvs.training.triage import auroc, cluster_samples, expected_calibration_error
@@ -46,7 +47,10 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=4, help="site-D phantoms (seeds 901...)")
     args = ap.parse_args()
     path = starter_path(args.model) if args.model in ("starter", "starter-fast") else args.model
-    meta = read_meta(path)
+    try:
+        meta = read_meta(path)
+    except PVSInputError as exc:
+        ap.error(str(exc))
     triage = meta.get("triage")
     if triage is None:
         raise SystemExit(f"{path} has no triage classifier; fit one with "

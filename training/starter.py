@@ -236,6 +236,15 @@ def main(argv=None) -> int:
               "polish_iterations": args.polish_iterations}
     if args.stage1 and args.stage2:
         p.error("give --stage1 or --stage2, not both")
+    from napari_pvs._errors import PVSInputError
+    from napari_pvs.model import read_meta
+
+    for ckpt in (args.stage1, args.stage2):
+        try:  # a bad checkpoint is said now, not after generating the subjects
+            if ckpt is not None:
+                read_meta(ckpt)
+        except PVSInputError as exc:
+            p.error(str(exc))
     print(f"training the {args.modality} starter model -> {out}", flush=True)
     import torch
 

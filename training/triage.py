@@ -303,6 +303,13 @@ def main(argv=None) -> int:
     p.add_argument("--realistic", type=int, default=4)
     p.add_argument("--phantoms", type=int, default=6)
     args = p.parse_args(argv)
+    from napari_pvs._errors import PVSInputError
+    from napari_pvs.model import read_meta
+
+    try:
+        read_meta(args.model)  # a bad checkpoint is said now, not after the predictions
+    except PVSInputError as exc:
+        p.error(str(exc))
     samples = cluster_samples(args.model, starter_validation(args.modality, args.realistic,
                                                              args.phantoms))
     calibration, triage = fit(samples)
