@@ -1,0 +1,394 @@
+"""Does the queue save corrections?  A simulated annotator adapts the model to a new site.
+
+The scenario: a lab's model knows sites A-C (the shipped starter, MedNeXt-XS, trained
+around sites A-C only).  Scans of a new scanner, site D, arrive.  Each round a strategy
+picks what the annotator looks at, the oracle (the phantom truth) annotates it, the
+model is fine-tuned incrementally through the package's own path
+(:func:`napari_pvs.training.finetune.finetune` on a corrections store) with a fixed
+number of iterations, and held-out site-D phantoms are scored.
+
+* **Pool:** ``--per-site`` unlabelled phantoms of each of sites A-D.  **Test:**
+  ``--test`` held-out site-D phantoms.  The lab's own labelled A-C phantoms (one per
+  site, full labels) stay in the store: fine-tuning replays them, and two more (sites
+  A and B) are its validation subjects, on which it refits the false-positive triage.
+* **Strategies:**
+  - ``random``: whole subjects of the pool in random order (seeded);
+  - ``uncertainty``: whole subjects by the queue's uncertainty order
+    (:func:`napari_pvs.active.rank_subjects`, the mean cluster uncertainty);
+  - ``clusters``: the top ``--k`` clusters of the queue's cluster ranking across the
+    pool (:func:`napari_pvs.active.rank_clusters`, P(false positive) of the model's
+    triage), decided one by one and saved as review-only label versions (cluster
+    decisions, trained with the masked loss).
+* **Effort,** counted in annotator actions: deciding a cluster (accept or reject) is
+  one action; painting a PVS the model missed is one action per missed PVS.  A whole
+  subject costs its predicted clusters plus its missed PVS (the prediction of the
+  model at the time it is picked); the annotator then holds the subject's full truth.
+  Minutes: ``--decision-s`` seconds per decision (default 4) and ``--paint-s`` per
+  painted PVS (default 30).
+* **Oracle of a cluster decision:** accept when at least half of the cluster's voxels
+  lie within one voxel of a true PVS, else reject.
+* **Scores:** voxel and cluster Dice inside WM + BG of the test phantoms, the mean over
+  them, after every round.
+
+Target: the best active strategy reaches random order's final site-D cluster Dice with
+at least 40 % less effort (the effort at which its curve, linearly interpolated between
+rounds, first reaches that Dice; mean over seeds).
+
+Outputs (``--out``): ``active_learning.csv`` (one row per seed, strategy and round) and
+``active_learning.png`` (cluster and voxel Dice against effort, mean over seeds).
+
+Run:  python benchmarks/bench_active_learning.py [--seeds 0 1] [--rounds 4] [--k 40]
+          [--iterations 60] [--size-mm 80] [--per-site 2] [--test 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+STRATEGIES = ("random", "uncertainty", "clusters")
+SITE_D = 3
+
+
+@dataclass
+class Case:
+    name: str
+    site: int
+    phantom: object
+
+
+@dataclass
+class Run:
+    strategy: str
+    seed: int
+    rows: list = field(default_factory=list)
+
+
+def _phantoms(seed: int, args) -> tuple[list[Case], list[Case], list[Case], list[Case]]:
+    """(pool, test, lab-labelled training, lab validation) for one seed."""
+    from napari_pvs.phantom import make_phantom
+
+    base = 50_000 + 1000 * seed
+
+    def case(name, site, k):
+        return Case(name, site, make_phantom(base + k, site=site, size_mm=args.size_mm))
+
+    pool = [case(f"pool-{'ABCD'[s]}{i}", s, 10 * s + i)
+            for s in range(4) for i in range(args.per_site)]
+    test = [case(f"test-D{i}", SITE_D, 100 + i) for i in range(args.test)]
+    lab = [case(f"lab-{'ABC'[s]}", s, 200 + s) for s in range(3)]
+    val = [case(f"val-{'AB'[s]}", s, 300 + s) for s in range(2)]
+    return pool, test, lab, val
+
+
+def _store(path: Path, pool, lab, val):
+    from napari_pvs.io import Volume
+    from napari_pvs.model import load_checkpoint, starter_path
+    from napari_pvs.store import CorrectionsStore
+
+    store = CorrectionsStore.create(path)
+    for c in [*pool, *lab, *val]:
+        ph = c.phantom
+        store.add_subject(c.name, Volume(ph.image, ph.affine, ph.spacing), site="ABCD"[c.site],
+                          regions=ph.regions)
+    for c in [*lab, *val]:
+        store.commit_labels(c.name, c.phantom.labels.astype(np.uint8), author="lab")
+    net, meta = load_checkpoint(starter_path("starter"))
+    meta.pop("card", None)
+    model_id = store.models.register(net, meta)
+    return store, model_id
+
+
+def _predict(store, model_id: str, case: Case):
+    from napari_pvs.inference import run
+    from napari_pvs.pipeline import predict_array
+
+    ph = case.phantom
+    return run(predict_array(ph.image, ph.spacing, model_id, affine=ph.affine, roi=ph.regions,
+                             registry=store.models, tta=1))
+
+
+def _score(store, model_id: str, test: list[Case]) -> dict[str, float]:
+    from napari_pvs.metrics import score
+
+    s = [score(_predict(store, model_id, c).labels, c.phantom.labels, c.phantom.regions)
+         for c in test]
+    out = {}
+    for region in ("all", "WM", "BG"):
+        for key in ("voxel_dice", "cluster_dice"):
+            out[f"{region}_{key}"] = float(np.mean([x[region][key] for x in s]))
+    return out
+
+
+def _subject_effort(pred_labels: np.ndarray, case: Case) -> tuple[int, int]:
+    """(clusters to decide, missed PVS to paint) of a whole-subject annotation."""
+    from napari_pvs.metrics import cluster_scores
+
+    roi = case.phantom.regions > 0
+    cs = cluster_scores(pred_labels.astype(bool) & roi, case.phantom.labels.astype(bool) & roi)
+    return cs.n_pred, cs.n_ref - cs.detected_ref
+
+
+def _annotate_subject(store, case: Case) -> None:
+    store.commit_labels(case.name, case.phantom.labels.astype(np.uint8), author="oracle")
+
+
+def _decide_clusters(store, model_id: str, picks: list[dict], cases: dict[str, Case]) -> int:
+    """The oracle decides the picked clusters; one review-only version per subject."""
+    from scipy import ndimage as ndi
+
+    from napari_pvs.clusters import label_clusters
+    from napari_pvs.review import ReviewSession
+
+    by_subject: dict[str, list[int]] = {}
+    for r in picks:
+        by_subject.setdefault(r["subject"], []).append(int(r["cluster"]))
+    n = 0
+    for sid, ids in by_subject.items():
+        truth = cases[sid].phantom.labels > 0
+        labels = store.read_prediction(sid, model_id, "labels")
+        session = ReviewSession(labels.astype(np.uint8))
+        clusters, _ = label_clusters(labels)
+        assert np.array_equal(clusters, session.clusters), "cluster ids of the queue and the review differ"
+        near = ndi.binary_dilation(truth, iterations=1).reshape(-1)
+        for cid in ids:
+            if near[session.cluster_voxels(cid)].mean() >= 0.5:
+                session.accept(cid)
+            else:
+                session.reject(cid)
+            n += 1
+        session.save(store, sid, author="oracle", review_only=True)
+    return n
+
+
+def _finetune(store, parent: str, val: list[str], args, seed: int) -> str:
+    from napari_pvs.inference import run
+    from napari_pvs.training.data import training_versions
+    from napari_pvs.training.finetune import FinetuneConfig, finetune
+
+    train = sorted(s for s in training_versions(store) if s not in val)
+    cfg = FinetuneConfig(iterations=args.iterations, iterations_per_epoch=args.iterations,
+                         patch=(48, 48, 48), batch_size=2, lr=args.lr, val_fraction=0.0,
+                         seed=seed, device="cpu", cache_budget_mb=1024)
+    return run(finetune(store, init=parent, config=cfg, train_subjects=train, val_subjects=val,
+                        work_dir=store.path / "training" / f"run-{seed}"))
+
+
+def _save_predictions(store, model_id: str, cases: list[Case], memo: dict, key: str) -> dict:
+    """Predict each case (or take it from ``memo[(key, case)]``) and save the prediction
+    in the store under ``model_id``; returns ``{case: prediction}``."""
+    from napari_pvs.active import save_prediction
+
+    out = {}
+    for c in cases:
+        if (key, c.name) not in memo:
+            memo[(key, c.name)] = _predict(store, model_id, c)
+        out[c.name] = memo[(key, c.name)]
+        save_prediction(store, c.name, model_id, out[c.name], c.phantom.regions)
+    return out
+
+
+def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, log) -> Run:
+    from napari_pvs.active import rank_clusters, rank_subjects
+
+    pool, test, lab, val = cases
+    by_name = {c.name: c for c in pool}
+    store, model_id = _store(tmp / f"{strategy}-{seed}.pvs.zarr", pool, lab, val)
+    # the registered starter has a new id per store; memoise its predictions by "starter"
+    alias = {model_id: "starter"}
+    res = Run(strategy, seed)
+    decisions = painted = 0
+    order = list(np.random.default_rng(seed).permutation([c.name for c in pool]))
+    t0 = time.perf_counter()
+
+    def record(rnd, model):
+        key = ("score", alias.get(model, model))
+        if key not in memo:
+            memo[key] = _score(store, model, test)
+        minutes = (decisions * args.decision_s + painted * args.paint_s) / 60
+        res.rows.append({"seed": seed, "strategy": strategy, "round": rnd,
+                         "actions": decisions + painted, "decisions": decisions,
+                         "painted": painted, "minutes": round(minutes, 2), "model": model,
+                         **{k: round(v, 4) for k, v in memo[key].items()},
+                         "seconds": round(time.perf_counter() - t0, 1)})
+        r = res.rows[-1]
+        log(f"  seed {seed} {strategy:11s} round {rnd}: {r['actions']:4d} actions "
+            f"({r['minutes']:.1f} min), site-D cluster Dice {r['all_cluster_dice']:.3f}, "
+            f"voxel Dice {r['all_voxel_dice']:.3f} ({r['seconds']:.0f} s)")
+
+    def predictions(model, cases_):
+        # the starter's predictions are the same in every store of this seed
+        return _save_predictions(store, model, cases_, memo, alias.get(model, model))
+
+    record(0, model_id)
+    for rnd in range(1, args.rounds + 1):
+        if strategy == "random":
+            done = {s for s in by_name if store.info(s)["status"] == "corrected"}
+            pick = next(s for s in order if s not in done)
+            pred = predictions(model_id, [by_name[pick]])[pick]
+            d, p = _subject_effort(pred.labels, by_name[pick])
+            decisions, painted = decisions + d, painted + p
+            _annotate_subject(store, by_name[pick])
+        elif strategy == "uncertainty":
+            predictions(model_id, [c for c in pool
+                                   if store.info(c.name)["status"] != "corrected"])
+            rows = [r for r in rank_subjects(store, model_id) if r["subject"] in by_name
+                    and r["status"] != "corrected"]
+            pick = rows[0]["subject"]
+            d, p = _subject_effort(store.read_prediction(pick, model_id, "labels"),
+                                   by_name[pick])
+            decisions, painted = decisions + d, painted + p
+            _annotate_subject(store, by_name[pick])
+        else:
+            predictions(model_id, pool)
+            picks = [r for r in rank_clusters(store, model_id) if r["subject"] in by_name]
+            decisions += _decide_clusters(store, model_id, picks[:args.k], by_name)
+        model_id = _finetune(store, model_id, [c.name for c in val], args, 1000 * seed + rnd)
+        record(rnd, model_id)
+    return res
+
+
+def effort_to_reach(rows: list[dict], target: float) -> float:
+    """Effort at which the curve first reaches ``target`` cluster Dice (linear between
+    rounds); inf when it never does."""
+    prev = None
+    for r in rows:
+        if r["all_cluster_dice"] >= target:
+            if prev is None:
+                return float(r["actions"])
+            x0, y0, x1, y1 = prev["actions"], prev["all_cluster_dice"], r["actions"], r["all_cluster_dice"]
+            return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0)) if y1 > y0 else float(x1)
+        prev = r
+    return float("inf")
+
+
+def summarise(runs: list[Run], log) -> dict:
+    seeds = sorted({r.seed for r in runs})
+    get = {(r.strategy, r.seed): r.rows for r in runs}
+    out = {}
+    for strategy in STRATEGIES:
+        savings, efforts = [], []
+        for seed in seeds:
+            rand = get.get(("random", seed))
+            mine = get.get((strategy, seed))
+            if not rand or not mine:
+                continue
+            target, total = rand[-1]["all_cluster_dice"], rand[-1]["actions"]
+            e = effort_to_reach(mine, target)
+            efforts.append(e)
+            savings.append(1 - e / total if total else 0.0)
+        out[strategy] = {"effort_to_random_final": efforts, "saving": savings,
+                         "mean_saving": float(np.mean(savings)) if savings else float("nan")}
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for strategy, colour in zip(STRATEGIES, ("tab:grey", "tab:blue", "tab:red"), strict=True):
+        mine = [r for r in rows if r["strategy"] == strategy]
+        if not mine:
+            continue
+        rounds = sorted({r["round"] for r in mine})
+        for ax, key in zip(axes, ("all_cluster_dice", "all_voxel_dice"), strict=True):
+            for seed in sorted({r["seed"] for r in mine}):
+                s = [r for r in mine if r["seed"] == seed]
+                ax.plot([r["actions"] for r in s], [r[key] for r in s], color=colour, alpha=0.3,
+                        lw=1)
+            x = [np.mean([r["actions"] for r in mine if r["round"] == k]) for k in rounds]
+            y = [np.mean([r[key] for r in mine if r["round"] == k]) for k in rounds]
+            ax.plot(x, y, "-o", color=colour, label=strategy, lw=2, ms=4)
+    for ax, title in zip(axes, ("site-D cluster Dice", "site-D voxel Dice"), strict=True):
+        ax.set_xlabel("annotator actions (cluster decisions + painted PVS)")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("New-site adaptation: held-out site-D phantoms against annotation effort "
+                 "(thin: seeds, thick: mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--k", type=int, default=40, help="clusters reviewed per round")
+    ap.add_argument("--iterations", type=int, default=60, help="fine-tuning iterations per round")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--size-mm", type=float, default=80.0)
+    ap.add_argument("--per-site", type=int, default=2)
+    ap.add_argument("--test", type=int, default=2)
+    ap.add_argument("--decision-s", type=float, default=4.0)
+    ap.add_argument("--paint-s", type=float, default=30.0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args(argv)
+    if args.rounds > args.per_site * 4:
+        ap.error(f"--rounds {args.rounds} needs more than the pool's {args.per_site * 4} subjects")
+    import torch
+
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            cases = _phantoms(seed, args)
+            memo: dict = {}
+            print(f"seed {seed}: pool {len(cases[0])} phantoms of sites A-D, test "
+                  f"{len(cases[1])} site-D phantoms ({args.size_mm:g} mm)", flush=True)
+            for strategy in args.strategies:
+                runs.append(run_strategy(strategy, seed, cases, Path(tmp), args, memo,
+                                         lambda m: print(m, flush=True)))
+    rows = [r for run in runs for r in run.rows]
+    csv_path, png_path = args.out / "active_learning.csv", args.out / "active_learning.png"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, png_path)
+    summary = summarise(runs, print)
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\nper-action times: {args.decision_s:g} s per cluster decision, {args.paint_s:g} s "
+          f"per painted PVS; {args.iterations} fine-tuning iterations per round")
+    print(f"{'strategy':12s} {'final actions':>13s} {'final minutes':>13s} {'final cluster Dice':>18s}"
+          f" {'effort to random final':>22s} {'saving':>7s}")
+    for strategy in args.strategies:
+        finals = [run.rows[-1] for run in runs if run.strategy == strategy]
+        s = summary[strategy]
+        print(f"{strategy:12s} {np.mean([r['actions'] for r in finals]):13.0f} "
+              f"{np.mean([r['minutes'] for r in finals]):13.1f} "
+              f"{np.mean([r['all_cluster_dice'] for r in finals]):18.3f} "
+              f"{np.mean(s['effort_to_random_final']):22.0f} {s['mean_saving']:7.0%}")
+    active = [s for s in args.strategies if s != "random"]
+    best = max(active, key=lambda s: summary[s]["mean_saving"]) if active else None
+    if best is not None and "random" in args.strategies:
+        saving = summary[best]["mean_saving"]
+        print(f"target: the best active strategy ({best}) reaches random order's final site-D "
+              f"cluster Dice with >= 40 % less effort: {saving:.0%} less: "
+              f"{'MET' if saving >= 0.4 else 'MISSED'}")
+    (args.out / "active_learning.json").write_text(json.dumps(
+        {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+         "summary": summary, "minutes": minutes}, indent=1, default=str))
+    print(f"curves: {png_path}, {csv_path}; {minutes:.1f} min in all")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
