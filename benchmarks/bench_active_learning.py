@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-STRATEGIES = ("random", "uncertainty", "clusters")
+STRATEGIES = ("random", "uncertainty", "clusters", "site", "site-clusters")
 SITE_D = 3
 
 
@@ -176,7 +176,8 @@ def _finetune(store, parent: str, val: list[str], args, seed: int) -> str:
     train = sorted(s for s in training_versions(store) if s not in val)
     cfg = FinetuneConfig(iterations=args.iterations, iterations_per_epoch=args.iterations,
                          patch=(48, 48, 48), batch_size=2, lr=args.lr, val_fraction=0.0,
-                         seed=seed, device="cpu", cache_budget_mb=1024)
+                         seed=seed, device="cpu", cache_budget_mb=1024,
+                         **({} if args.review_gap is None else {"review_gap": args.review_gap}))
     return run(finetune(store, init=parent, config=cfg, train_subjects=train, val_subjects=val,
                         work_dir=store.path / "training" / f"run-{seed}"))
 
@@ -208,7 +209,7 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
     order = list(np.random.default_rng(seed).permutation([c.name for c in pool]))
     t0 = time.perf_counter()
 
-    def record(rnd, model):
+    def record(rnd, model, picked=()):
         key = ("score", alias.get(model, model))
         if key not in memo:
             memo[key] = _score(store, model, test)
@@ -216,12 +217,13 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
         res.rows.append({"seed": seed, "strategy": strategy, "round": rnd,
                          "actions": decisions + painted, "decisions": decisions,
                          "painted": painted, "minutes": round(minutes, 2), "model": model,
+                         "picked": " ".join(picked),
                          **{k: round(v, 4) for k, v in memo[key].items()},
                          "seconds": round(time.perf_counter() - t0, 1)})
         r = res.rows[-1]
         log(f"  seed {seed} {strategy:11s} round {rnd}: {r['actions']:4d} actions "
             f"({r['minutes']:.1f} min), site-D cluster Dice {r['all_cluster_dice']:.3f}, "
-            f"voxel Dice {r['all_voxel_dice']:.3f} ({r['seconds']:.0f} s)")
+            f"voxel Dice {r['all_voxel_dice']:.3f} ({r['seconds']:.0f} s) {r['picked']}")
 
     def predictions(model, cases_):
         # the starter's predictions are the same in every store of this seed
@@ -236,22 +238,27 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
             d, p = _subject_effort(pred.labels, by_name[pick])
             decisions, painted = decisions + d, painted + p
             _annotate_subject(store, by_name[pick])
-        elif strategy == "uncertainty":
+            picked = [pick]
+        elif strategy in ("uncertainty", "site"):
             predictions(model_id, [c for c in pool
                                    if store.info(c.name)["status"] != "corrected"])
-            rows = [r for r in rank_subjects(store, model_id) if r["subject"] in by_name
-                    and r["status"] != "corrected"]
+            rows = [r for r in rank_subjects(store, model_id, site_aware=strategy == "site")
+                    if r["subject"] in by_name and r["status"] != "corrected"]
             pick = rows[0]["subject"]
             d, p = _subject_effort(store.read_prediction(pick, model_id, "labels"),
                                    by_name[pick])
             decisions, painted = decisions + d, painted + p
             _annotate_subject(store, by_name[pick])
+            picked = [pick]
         else:
             predictions(model_id, pool)
-            picks = [r for r in rank_clusters(store, model_id) if r["subject"] in by_name]
-            decisions += _decide_clusters(store, model_id, picks[:args.k], by_name)
+            picks = [r for r in rank_clusters(store, model_id,
+                                              site_aware=strategy == "site-clusters")
+                     if r["subject"] in by_name][:args.k]
+            decisions += _decide_clusters(store, model_id, picks, by_name)
+            picked = sorted({r["subject"] for r in picks})
         model_id = _finetune(store, model_id, [c.name for c in val], args, 1000 * seed + rnd)
-        record(rnd, model_id)
+        record(rnd, model_id, picked)
     return res
 
 
@@ -296,7 +303,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for strategy, colour in zip(STRATEGIES, ("tab:grey", "tab:blue", "tab:red"), strict=True):
+    colours = ("tab:grey", "tab:blue", "tab:red", "tab:green", "tab:purple")
+    for strategy, colour in zip(STRATEGIES, colours, strict=True):
         mine = [r for r in rows if r["strategy"] == strategy]
         if not mine:
             continue
@@ -334,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=2)
     ap.add_argument("--decision-s", type=float, default=4.0)
     ap.add_argument("--paint-s", type=float, default=30.0)
+    ap.add_argument("--review-gap", type=int, default=None,
+                    help="FinetuneConfig.review_gap (default: the package's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args(argv)

@@ -65,6 +65,28 @@ def test_ranking_puts_uncorrected_most_uncertain_first(tmp_path):
         rank_subjects(store, "m1", by="size")
 
 
+def test_site_aware_ranking_puts_the_least_corrected_site_first(tmp_path):
+    """A new scanner's scans come before more of the sites the store already knows, then
+    by uncertainty; the status order still comes first."""
+    store = CorrectionsStore.create(tmp_path / "q.pvs.zarr")
+    rng = np.random.default_rng(0)
+    for sid, site in (("a0", "A"), ("a1", "A"), ("a2", "A"), ("d0", "D"), ("d1", "D")):
+        store.add_subject(sid, Volume(rng.random((12, 12, 12)).astype(np.float32), np.eye(4),
+                                      (1.0, 1.0, 1.0)), site=site)
+    for sid, u in (("a1", 0.9), ("a2", 0.8), ("d0", 0.2), ("d1", 0.4)):
+        _save(store, sid, "m1", u)
+    store.commit_labels("a0", np.zeros((12, 12, 12), np.uint8), author="me")
+    assert [r["subject"] for r in rank_subjects(store, "m1")] == ["a1", "a2", "d1", "d0", "a0"]
+    rows = rank_subjects(store, "m1", site_aware=True)
+    assert [r["subject"] for r in rows] == ["d1", "d0", "a1", "a2", "a0"]
+    assert [r["site_corrected"] for r in rows] == [0, 0, 1, 1, 1]
+    # once site D has more corrected subjects than A, A's come first again
+    for sid in ("d0", "d1"):
+        store.commit_labels(sid, np.zeros((12, 12, 12), np.uint8), author="me")
+    assert [r["subject"] for r in rank_subjects(store, "m1", site_aware=True)][:2] == ["a1", "a2"]
+    store.close()
+
+
 def test_predict_subjects_saves_maps_with_statistics(tmp_path):
     from napari_pvs.inference import run
     from napari_pvs.model import arch_config, build_network, default_meta

@@ -201,10 +201,17 @@ def test_training_reads_the_newest_word_on_each_voxel(store):
     np.testing.assert_array_equal(known, first | second)
     np.testing.assert_array_equal(labels, lab2.astype(bool) & first)  # unknown voxels are 0
     assert recent is None
-    labels, known, _ = labels_as_of(store, "a", 2, rim=2)  # the background rim is known too
+    labels, known, _ = labels_as_of(store, "a", 2, rim=2, gap=0)  # the background rim too
     rim = known & ~(first | second)
     assert rim[1, 1, 1] and rim[6, 6, 6] and not rim[7, 7, 7] and not labels[rim].any()
     assert not known[6, 3, 3] and not labels[6, 3, 3]  # an undecided cluster is not in the rim
+    # with a gap the accepted cluster's outline stays unknown, the rim beyond it does not;
+    # around the rejected cluster the first shell is background as before
+    labels, known, _ = labels_as_of(store, "a", 2, rim=2, gap=1)
+    gap_rim = known & ~(first | second)
+    assert not known[1, 1, 1] and not known[5, 3, 3] and known[0, 0, 0] and known[6, 6, 6]
+    assert known[9, 2, 2] and known[12, 3, 3] and not labels[gap_rim].any()
+    np.testing.assert_array_equal(gap_rim, rim & ~_mask(np.s_[1:6, 1:6, 1:6]))
     labels, known, recent = labels_as_of(store, "b", 2)
     assert known is None  # over a full version every voxel is known
     np.testing.assert_array_equal(labels, lab2.astype(bool))

@@ -208,6 +208,11 @@ def test_the_queue_ranks_clusters_across_subjects_by_p_false_positive(tmp_path, 
     assert all(p > 0.9 for p in pf[:5]) and all(p < 0.1 for p in pf[5:])  # blobs first
     assert rows[0]["subject"] == "siteA02"  # ties: by subject, then cluster
     assert len(rank_clusters(store, limit=2)) == 2
+    # site-aware: site B has no corrected subject, site A one: B's clusters first
+    site_rows = rank_clusters(store, site_aware=True)
+    assert [r["site"] for r in site_rows] == ["siteB"] * 5 + ["siteA"] * 3
+    assert [r["site_corrected"] for r in site_rows] == [0] * 5 + [1] * 3
+    assert site_rows[0]["subject"] == "siteB02" and site_rows[5]["subject"] == "siteA02"
     # a saved review decided one blob of siteB02: it leaves the queue, the rest stay
     shape = tuple(store.info("siteB02")["shape"])
     reviewed = np.zeros(shape, bool)

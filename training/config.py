@@ -9,7 +9,7 @@ from napari_pvs._backends import pick_device
 from napari_pvs._errors import PVSInputError
 from napari_pvs.model import arch_config, check_spacing
 
-from .data import REVIEW_RIM
+from .data import REVIEW_GAP, REVIEW_RIM
 
 __all__ = ["FinetuneConfig"]
 
@@ -32,6 +32,8 @@ class FinetuneConfig:
     augment: bool = True  # MONAI flips, rotations, intensity and bias-field augmentation
     # review-only labels: background voxels this close to a reviewed one count as known
     review_rim: int = REVIEW_RIM  # voxels; 0: the reviewed voxels only
+    # ...except this many right outside an accepted cluster, left unknown
+    review_gap: int = REVIEW_GAP
     device: str = "auto"  # CUDA, then MPS, then CPU (napari_pvs.inference.pick_device)
 
     def validate(self) -> FinetuneConfig:
@@ -57,6 +59,7 @@ class FinetuneConfig:
         whole("cache_budget_mb", 1)
         whole("seed", 0)
         whole("review_rim", 0, 16)
+        whole("review_gap", 0, 16)
         patch = tuple(self.patch) if isinstance(self.patch, (tuple, list)) else (self.patch,)
         # MedNeXt halves the patch 4 times, and its GroupNorm needs more than one voxel
         # per channel at the 1/16 scale while training

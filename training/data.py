@@ -39,12 +39,15 @@ import numpy as np
 
 from napari_pvs.preprocess import Preprocessed, preprocess
 
-__all__ = ["REVIEW_RIM", "PatchSampler", "SubjectCache", "SubjectData", "corrected_versions",
+__all__ = ["REVIEW_GAP", "REVIEW_RIM", "PatchSampler", "SubjectCache", "SubjectData", "corrected_versions",
            "label_kinds", "labels_as_of", "load_subject", "training_versions"]
 
 #: Voxels (of the subject's grid) around the reviewed voxels of review-only labels that
 #: count as known background, where they were background in the version reviewed.
 REVIEW_RIM = 2
+#: Voxels right outside accepted (or painted) PVS of review-only labels whose label stays
+#: unknown: the reviewer accepted the cluster, not the exact voxel of its outline.
+REVIEW_GAP = 0
 
 
 def _human(attrs: Mapping[str, Any]) -> bool:
@@ -102,8 +105,8 @@ def label_kinds(store, versions: Mapping[str, int]) -> dict[str, str]:
             for s, v in versions.items()}
 
 
-def labels_as_of(store, subject: str, version: int, rim: int = REVIEW_RIM
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def labels_as_of(store, subject: str, version: int, rim: int = REVIEW_RIM,
+                 gap: int = REVIEW_GAP) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The labels a subject's ``version`` says, on the source grid: ``(labels, reviewed,
     recent)``, bool arrays.
 
@@ -112,8 +115,9 @@ def labels_as_of(store, subject: str, version: int, rim: int = REVIEW_RIM
     on each voxel wins).  ``reviewed``: None when a full version lies underneath (every
     voxel is known), else the union of the review masks and of their rims: the voxels
     within ``rim`` voxels (26-neighbourhood steps) of a reviewed voxel that were
-    background in that version and that no review decided (training ignores the other
-    voxels).  ``recent``: the voxels the newest corrections told about: for a full
+    background in that version and that no review decided, less the ``gap`` voxels
+    right outside a reviewed PVS voxel (accepted or painted), whose label stays unknown
+    (training ignores the other voxels).  ``recent``: the voxels the newest corrections told about: for a full
     ``version``, those it changed against its parent (as before review-only versions
     existed); over a full version, the reviewed voxels; None for review-only labels
     (their reviewed voxels are all news).
@@ -125,15 +129,19 @@ def labels_as_of(store, subject: str, version: int, rim: int = REVIEW_RIM
               else np.zeros(tuple(store.info(subject)["shape"]), bool))
     decided = np.zeros(labels.shape, bool)
     around = np.zeros(labels.shape, bool)
+    unsure = np.zeros(labels.shape, bool)
+    cube = np.ones((3, 3, 3), bool)
     for v in reviews:
         known = store.read_reviewed(subject, v)
         seen = store.read_labels(subject, v) > 0
         labels[known] = seen[known]
         decided |= known
         if rim > 0 and base is None and known.any():
-            around |= ndi.binary_dilation(known, np.ones((3, 3, 3), bool), rim) & ~seen
+            around |= ndi.binary_dilation(known, cube, rim) & ~seen
+            if gap > 0 and (known & seen).any():
+                unsure |= ndi.binary_dilation(known & seen, cube, gap) & ~seen
     if base is None:
-        around &= ~decided
+        around &= ~(decided | unsure)
         labels[around] = False
         return labels, decided | around, None
     if reviews:
@@ -178,20 +186,20 @@ class SubjectData:
 
 
 def load_subject(store, subject: str, version: int, pre: Mapping[str, Any] | None,
-                 rim: int = REVIEW_RIM) -> SubjectData:
+                 rim: int = REVIEW_RIM, gap: int = REVIEW_GAP) -> SubjectData:
     """Decode one subject's image, ``version`` labels and ROI onto the model grid.
 
     The image goes through :func:`napari_pvs.preprocess.preprocess` with the model's
     preprocessing ``pre`` (its ``meta["preprocessing"]``; None: the source grid and a
     z-score), exactly as inference prepares it; labels (:func:`labels_as_of`, with its
-    ``rim``), ROI, recent edits and the reviewed mask of review-only labels follow with
+    ``rim`` and ``gap``), ROI, recent edits and the reviewed mask of review-only labels follow with
     nearest-neighbour resampling.
     """
     info = store.info(subject)
     image = np.asarray(store.read_image(subject), dtype=np.float32)
     regions = store.read_regions(subject)
     roi = (regions > 0) if regions is not None else image != 0
-    labels, reviewed, recent = labels_as_of(store, subject, version, rim)
+    labels, reviewed, recent = labels_as_of(store, subject, version, rim, gap)
     prep = preprocess(image, info["spacing"], roi, pre)
     return SubjectData(subject, str(info.get("site", "unknown")), version, prep.image[0],
                        prep.mask_to_model(labels).astype(np.uint8), prep.mask,
@@ -204,8 +212,9 @@ class SubjectCache:
     """Decoded subjects in memory within ``budget_bytes`` (LRU eviction)."""
 
     def __init__(self, store, versions: dict[str, int], pre: Mapping[str, Any] | None,
-                 budget_bytes: int = 2**30, rim: int = REVIEW_RIM):
+                 budget_bytes: int = 2**30, rim: int = REVIEW_RIM, gap: int = REVIEW_GAP):
         self.store, self.versions, self.pre, self.rim = store, dict(versions), pre, int(rim)
+        self.gap = int(gap)
         self.budget = int(budget_bytes)
         self._items: OrderedDict[str, SubjectData] = OrderedDict()
         self.loads = 0
@@ -214,7 +223,8 @@ class SubjectCache:
         if subject in self._items:
             self._items.move_to_end(subject)
             return self._items[subject]
-        data = load_subject(self.store, subject, self.versions[subject], self.pre, self.rim)
+        data = load_subject(self.store, subject, self.versions[subject], self.pre, self.rim,
+                            self.gap)
         self.loads += 1
         self._items[subject] = data
         while len(self._items) > 1 and sum(d.nbytes for d in self._items.values()) > self.budget:

@@ -235,7 +235,7 @@ class _Finetune(Trainer):
         self.weights = [(1 - cfg.replay_fraction) / max(len(self.new), 1) * (s in self.new)
                         + cfg.replay_fraction / len(self.train_ids) for s in self.train_ids]
         self.cache = SubjectCache(store, self.versions, self.pre, cfg.cache_budget_mb * 2**20,
-                                  cfg.review_rim)
+                                  cfg.review_rim, cfg.review_gap)
         self.sampler = PatchSampler(self.cache, self.train_ids, cfg.patch, cfg.pos_fraction,
                                     augment=cfg.augment, seed=cfg.seed + self.rank,
                                     weights=self.weights)

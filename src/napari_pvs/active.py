@@ -137,7 +137,18 @@ def _stats(store, sid: str, model_id: str) -> dict[str, float]:
     return stats
 
 
-def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> list[dict[str, Any]]:
+def _corrected_per_site(store) -> dict[str, int]:
+    """``{site: subjects corrected in full}`` of the store."""
+    out: dict[str, int] = {}
+    for sid in store.subjects():
+        info = store.info(sid)
+        site = info.get("site", "unknown")
+        out[site] = out.get(site, 0) + (info["status"] == "corrected")
+    return out
+
+
+def rank_subjects(store, model_id: str | None = None, by: str = "clusters",
+                  site_aware: bool = False) -> list[dict[str, Any]]:
     """Store subjects, the one to correct next first.
 
     Parameters
@@ -147,6 +158,10 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
         Whose uncertainty ranks the subjects (default: the newest registered model).
     by : {"clusters", "image"}
         Which uncertainty score ranks them.
+    site_aware : bool
+        Within each status, subjects of the sites with the fewest corrected subjects come
+        first (a new scanner's scans before more of the sites the store already knows),
+        then by uncertainty; each row gets ``site_corrected``.
 
     Returns
     -------
@@ -163,6 +178,7 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
         raise PVSInputError(f"unknown uncertainty score {by!r}; choose one of {SCORES}")
     if model_id is None:
         model_id = store.models.latest_id()
+    per_site = _corrected_per_site(store) if site_aware else {}
     rows = []
     for sid in store.subjects():
         info = store.info(sid)
@@ -173,12 +189,15 @@ def rank_subjects(store, model_id: str | None = None, by: str = "clusters") -> l
         if model_id is not None and model_id in store.predictions(sid):
             row.update(_stats(store, sid, model_id))
             row["uncertainty"] = row[by]
+        if site_aware:
+            row["site_corrected"] = per_site.get(row["site"], 0)
         rows.append(row)
 
     def key(r):
         u = r["uncertainty"]
         done = {"reviewed": 1, "corrected": 2}.get(r["status"], 0)
-        return (done, math.isnan(u), -(0.0 if math.isnan(u) else u), r["subject"])
+        return (done, r.get("site_corrected", 0), math.isnan(u), -(0.0 if math.isnan(u) else u),
+                r["subject"])
 
     return sorted(rows, key=key)
 
@@ -194,7 +213,7 @@ def _decided(store, subject: str, shape) -> np.ndarray | None:
 
 
 def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
-                  ) -> list[dict[str, Any]]:
+                  site_aware: bool = False) -> list[dict[str, Any]]:
     """The predicted clusters of every subject not yet corrected, across subjects, the
     likeliest false positive first.
 
@@ -207,6 +226,9 @@ def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
         without one ranks by the heuristic ``priority``.
     limit : int, optional
         Return the first ``limit`` rows only.
+    site_aware : bool
+        Clusters of the sites with the fewest corrected subjects first, then by
+        priority; each row gets ``site_corrected``.
 
     Returns
     -------
@@ -222,6 +244,7 @@ def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
     if model_id is None:
         return []
     triage = (store.models.meta(model_id) or {}).get("triage")
+    per_site = _corrected_per_site(store) if site_aware else {}
     rows = []
     for sid in store.subjects():
         info = store.info(sid)
@@ -249,5 +272,8 @@ def rank_clusters(store, model_id: str | None = None, limit: int | None = None,
                          **{k: cols[k][i].item() if hasattr(cols[k][i], "item") else cols[k][i]
                             for k in ("p_false_positive", "priority", "voxels", "region",
                                       "centroid_i", "centroid_j", "centroid_k")}})
-    rows.sort(key=lambda r: (-r["priority"], r["subject"], r["cluster"]))
+            if site_aware:
+                rows[-1]["site_corrected"] = per_site.get(rows[-1]["site"], 0)
+    rows.sort(key=lambda r: (r.get("site_corrected", 0), -r["priority"], r["subject"],
+                             r["cluster"]))
     return rows[:limit] if limit is not None else rows
