@@ -6,11 +6,9 @@ the label of their reviewed voxels only.  :class:`MaskedDiceCELoss` is the loss 
 weights (``mask``, 1 known, 0 unknown), built from MONAI's parts so that a mask of ones
 gives MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``:
 
-* Dice: MONAI's ``DiceLoss`` on the softmax and the one-hot labels of the patches whose
-  every voxel is known, weighted by their share of the batch.  A partly known patch
-  (cluster decisions) gets no Dice term: a Dice over a few decided clusters and their
-  rim taught ever thinner PVS (measured by ``benchmarks/bench_active_learning.py``,
-  see the README);
+* Dice: MONAI's ``DiceLoss`` on the softmax and the one-hot labels, both multiplied by
+  the mask (MONAI's ``MaskedDiceLoss`` masks before the one-hot, so its background
+  channel would count unknown voxels as background);
 * cross-entropy: per voxel, averaged over the mask (the weighted mean).
 
 A voxel whose weight is 0 adds nothing to the loss and gets no gradient; a patch
@@ -55,15 +53,7 @@ class MaskedDiceCELoss:
         mask = mask.to(logits.dtype)
         probs = torch.softmax(logits, 1)
         onehot = one_hot(target, num_classes=logits.shape[1], dim=1)
-        # Dice on the patches known in full only: on a partly known patch (cluster
-        # decisions) it is a ratio over a few decided clusters and their rim, and it
-        # pushed the model to ever thinner PVS; those patches get cross-entropy alone
-        # (the partial cross-entropy of sparse-label segmentation)
-        full = mask.flatten(1).amin(1) >= 1
-        n_full = int(full.sum())
-        dice = logits.new_zeros(())
-        if n_full:
-            dice = self.dice(probs[full], onehot[full]) * (n_full / logits.shape[0])
+        dice = self.dice(probs * mask, onehot * mask)
         ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none")
         ce = (ce * mask[:, 0]).sum() / mask.sum().clamp_min(1.0)
         return dice + ce
