@@ -53,7 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-STRATEGIES = ("random", "uncertainty", "clusters", "site", "site-clusters")
+POSITIVE = [0]  # cluster decisions that said "PVS" (accepted, or a near miss painted)
+STRATEGIES = ("random", "uncertainty", "clusters", "site", "site-clusters", "mistakes")
 SITE_D = 3
 
 
@@ -124,6 +125,10 @@ def _score(store, model_id: str, test: list[Case]) -> dict[str, float]:
     for region in ("all", "WM", "BG"):
         for key in ("voxel_dice", "cluster_dice"):
             out[f"{region}_{key}"] = float(np.mean([x[region][key] for x in s]))
+    for key in ("cluster_precision", "cluster_recall"):
+        out[key] = float(np.mean([x["all"][key] for x in s]))
+    out["volume_ratio"] = float(sum(x["all"]["pred_voxels"] for x in s)
+                                / max(sum(x["all"]["ref_voxels"] for x in s), 1))
     return out
 
 
@@ -161,11 +166,85 @@ def _decide_clusters(store, model_id: str, picks: list[dict], cases: dict[str, C
         for cid in ids:
             if near[session.cluster_voxels(cid)].mean() >= 0.5:
                 session.accept(cid)
+                POSITIVE[0] += 1
             else:
                 session.reject(cid)
             n += 1
         session.save(store, sid, author="oracle", review_only=True)
     return n
+
+
+def _candidates(store, model_id: str, subjects, threshold: float) -> list[dict]:
+    """Near-miss clusters: components of probability >= ``threshold`` in the ROI that hold
+    no predicted voxel and were not decided in a saved review; their priority is their
+    highest probability (how likely the model missed a PVS there)."""
+    from napari_pvs.active import _decided
+    from napari_pvs.clusters import label_clusters
+
+    rows = []
+    for sid in subjects:
+        prob = store.read_prediction(sid, model_id, "probability")
+        labels = store.read_prediction(sid, model_id, "labels") > 0
+        roi = store.read_regions(sid) > 0
+        comp, n = label_clusters((prob >= threshold) & roi)
+        if not n:
+            continue
+        flat = comp.ravel()
+        size = np.bincount(flat, minlength=n + 1)
+        hit = np.bincount(flat, weights=labels.ravel(), minlength=n + 1)
+        peak = np.zeros(n + 1)
+        np.maximum.at(peak, flat, prob.ravel())
+        decided = _decided(store, sid, labels.shape)
+        done = (np.bincount(flat, weights=decided.ravel(), minlength=n + 1) > 0.5 * size
+                if decided is not None else np.zeros(n + 1, bool))
+        for c in range(1, n + 1):
+            if hit[c] == 0 and size[c] >= 2 and not done[c]:
+                rows.append({"subject": sid, "site": store.info(sid).get("site", "unknown"),
+                             "candidate": np.flatnonzero(flat == c), "priority": float(peak[c])})
+    return rows
+
+
+def _decide_mistakes(store, model_id: str, picks: list[dict], cases: dict[str, Case]) -> int:
+    """The oracle decides predicted clusters (accept / reject) and near misses (paint them
+    as PVS, or mark them background); one review-only version per subject."""
+    from scipy import ndimage as ndi
+
+    from napari_pvs.review import ReviewSession
+
+    by_subject: dict[str, list[dict]] = {}
+    for r in picks:
+        by_subject.setdefault(r["subject"], []).append(r)
+    from napari_pvs.clusters import label_clusters
+
+    n = painted = 0
+    for sid, rows in by_subject.items():
+        truth = cases[sid].phantom.labels > 0
+        near = ndi.binary_dilation(truth, iterations=1).reshape(-1)
+        pvs, _ = label_clusters(truth)
+        pvs = pvs.reshape(-1)
+        session = ReviewSession(store.read_prediction(sid, model_id, "labels").astype(np.uint8))
+        for r in rows:
+            if "candidate" in r:
+                vox = r["candidate"]
+                if near[vox].mean() >= 0.5:  # a missed PVS: the annotator paints it
+                    ids = np.unique(pvs[vox])
+                    vox = np.flatnonzero(np.isin(pvs, ids[ids > 0]))
+                    session.labels.reshape(-1)[vox] = 1
+                    session.record_paint(vox, 1)
+                    POSITIVE[0] += 1
+                    painted += 1
+                else:  # not a PVS: marked background with one decision
+                    session.record_paint(vox, 0)
+                    n += 1
+                continue
+            n += 1
+            if near[session.cluster_voxels(int(r["cluster"]))].mean() >= 0.5:
+                session.accept(int(r["cluster"]))
+                POSITIVE[0] += 1
+            else:
+                session.reject(int(r["cluster"]))
+        session.save(store, sid, author="oracle", review_only=True)
+    return n, painted
 
 
 def _finetune(store, parent: str, val: list[str], args, seed: int) -> str:
@@ -205,6 +284,7 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
     # the registered starter has a new id per store; memoise its predictions by "starter"
     alias = {model_id: "starter"}
     res = Run(strategy, seed)
+    POSITIVE[0] = 0
     decisions = painted = 0
     order = list(np.random.default_rng(seed).permutation([c.name for c in pool]))
     t0 = time.perf_counter()
@@ -217,13 +297,15 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
         res.rows.append({"seed": seed, "strategy": strategy, "round": rnd,
                          "actions": decisions + painted, "decisions": decisions,
                          "painted": painted, "minutes": round(minutes, 2), "model": model,
-                         "picked": " ".join(picked),
+                         "picked": " ".join(picked), "positive_decisions": POSITIVE[0],
                          **{k: round(v, 4) for k, v in memo[key].items()},
                          "seconds": round(time.perf_counter() - t0, 1)})
         r = res.rows[-1]
         log(f"  seed {seed} {strategy:11s} round {rnd}: {r['actions']:4d} actions "
             f"({r['minutes']:.1f} min), site-D cluster Dice {r['all_cluster_dice']:.3f}, "
-            f"voxel Dice {r['all_voxel_dice']:.3f} ({r['seconds']:.0f} s) {r['picked']}")
+            f"voxel Dice {r['all_voxel_dice']:.3f} (P {r['cluster_precision']:.2f} R "
+            f"{r['cluster_recall']:.2f}, volume x{r['volume_ratio']:.2f}; {r['positive_decisions']} "
+            f"positive decisions) ({r['seconds']:.0f} s) {r['picked']}")
 
     def predictions(model, cases_):
         # the starter's predictions are the same in every store of this seed
@@ -250,6 +332,19 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
             decisions, painted = decisions + d, painted + p
             _annotate_subject(store, by_name[pick])
             picked = [pick]
+        elif strategy == "mistakes":
+            predictions(model_id, pool)
+            rows = [r for r in rank_clusters(store, model_id, site_aware=True)
+                    if r["subject"] in by_name]
+            corrected = {r["site"]: r["site_corrected"] for r in rows}
+            cands = _candidates(store, model_id, list(by_name), args.candidates)
+            for r in cands:
+                r["site_corrected"] = corrected.get(r["site"], 0)
+            picks = sorted(rows + cands, key=lambda r: (r["site_corrected"], -r["priority"]))
+            picks = picks[:args.k]
+            d, p = _decide_mistakes(store, model_id, picks, by_name)
+            decisions, painted = decisions + d, painted + p
+            picked = sorted({r["subject"] for r in picks})
         else:
             predictions(model_id, pool)
             picks = [r for r in rank_clusters(store, model_id,
@@ -276,24 +371,74 @@ def effort_to_reach(rows: list[dict], target: float) -> float:
     return float("inf")
 
 
-def summarise(runs: list[Run], log) -> dict:
+def mean_curve(runs: list[Run], strategy: str) -> list[dict]:
+    """The strategy's curve averaged over seeds, round by round (actions and Dice)."""
+    mine = [r.rows for r in runs if r.strategy == strategy]
+    if not mine:
+        return []
+    n = min(len(rows) for rows in mine)
+    return [{"round": k, **{key: float(np.mean([rows[k][key] for rows in mine]))
+                            for key in ("actions", "minutes", "all_cluster_dice",
+                                        "all_voxel_dice")}} for k in range(n)]
+
+
+def summarise(runs: list[Run]) -> dict:
+    """Per strategy: the effort at which it reaches random order's final cluster Dice,
+    on the curves averaged over seeds (the target) and seed by seed."""
     seeds = sorted({r.seed for r in runs})
     get = {(r.strategy, r.seed): r.rows for r in runs}
+    rand = mean_curve(runs, "random")
     out = {}
-    for strategy in STRATEGIES:
-        savings, efforts = [], []
-        for seed in seeds:
-            rand = get.get(("random", seed))
-            mine = get.get((strategy, seed))
-            if not rand or not mine:
-                continue
-            target, total = rand[-1]["all_cluster_dice"], rand[-1]["actions"]
-            e = effort_to_reach(mine, target)
-            efforts.append(e)
-            savings.append(1 - e / total if total else 0.0)
-        out[strategy] = {"effort_to_random_final": efforts, "saving": savings,
-                         "mean_saving": float(np.mean(savings)) if savings else float("nan")}
+    for strategy in sorted({r.strategy for r in runs}, key=STRATEGIES.index):
+        curve = mean_curve(runs, strategy)
+        entry = {"final_actions": curve[-1]["actions"], "final_minutes": curve[-1]["minutes"],
+                 "final_cluster_dice": curve[-1]["all_cluster_dice"],
+                 "final_voxel_dice": curve[-1]["all_voxel_dice"]}
+        if rand:
+            e = effort_to_reach(curve, rand[-1]["all_cluster_dice"])
+            entry.update(effort_to_random_final=e, saving=1 - e / rand[-1]["actions"])
+            per_seed = []
+            for seed in seeds:
+                r, m = get.get(("random", seed)), get.get((strategy, seed))
+                if r and m:
+                    per_seed.append(1 - effort_to_reach(m, r[-1]["all_cluster_dice"])
+                                    / r[-1]["actions"])
+            entry["saving_per_seed"] = per_seed
+        out[strategy] = entry
     return out
+
+
+def _read_runs(paths) -> list[Run]:
+    """The runs of earlier CSVs; a later file's (strategy, seed) replaces an earlier one's."""
+    runs: dict[tuple[str, int], Run] = {}
+    for path in paths:
+        mine: dict[tuple[str, int], Run] = {}
+        try:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except OSError as exc:
+            raise SystemExit(f"bench_active_learning: cannot read {path} ({exc.strerror})") from None
+        for row in rows:
+            try:
+                r = {k: (v if k in ("strategy", "model", "picked") else float(v))
+                     for k, v in row.items()}
+                r["seed"], r["round"] = int(r["seed"]), int(r["round"])
+            except (KeyError, TypeError, ValueError):
+                raise SystemExit(f"bench_active_learning: {path} is not a CSV this benchmark "
+                                 "wrote") from None
+            mine.setdefault((r["strategy"], r["seed"]), Run(r["strategy"], r["seed"])).rows.append(r)
+        runs.update(mine)
+    if not runs:
+        raise SystemExit("bench_active_learning: no rows in " + ", ".join(map(str, paths)))
+    return list(runs.values())
+
+
+def _effort(x: float) -> str:
+    return "never" if not np.isfinite(x) else f"{x:.0f}"
+
+
+def _pct(x: float) -> str:
+    return "never" if not np.isfinite(x) else f"{x:.0%}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -303,7 +448,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = ("tab:grey", "tab:blue", "tab:red", "tab:green", "tab:purple")
+    colours = ("tab:grey", "tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")
     for strategy, colour in zip(STRATEGIES, colours, strict=True):
         mine = [r for r in rows if r["strategy"] == strategy]
         if not mine:
@@ -342,10 +487,14 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=2)
     ap.add_argument("--decision-s", type=float, default=4.0)
     ap.add_argument("--paint-s", type=float, default=30.0)
+    ap.add_argument("--candidates", type=float, default=0.15,
+                    help="probability of the near-miss clusters the mistakes strategy offers")
     ap.add_argument("--review-gap", type=int, default=None,
                     help="FinetuneConfig.review_gap (default: the package's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--from-csv", type=Path, nargs="+", metavar="CSV",
+                    help="summarise and plot the rows of earlier runs instead of running")
     args = ap.parse_args(argv)
     if args.rounds > args.per_site * 4:
         ap.error(f"--rounds {args.rounds} needs more than the pool's {args.per_site * 4} subjects")
@@ -357,8 +506,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs = []
+    if args.from_csv:
+        runs = _read_runs(args.from_csv)
+        args.seeds = sorted({r.seed for r in runs})
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
+        for seed in [] if args.from_csv else args.seeds:
             cases = _phantoms(seed, args)
             memo: dict = {}
             print(f"seed {seed}: pool {len(cases[0])} phantoms of sites A-D, test "
@@ -373,26 +525,26 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     plot(rows, png_path)
-    summary = summarise(runs, print)
+    summary = summarise(runs)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nper-action times: {args.decision_s:g} s per cluster decision, {args.paint_s:g} s "
-          f"per painted PVS; {args.iterations} fine-tuning iterations per round")
-    print(f"{'strategy':12s} {'final actions':>13s} {'final minutes':>13s} {'final cluster Dice':>18s}"
-          f" {'effort to random final':>22s} {'saving':>7s}")
-    for strategy in args.strategies:
-        finals = [run.rows[-1] for run in runs if run.strategy == strategy]
-        s = summary[strategy]
-        print(f"{strategy:12s} {np.mean([r['actions'] for r in finals]):13.0f} "
-              f"{np.mean([r['minutes'] for r in finals]):13.1f} "
-              f"{np.mean([r['all_cluster_dice'] for r in finals]):18.3f} "
-              f"{np.mean(s['effort_to_random_final']):22.0f} {s['mean_saving']:7.0%}")
-    active = [s for s in args.strategies if s != "random"]
-    best = max(active, key=lambda s: summary[s]["mean_saving"]) if active else None
-    if best is not None and "random" in args.strategies:
-        saving = summary[best]["mean_saving"]
+          f"per painted PVS; {args.iterations} fine-tuning iterations per round; "
+          f"{len(args.seeds)} seeds (curves: mean over seeds)")
+    print(f"{'strategy':14s} {'actions':>7s} {'minutes':>7s} {'cluster Dice':>12s} "
+          f"{'voxel Dice':>10s} {'effort to random final':>22s} {'saving':>7s}  per seed")
+    for strategy, e in summary.items():
+        print(f"{strategy:14s} {e['final_actions']:7.0f} {e['final_minutes']:7.1f} "
+              f"{e['final_cluster_dice']:12.3f} {e['final_voxel_dice']:10.3f} "
+              f"{_effort(e.get('effort_to_random_final', float('nan'))):>22s} "
+              f"{_pct(e.get('saving', float('nan'))):>7s}  "
+              + " ".join(_pct(x) for x in e.get("saving_per_seed", [])))
+    active = [s for s in summary if s != "random"]
+    if active and "random" in summary:
+        best = max(active, key=lambda s: summary[s]["saving"])
+        saving = summary[best]["saving"]
         print(f"target: the best active strategy ({best}) reaches random order's final site-D "
-              f"cluster Dice with >= 40 % less effort: {saving:.0%} less: "
-              f"{'MET' if saving >= 0.4 else 'MISSED'}")
+              f"cluster Dice ({summary['random']['final_cluster_dice']:.3f}) with >= 40 % less "
+              f"effort: {_pct(saving)} less: {'MET' if saving >= 0.4 else 'MISSED'}")
     (args.out / "active_learning.json").write_text(json.dumps(
         {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
          "summary": summary, "minutes": minutes}, indent=1, default=str))

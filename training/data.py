@@ -47,7 +47,7 @@ __all__ = ["REVIEW_GAP", "REVIEW_RIM", "PatchSampler", "SubjectCache", "SubjectD
 REVIEW_RIM = 2
 #: Voxels right outside accepted (or painted) PVS of review-only labels whose label stays
 #: unknown: the reviewer accepted the cluster, not the exact voxel of its outline.
-REVIEW_GAP = 0
+REVIEW_GAP = 1
 
 
 def _human(attrs: Mapping[str, Any]) -> bool:

@@ -7,7 +7,10 @@ so that the one to correct next comes first: subjects neither reviewed nor corre
 then reviewed ones (their cluster decisions saved), then corrected ones, each by
 decreasing uncertainty.  :func:`rank_clusters` ranks the clusters of the saved
 predictions across all subjects not yet corrected, the likeliest false positive (the
-model's triage classifier) first.
+model's triage classifier) first.  Both can be site-aware (``site_aware=True``): the
+subjects or clusters of the sites with the fewest corrected subjects come first, so a
+new scanner's scans are looked at before more of the sites the store already knows
+(``benchmarks/bench_active_learning.py`` measures what this saves).
 
 :func:`predict_and_save` predicts one image, a store subject's or not, and saves a
 MedNeXt prediction of a store subject the same way (the predict widget's job).
