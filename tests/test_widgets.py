@@ -238,6 +238,9 @@ def test_queue_ranks_subjects_and_opens_the_most_uncertain(make_napari_viewer, q
     qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
     row = next(r for r in w.rows if r["subject"] == "q3")
     assert row["status"] == "predicted" and row["uncertainty"] == row["uncertainty"]  # not NaN
+    # new sites first: site B has no corrected subject, site A one (q2)
+    w.site_aware.value = True
+    assert [r["subject"] for r in w.rows][:1] == ["q3"] and w.rows[-1]["subject"] == "q2"
     with CorrectionsStore.open(path) as store:
         assert store.predictions("q3") == ["m1"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from magicgui.widgets import ComboBox, Container, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -62,11 +62,16 @@ class QueueWidget(ViewerWidget):
                              tooltip="subjects: by uncertainty; clusters: every predicted "
                                      "cluster of the subjects not yet corrected, likeliest "
                                      "false positive first")
+        self.site_aware = CheckBox(text="new sites first", value=False,
+                                   tooltip="subjects (or clusters) of the sites with the "
+                                           "fewest corrected subjects first: a new scanner's "
+                                           "scans before more of the sites already known")
         self.model = Label(value="model: none")
         self.refresh_button = PushButton(text="Refresh")
         self.predict_button = PushButton(text="Predict missing")
         self.open_button = PushButton(text="Open next most uncertain")
-        self.form = Container(widgets=[self.store, self.rank, self.score, self.model,
+        self.form = Container(widgets=[self.store, self.rank, self.score, self.site_aware,
+                                       self.model,
                                        Container(widgets=[self.refresh_button, self.predict_button],
                                                  layout="horizontal", labels=False),
                                        self.open_button])
@@ -87,6 +92,7 @@ class QueueWidget(ViewerWidget):
         self.open_button.clicked.connect(self.open_next)
         self.score.changed.connect(lambda _: self.refresh())
         self.rank.changed.connect(lambda _: self.refresh())
+        self.site_aware.changed.connect(lambda _: self.refresh())
         self.table.cellDoubleClicked.connect(lambda r, _c: self.open_row(r))
         self.store.changed.connect(lambda _: self.refresh())
         self.state.model_registered.connect(lambda _: self.refresh())
@@ -119,9 +125,11 @@ class QueueWidget(ViewerWidget):
         if store is None:
             self.rows = []
         elif self.by_cluster:
-            self.rows = rank_clusters(store, model, limit=MAX_CLUSTER_ROWS)
+            self.rows = rank_clusters(store, model, limit=MAX_CLUSTER_ROWS,
+                                      site_aware=self.site_aware.value)
         else:
-            self.rows = rank_subjects(store, by=self.score.value)
+            self.rows = rank_subjects(store, by=self.score.value,
+                                      site_aware=self.site_aware.value)
         self.model.value = f"model: {model or 'none registered'}"
         columns = CLUSTER_COLUMNS if self.by_cluster else COLUMNS
         t = self.table
