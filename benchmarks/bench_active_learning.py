@@ -304,7 +304,8 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
         log(f"  seed {seed} {strategy:11s} round {rnd}: {r['actions']:4d} actions "
             f"({r['minutes']:.1f} min), site-D cluster Dice {r['all_cluster_dice']:.3f}, "
             f"voxel Dice {r['all_voxel_dice']:.3f} (P {r['cluster_precision']:.2f} R "
-            f"{r['cluster_recall']:.2f}, volume x{r['volume_ratio']:.2f}; {r['positive_decisions']} "
+            f"{r['cluster_recall']:.2f}, volume x{r['volume_ratio']:.2f}; "
+            f"{r['positive_decisions']} "
             f"positive decisions) ({r['seconds']:.0f} s) {r['picked']}")
 
     def predictions(model, cases_):
@@ -365,7 +366,8 @@ def effort_to_reach(rows: list[dict], target: float) -> float:
         if r["all_cluster_dice"] >= target:
             if prev is None:
                 return float(r["actions"])
-            x0, y0, x1, y1 = prev["actions"], prev["all_cluster_dice"], r["actions"], r["all_cluster_dice"]
+            x0, y0 = prev["actions"], prev["all_cluster_dice"]
+            x1, y1 = r["actions"], r["all_cluster_dice"]
             return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0)) if y1 > y0 else float(x1)
         prev = r
     return float("inf")
@@ -417,7 +419,8 @@ def _read_runs(paths) -> list[Run]:
             with open(path, newline="") as fh:
                 rows = list(csv.DictReader(fh))
         except OSError as exc:
-            raise SystemExit(f"bench_active_learning: cannot read {path} ({exc.strerror})") from None
+            raise SystemExit(f"bench_active_learning: cannot read {path} "
+                             f"({exc.strerror})") from None
         for row in rows:
             try:
                 r = {k: (v if k in ("strategy", "model", "picked") else float(v))
@@ -426,7 +429,8 @@ def _read_runs(paths) -> list[Run]:
             except (KeyError, TypeError, ValueError):
                 raise SystemExit(f"bench_active_learning: {path} is not a CSV this benchmark "
                                  "wrote") from None
-            mine.setdefault((r["strategy"], r["seed"]), Run(r["strategy"], r["seed"])).rows.append(r)
+            key = (r["strategy"], r["seed"])
+            mine.setdefault(key, Run(*key)).rows.append(r)
         runs.update(mine)
     if not runs:
         raise SystemExit("bench_active_learning: no rows in " + ", ".join(map(str, paths)))

@@ -39,8 +39,8 @@ import numpy as np
 
 from napari_pvs.preprocess import Preprocessed, preprocess
 
-__all__ = ["REVIEW_GAP", "REVIEW_RIM", "PatchSampler", "SubjectCache", "SubjectData", "corrected_versions",
-           "label_kinds", "labels_as_of", "load_subject", "training_versions"]
+__all__ = ["REVIEW_GAP", "REVIEW_RIM", "PatchSampler", "SubjectCache", "SubjectData",
+           "corrected_versions", "label_kinds", "labels_as_of", "load_subject", "training_versions"]
 
 #: Voxels (of the subject's grid) around the reviewed voxels of review-only labels that
 #: count as known background, where they were background in the version reviewed.
@@ -117,10 +117,10 @@ def labels_as_of(store, subject: str, version: int, rim: int = REVIEW_RIM,
     within ``rim`` voxels (26-neighbourhood steps) of a reviewed voxel that were
     background in that version and that no review decided, less the ``gap`` voxels
     right outside a reviewed PVS voxel (accepted or painted), whose label stays unknown
-    (training ignores the other voxels).  ``recent``: the voxels the newest corrections told about: for a full
-    ``version``, those it changed against its parent (as before review-only versions
-    existed); over a full version, the reviewed voxels; None for review-only labels
-    (their reviewed voxels are all news).
+    (training ignores the other voxels).  ``recent``: the voxels the newest corrections
+    told about: for a full ``version``, those it changed against its parent (as before
+    review-only versions existed); over a full version, the reviewed voxels; None for
+    review-only labels (their reviewed voxels are all news).
     """
     from scipy import ndimage as ndi
 
