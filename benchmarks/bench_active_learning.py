@@ -379,9 +379,9 @@ def mean_curve(runs: list[Run], strategy: str) -> list[dict]:
     if not mine:
         return []
     n = min(len(rows) for rows in mine)
-    return [{"round": k, **{key: float(np.mean([rows[k][key] for rows in mine]))
-                            for key in ("actions", "minutes", "all_cluster_dice",
-                                        "all_voxel_dice")}} for k in range(n)]
+    keys = ("actions", "minutes", "all_cluster_dice", "all_voxel_dice", "volume_ratio")
+    return [{"round": k, **{key: float(np.mean([rows[k].get(key, np.nan) for rows in mine]))
+                            for key in keys}} for k in range(n)]
 
 
 def summarise(runs: list[Run]) -> dict:
@@ -395,7 +395,8 @@ def summarise(runs: list[Run]) -> dict:
         curve = mean_curve(runs, strategy)
         entry = {"final_actions": curve[-1]["actions"], "final_minutes": curve[-1]["minutes"],
                  "final_cluster_dice": curve[-1]["all_cluster_dice"],
-                 "final_voxel_dice": curve[-1]["all_voxel_dice"]}
+                 "final_voxel_dice": curve[-1]["all_voxel_dice"],
+                 "final_volume_ratio": curve[-1]["volume_ratio"]}
         if rand:
             e = effort_to_reach(curve, rand[-1]["all_cluster_dice"])
             entry.update(effort_to_random_final=e, saving=1 - e / rand[-1]["actions"])
@@ -451,22 +452,24 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = ("all_cluster_dice", "all_voxel_dice", "volume_ratio")
+    titles = ("site-D cluster Dice", "site-D voxel Dice", "PVS volume, prediction / truth")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     colours = ("tab:grey", "tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange")
     for strategy, colour in zip(STRATEGIES, colours, strict=True):
         mine = [r for r in rows if r["strategy"] == strategy]
         if not mine:
             continue
         rounds = sorted({r["round"] for r in mine})
-        for ax, key in zip(axes, ("all_cluster_dice", "all_voxel_dice"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             for seed in sorted({r["seed"] for r in mine}):
                 s = [r for r in mine if r["seed"] == seed]
-                ax.plot([r["actions"] for r in s], [r[key] for r in s], color=colour, alpha=0.3,
-                        lw=1)
+                ax.plot([r["actions"] for r in s], [r.get(key, np.nan) for r in s],
+                        color=colour, alpha=0.3, lw=1)
             x = [np.mean([r["actions"] for r in mine if r["round"] == k]) for k in rounds]
-            y = [np.mean([r[key] for r in mine if r["round"] == k]) for k in rounds]
+            y = [np.mean([r.get(key, np.nan) for r in mine if r["round"] == k]) for k in rounds]
             ax.plot(x, y, "-o", color=colour, label=strategy, lw=2, ms=4)
-    for ax, title in zip(axes, ("site-D cluster Dice", "site-D voxel Dice"), strict=True):
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_xlabel("annotator actions (cluster decisions + painted PVS)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
@@ -525,7 +528,8 @@ def main(argv=None) -> int:
     rows = [r for run in runs for r in run.rows]
     csv_path, png_path = args.out / "active_learning.csv", args.out / "active_learning.png"
     with csv_path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # older CSVs: fewer columns
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     plot(rows, png_path)
@@ -534,11 +538,16 @@ def main(argv=None) -> int:
     print(f"\nper-action times: {args.decision_s:g} s per cluster decision, {args.paint_s:g} s "
           f"per painted PVS; {args.iterations} fine-tuning iterations per round; "
           f"{len(args.seeds)} seeds (curves: mean over seeds)")
+    start = mean_curve(runs, next(iter(summary)))[0]
+    print(f"start (the starter): cluster Dice {start['all_cluster_dice']:.3f}, voxel Dice "
+          f"{start['all_voxel_dice']:.3f}, volume {start['volume_ratio']:.2f} x the truth")
     print(f"{'strategy':14s} {'actions':>7s} {'minutes':>7s} {'cluster Dice':>12s} "
-          f"{'voxel Dice':>10s} {'effort to random final':>22s} {'saving':>7s}  per seed")
+          f"{'voxel Dice':>10s} {'volume':>6s} {'effort to random final':>22s} {'saving':>7s}"
+          "  per seed")
     for strategy, e in summary.items():
         print(f"{strategy:14s} {e['final_actions']:7.0f} {e['final_minutes']:7.1f} "
               f"{e['final_cluster_dice']:12.3f} {e['final_voxel_dice']:10.3f} "
+              f"{e['final_volume_ratio']:6.2f} "
               f"{_effort(e.get('effort_to_random_final', float('nan'))):>22s} "
               f"{_pct(e.get('saving', float('nan'))):>7s}  "
               + " ".join(_pct(x) for x in e.get("saving_per_seed", [])))
