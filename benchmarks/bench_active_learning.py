@@ -18,7 +18,15 @@ number of iterations, and held-out site-D phantoms are scored.
   - ``clusters``: the top ``--k`` clusters of the queue's cluster ranking across the
     pool (:func:`napari_pvs.active.rank_clusters`, P(false positive) of the model's
     triage), decided one by one and saved as review-only label versions (cluster
-    decisions, trained with the masked loss).
+    decisions, trained with the masked loss);
+  - ``site``: whole subjects, site-aware (``rank_subjects(site_aware=True)``: the sites
+    with the fewest corrected subjects first, then by uncertainty);
+  - ``site-clusters``: ``clusters``, site-aware (``rank_clusters(site_aware=True)``);
+  - ``mistakes``: site-aware, the top ``--k`` of one queue of the likeliest mistakes:
+    predicted clusters by P(false positive), and near misses (components of
+    probability >= ``--candidates`` that hold no predicted voxel) by their highest
+    probability.  A near miss that is a PVS is painted (the annotator paints the true
+    PVS there: one painted PVS); one that is not is marked background (one decision).
 * **Effort,** counted in annotator actions: deciding a cluster (accept or reject) is
   one action; painting a PVS the model missed is one action per missed PVS.  A whole
   subject costs its predicted clusters plus its missed PVS (the prediction of the
@@ -26,7 +34,8 @@ number of iterations, and held-out site-D phantoms are scored.
   Minutes: ``--decision-s`` seconds per decision (default 4) and ``--paint-s`` per
   painted PVS (default 30).
 * **Oracle of a cluster decision:** accept when at least half of the cluster's voxels
-  lie within one voxel of a true PVS, else reject.
+  lie within one voxel of a true PVS, else reject.  An accepted cluster keeps the
+  predicted voxels (the annotator does not redraw it).
 * **Scores:** voxel and cluster Dice inside WM + BG of the test phantoms, the mean over
   them, after every round.
 
@@ -34,11 +43,14 @@ Target: the best active strategy reaches random order's final site-D cluster Dic
 at least 40 % less effort (the effort at which its curve, linearly interpolated between
 rounds, first reaches that Dice; mean over seeds).
 
-Outputs (``--out``): ``active_learning.csv`` (one row per seed, strategy and round) and
-``active_learning.png`` (cluster and voxel Dice against effort, mean over seeds).
+Outputs (``--out``): ``active_learning.csv`` (one row per seed, strategy and round, with
+cluster precision / recall and the predicted PVS volume over the true one),
+``active_learning.png`` (cluster Dice, voxel Dice and volume against effort) and
+``active_learning.json`` (the summary).  ``--from-csv`` summarises and plots earlier
+CSVs (a later file's strategy and seed replace an earlier one's).
 
 Run:  python benchmarks/bench_active_learning.py [--seeds 0 1] [--rounds 4] [--k 40]
-          [--iterations 60] [--size-mm 80] [--per-site 2] [--test 2] [--threads 2]
+          [--iterations 60] [--size-mm 80] [--per-site 2] [--test 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -484,14 +496,17 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    ap.add_argument("--strategies", nargs="+", choices=STRATEGIES,
+                    default=["random", "uncertainty", "clusters", "site-clusters", "mistakes"],
+                    help="default: all but site (site-aware whole subjects: on this pool it "
+                    "picks what uncertainty picks)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--k", type=int, default=40, help="clusters reviewed per round")
     ap.add_argument("--iterations", type=int, default=60, help="fine-tuning iterations per round")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--size-mm", type=float, default=80.0)
     ap.add_argument("--per-site", type=int, default=2)
-    ap.add_argument("--test", type=int, default=2)
+    ap.add_argument("--test", type=int, default=4)
     ap.add_argument("--decision-s", type=float, default=4.0)
     ap.add_argument("--paint-s", type=float, default=30.0)
     ap.add_argument("--candidates", type=float, default=0.15,
