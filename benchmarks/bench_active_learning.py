@@ -575,7 +575,8 @@ def main(argv=None) -> int:
               f"effort: {_pct(saving)} less: {'MET' if saving >= 0.4 else 'MISSED'}")
     (args.out / "active_learning.json").write_text(json.dumps(
         {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "summary": summary, "minutes": minutes}, indent=1, default=str))
+         "summary": summary, "minutes": None if args.from_csv else minutes}, indent=1,
+        default=str))
     print(f"curves: {png_path}, {csv_path}; {minutes:.1f} min in all")
     return 0
 
