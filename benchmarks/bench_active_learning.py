@@ -157,8 +157,12 @@ def _annotate_subject(store, case: Case) -> None:
     store.commit_labels(case.name, case.phantom.labels.astype(np.uint8), author="oracle")
 
 
-def _decide_clusters(store, model_id: str, picks: list[dict], cases: dict[str, Case]) -> int:
-    """The oracle decides the picked clusters; one review-only version per subject."""
+def _decide_clusters(store, model_id: str, picks: list[dict], cases: dict[str, Case],
+                     redraw: bool = False) -> int:
+    """The oracle decides the picked clusters; one review-only version per subject.
+
+    ``redraw`` (a diagnostic, ``--redraw-accepted``): an accepted cluster's true PVS
+    voxels are painted in as well, as if the annotator redrew its outline for free."""
     from scipy import ndimage as ndi
 
     from napari_pvs.clusters import label_clusters
@@ -175,10 +179,16 @@ def _decide_clusters(store, model_id: str, picks: list[dict], cases: dict[str, C
         clusters, _ = label_clusters(labels)
         assert np.array_equal(clusters, session.clusters), "cluster ids of the queue and the review differ"
         near = ndi.binary_dilation(truth, iterations=1).reshape(-1)
+        pvs = label_clusters(truth)[0].reshape(-1) if redraw else None
         for cid in ids:
             if near[session.cluster_voxels(cid)].mean() >= 0.5:
                 session.accept(cid)
                 POSITIVE[0] += 1
+                if redraw:
+                    hit = np.unique(pvs[session.cluster_voxels(cid)])
+                    vox = np.flatnonzero(np.isin(pvs, hit[hit > 0]))
+                    session.labels.reshape(-1)[vox] = 1
+                    session.record_paint(vox, 1)
             else:
                 session.reject(cid)
             n += 1
@@ -363,7 +373,7 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
             picks = [r for r in rank_clusters(store, model_id,
                                               site_aware=strategy == "site-clusters")
                      if r["subject"] in by_name][:args.k]
-            decisions += _decide_clusters(store, model_id, picks, by_name)
+            decisions += _decide_clusters(store, model_id, picks, by_name, args.redraw_accepted)
             picked = sorted({r["subject"] for r in picks})
         model_id = _finetune(store, model_id, [c.name for c in val], args, 1000 * seed + rnd)
         record(rnd, model_id, picked)
@@ -513,6 +523,9 @@ def main(argv=None) -> int:
                     help="probability of the near-miss clusters the mistakes strategy offers")
     ap.add_argument("--review-gap", type=int, default=None,
                     help="FinetuneConfig.review_gap (default: the package's)")
+    ap.add_argument("--redraw-accepted", action="store_true",
+                    help="diagnostic: accepted clusters get their true outline painted in, "
+                    "uncounted (does the thinning come from the model's own voxels?)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--from-csv", type=Path, nargs="+", metavar="CSV",
