@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,6 @@ from pathlib import Path
 
 import numpy as np
 
-POSITIVE = [0]  # cluster decisions that said "PVS" (accepted, or a near miss painted)
 STRATEGIES = ("random", "uncertainty", "clusters", "site", "site-clusters", "mistakes")
 SITE_D = 3
 
@@ -157,43 +157,65 @@ def _annotate_subject(store, case: Case) -> None:
     store.commit_labels(case.name, case.phantom.labels.astype(np.uint8), author="oracle")
 
 
-def _decide_clusters(store, model_id: str, picks: list[dict], cases: dict[str, Case],
-                     redraw: bool = False) -> int:
-    """The oracle decides the picked clusters; one review-only version per subject.
+def _paint_truth(session, pvs: np.ndarray, vox: np.ndarray) -> None:
+    """Paint into the session the true PVS (``pvs``: flat component ids) that the voxels
+    ``vox`` touch."""
+    hit = np.unique(pvs[vox])
+    vox = np.flatnonzero(np.isin(pvs, hit[hit > 0]))
+    session.labels.reshape(-1)[vox] = 1
+    session.record_paint(vox, 1)
 
-    ``redraw`` (a diagnostic, ``--redraw-accepted``): an accepted cluster's true PVS
-    voxels are painted in as well, as if the annotator redrew its outline for free."""
+
+def _decide(store, model_id: str, picks: list[dict], cases: dict[str, Case],
+            redraw: bool = False) -> tuple[int, int, int]:
+    """The oracle decides the picked rows, one review-only version per subject; returns
+    ``(decisions, painted PVS, positive answers)``.
+
+    A predicted cluster (a row of ``rank_clusters``) is accepted when at least half of
+    its voxels lie within one voxel of a true PVS, else rejected: one decision.  A near
+    miss (a row of :func:`_candidates`) that is a PVS by the same rule is painted in
+    with its true voxels (one painted PVS); one that is not is marked background (one
+    decision).  ``redraw`` (a diagnostic, ``--redraw-accepted``): an accepted cluster's
+    true PVS voxels are painted in as well, as if the annotator redrew its outline for
+    free (not counted)."""
     from scipy import ndimage as ndi
 
     from napari_pvs.clusters import label_clusters
     from napari_pvs.review import ReviewSession
 
-    by_subject: dict[str, list[int]] = {}
+    by_subject: dict[str, list[dict]] = {}
     for r in picks:
-        by_subject.setdefault(r["subject"], []).append(int(r["cluster"]))
-    n = 0
-    for sid, ids in by_subject.items():
+        by_subject.setdefault(r["subject"], []).append(r)
+    decisions = painted = positive = 0
+    for sid, rows in by_subject.items():
         truth = cases[sid].phantom.labels > 0
+        near = ndi.binary_dilation(truth, iterations=1).reshape(-1)
+        pvs = label_clusters(truth)[0].reshape(-1)
         labels = store.read_prediction(sid, model_id, "labels")
         session = ReviewSession(labels.astype(np.uint8))
-        clusters, _ = label_clusters(labels)
-        assert np.array_equal(clusters, session.clusters), "cluster ids of the queue and the review differ"
-        near = ndi.binary_dilation(truth, iterations=1).reshape(-1)
-        pvs = label_clusters(truth)[0].reshape(-1) if redraw else None
-        for cid in ids:
-            if near[session.cluster_voxels(cid)].mean() >= 0.5:
-                session.accept(cid)
-                POSITIVE[0] += 1
+        assert np.array_equal(label_clusters(labels)[0], session.clusters), \
+            "cluster ids of the queue and the review differ"
+        for r in rows:
+            vox = r["candidate"] if "candidate" in r else session.cluster_voxels(int(r["cluster"]))
+            is_pvs = near[vox].mean() >= 0.5
+            positive += int(is_pvs)
+            if "candidate" in r:
+                if is_pvs:  # a missed PVS: the annotator paints it
+                    _paint_truth(session, pvs, vox)
+                    painted += 1
+                else:  # not a PVS: marked background with one decision
+                    session.record_paint(vox, 0)
+                    decisions += 1
+                continue
+            decisions += 1
+            if is_pvs:
+                session.accept(int(r["cluster"]))
                 if redraw:
-                    hit = np.unique(pvs[session.cluster_voxels(cid)])
-                    vox = np.flatnonzero(np.isin(pvs, hit[hit > 0]))
-                    session.labels.reshape(-1)[vox] = 1
-                    session.record_paint(vox, 1)
+                    _paint_truth(session, pvs, vox)
             else:
-                session.reject(cid)
-            n += 1
+                session.reject(int(r["cluster"]))
         session.save(store, sid, author="oracle", review_only=True)
-    return n
+    return decisions, painted, positive
 
 
 def _candidates(store, model_id: str, subjects, threshold: float) -> list[dict]:
@@ -219,54 +241,14 @@ def _candidates(store, model_id: str, subjects, threshold: float) -> list[dict]:
         decided = _decided(store, sid, labels.shape)
         done = (np.bincount(flat, weights=decided.ravel(), minlength=n + 1) > 0.5 * size
                 if decided is not None else np.zeros(n + 1, bool))
+        site = store.info(sid).get("site", "unknown")
+        order = np.argsort(flat, kind="stable")  # component c: order[ends[c - 1]:ends[c]]
+        ends = np.cumsum(size)
         for c in range(1, n + 1):
             if hit[c] == 0 and size[c] >= 2 and not done[c]:
-                rows.append({"subject": sid, "site": store.info(sid).get("site", "unknown"),
-                             "candidate": np.flatnonzero(flat == c), "priority": float(peak[c])})
+                rows.append({"subject": sid, "site": site, "priority": float(peak[c]),
+                             "candidate": order[ends[c - 1]:ends[c]]})
     return rows
-
-
-def _decide_mistakes(store, model_id: str, picks: list[dict], cases: dict[str, Case]) -> int:
-    """The oracle decides predicted clusters (accept / reject) and near misses (paint them
-    as PVS, or mark them background); one review-only version per subject."""
-    from scipy import ndimage as ndi
-
-    from napari_pvs.review import ReviewSession
-
-    by_subject: dict[str, list[dict]] = {}
-    for r in picks:
-        by_subject.setdefault(r["subject"], []).append(r)
-    from napari_pvs.clusters import label_clusters
-
-    n = painted = 0
-    for sid, rows in by_subject.items():
-        truth = cases[sid].phantom.labels > 0
-        near = ndi.binary_dilation(truth, iterations=1).reshape(-1)
-        pvs, _ = label_clusters(truth)
-        pvs = pvs.reshape(-1)
-        session = ReviewSession(store.read_prediction(sid, model_id, "labels").astype(np.uint8))
-        for r in rows:
-            if "candidate" in r:
-                vox = r["candidate"]
-                if near[vox].mean() >= 0.5:  # a missed PVS: the annotator paints it
-                    ids = np.unique(pvs[vox])
-                    vox = np.flatnonzero(np.isin(pvs, ids[ids > 0]))
-                    session.labels.reshape(-1)[vox] = 1
-                    session.record_paint(vox, 1)
-                    POSITIVE[0] += 1
-                    painted += 1
-                else:  # not a PVS: marked background with one decision
-                    session.record_paint(vox, 0)
-                    n += 1
-                continue
-            n += 1
-            if near[session.cluster_voxels(int(r["cluster"]))].mean() >= 0.5:
-                session.accept(int(r["cluster"]))
-                POSITIVE[0] += 1
-            else:
-                session.reject(int(r["cluster"]))
-        session.save(store, sid, author="oracle", review_only=True)
-    return n, painted
 
 
 def _finetune(store, parent: str, val: list[str], args, seed: int) -> str:
@@ -298,7 +280,7 @@ def _save_predictions(store, model_id: str, cases: list[Case], memo: dict, key: 
 
 
 def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, log) -> Run:
-    from napari_pvs.active import rank_clusters, rank_subjects
+    from napari_pvs.active import _corrected_per_site, rank_clusters, rank_subjects
 
     pool, test, lab, val = cases
     by_name = {c.name: c for c in pool}
@@ -306,8 +288,7 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
     # the registered starter has a new id per store; memoise its predictions by "starter"
     alias = {model_id: "starter"}
     res = Run(strategy, seed)
-    POSITIVE[0] = 0
-    decisions = painted = 0
+    decisions = painted = positive = 0  # positive: cluster decisions that said "PVS"
     order = list(np.random.default_rng(seed).permutation([c.name for c in pool]))
     t0 = time.perf_counter()
 
@@ -319,7 +300,7 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
         res.rows.append({"seed": seed, "strategy": strategy, "round": rnd,
                          "actions": decisions + painted, "decisions": decisions,
                          "painted": painted, "minutes": round(minutes, 2), "model": model,
-                         "picked": " ".join(picked), "positive_decisions": POSITIVE[0],
+                         "picked": " ".join(picked), "positive_decisions": positive,
                          **{k: round(v, 4) for k, v in memo[key].items()},
                          "seconds": round(time.perf_counter() - t0, 1)})
         r = res.rows[-1]
@@ -359,21 +340,22 @@ def run_strategy(strategy: str, seed: int, cases, tmp: Path, args, memo: dict, l
             predictions(model_id, pool)
             rows = [r for r in rank_clusters(store, model_id, site_aware=True)
                     if r["subject"] in by_name]
-            corrected = {r["site"]: r["site_corrected"] for r in rows}
+            per_site = _corrected_per_site(store)
             cands = _candidates(store, model_id, list(by_name), args.candidates)
             for r in cands:
-                r["site_corrected"] = corrected.get(r["site"], 0)
+                r["site_corrected"] = per_site.get(r["site"], 0)
             picks = sorted(rows + cands, key=lambda r: (r["site_corrected"], -r["priority"]))
             picks = picks[:args.k]
-            d, p = _decide_mistakes(store, model_id, picks, by_name)
-            decisions, painted = decisions + d, painted + p
+            d, p, y = _decide(store, model_id, picks, by_name)
+            decisions, painted, positive = decisions + d, painted + p, positive + y
             picked = sorted({r["subject"] for r in picks})
         else:
             predictions(model_id, pool)
             picks = [r for r in rank_clusters(store, model_id,
                                               site_aware=strategy == "site-clusters")
                      if r["subject"] in by_name][:args.k]
-            decisions += _decide_clusters(store, model_id, picks, by_name, args.redraw_accepted)
+            d, _, y = _decide(store, model_id, picks, by_name, args.redraw_accepted)
+            decisions, positive = decisions + d, positive + y
             picked = sorted({r["subject"] for r in picks})
         model_id = _finetune(store, model_id, [c.name for c in val], args, 1000 * seed + rnd)
         record(rnd, model_id, picked)
@@ -595,4 +577,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        status = main()
+        sys.stdout.flush()  # a closed pipe shows up here rather than at interpreter exit
+    except BrokenPipeError:  # piped into head: stop quietly, as napari-pvs does
+        from napari_pvs.cli import _stdout_closed
+
+        status = _stdout_closed()
+    raise SystemExit(status)
