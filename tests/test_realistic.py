@@ -88,6 +88,26 @@ def test_sampler_draws_hard_negatives():
     assert imgs.shape == (2, 1, 32, 32, 32)
 
 
+def test_sampler_can_centre_on_pvs_not_on_pvs_voxels():
+    """pos_balance="component": a one-voxel PVS is centred as often as a 40-voxel one
+    (with "voxel", 1 draw in 41); the patch then holds it."""
+    shape = (64, 64, 64)
+    labels = np.zeros(shape, np.uint8)
+    labels[10:50, 12, 12] = 1  # a long PVS
+    labels[50, 50, 50] = 1  # a short one
+    image = np.zeros(shape, np.float32)
+    image[50, 50, 50] = 5.0
+    d = SubjectData("s", "A", 1, image, labels, np.ones(shape, bool), None)
+    share = {}
+    for balance in ("voxel", "component"):
+        sampler = PatchSampler({"s": d}, ["s"], (16, 16, 16), pos_fraction=1.0, augment=False,
+                               seed=3, pos_balance=balance)
+        share[balance] = np.mean([(sampler.batch(1)[0] == 5.0).any() for _ in range(300)])
+    assert 0.38 < share["component"] < 0.62 and share["voxel"] < 0.08
+    with pytest.raises(ValueError, match="pos_balance"):
+        PatchSampler({"s": d}, ["s"], (16, 16, 16), pos_balance="cluster")
+
+
 def test_anatomy_case_deforms_the_template():
     a = anatomy_case(1, spacing=1.6)
     assert a.labels.any() and not (a.labels.astype(bool) & (a.regions == 0)).any()
@@ -106,9 +126,9 @@ def test_generator_is_deterministic(subject):
 
 def test_starter_recipe_reproduces_its_weights(tmp_path):
     """The shipped weights come from a seeded recipe: the same recipe gives the same
-    network (here 1 coarse realistic subject, 1 small phantom, 3 + 2 + 2 iterations of
-    the three stages), and so does resuming from the checkpoint of stages 1-2 (--stage2),
-    as the shipped stage 3 was made."""
+    network (here 1 coarse realistic subject, 1 small phantom (2 in stage 4), 3 + 2 + 2 + 2
+    iterations of the four stages), and so does resuming from the checkpoint of stages
+    1-2 (--stage2) or 1-3 (--stage3), as the shipped stages 3 and 4 were made."""
     import torch
 
     from napari_pvs.model import save_checkpoint
@@ -116,7 +136,7 @@ def test_starter_recipe_reproduces_its_weights(tmp_path):
 
     recipe = {"realistic": 1, "phantoms": 1, "phantom_size_mm": 48, "iterations": 3,
               "realistic_spacing": 2.0, "refine_spacing": 1.5, "refine_iterations": 2,
-              "polish_iterations": 2}
+              "polish_iterations": 2, "balance_iterations": 2, "balance_phantoms": 2}
     torch.set_flush_denormal(True)
     runs = [train_starter(recipe, log=lambda m: None, cache=tmp_path) for _ in range(2)]
     (a, meta), (b, _) = runs
@@ -127,16 +147,19 @@ def test_starter_recipe_reproduces_its_weights(tmp_path):
     assert same(a, b)
     card = meta["card"]
     assert card["recipe"]["iterations"] == 3 and "1000-1000" in card["data"]
-    assert meta["provenance"]["iterations"] == 7 and meta["preprocessing"]["overlap"] == 0.25
-    two, meta2 = train_starter({**recipe, "polish_iterations": 0}, log=lambda m: None,
-                               cache=tmp_path)
-    assert meta2["provenance"]["iterations"] == 5 and not same(two, a)
-    ckpt = save_checkpoint(tmp_path / "stage2.safetensors", two, meta2)
-    resumed, _ = train_starter(recipe, log=lambda m: None, cache=tmp_path, init=ckpt,
-                               init_stage=2)
-    assert same(resumed, a)
+    assert meta["provenance"]["iterations"] == 9 and meta["preprocessing"]["overlap"] == 0.25
+    for stage, drop in ((2, {"polish_iterations": 0, "balance_iterations": 0}),
+                        (3, {"balance_iterations": 0})):
+        part, part_meta = train_starter({**recipe, **drop}, log=lambda m: None, cache=tmp_path)
+        assert part_meta["provenance"]["iterations"] == 3 + 2 * (stage - 1)
+        assert not same(part, a)
+        ckpt = save_checkpoint(tmp_path / f"stage{stage}.safetensors", part, part_meta)
+        resumed, _ = train_starter(recipe, log=lambda m: None, cache=tmp_path, init=ckpt,
+                                   init_stage=stage)
+        assert same(resumed, a), f"resuming after stage {stage} changed the weights"
     assert meta["preprocessing"]["target_spacing"] == [1.5, 1.5, 1.5]  # stage 2's grid
-    # each stage's subjects are cached on their own grid
+    # each stage's subjects are cached on their own grid; stage 4 adds a phantom
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.npz")) == sorted(
-        f"T2w-{g}mm-realistic2mm/{n}" for g in ("1", "1.5")
-        for n in ("phantom00-48mm.npz", "real00.npz"))
+        ["T2w-1mm-realistic2mm/phantom00-48mm.npz", "T2w-1mm-realistic2mm/real00.npz"]
+        + [f"T2w-1.5mm-realistic2mm/{n}"
+           for n in ("phantom00-48mm.npz", "phantom01-48mm.npz", "real00.npz")])

@@ -265,12 +265,20 @@ class PatchSampler:
 
     def __init__(self, cache: SubjectCache, subjects: Sequence[str], patch=(48, 48, 48),
                  pos_fraction: float = 0.5, augment: bool = True, seed: int = 0,
-                 weights: Sequence[float] | None = None, hard_fraction: float = 0.0):
+                 weights: Sequence[float] | None = None, hard_fraction: float = 0.0,
+                 pos_balance: str = "voxel"):
         if not subjects:
             raise ValueError("no corrected subjects to train on; correct and save at least one")
         self.cache, self.subjects, self.patch = cache, list(subjects), tuple(int(p) for p in patch)
         self.pos_fraction = float(pos_fraction)
         self.hard_fraction = float(hard_fraction)
+        if pos_balance not in ("voxel", "component"):
+            raise ValueError(f"pos_balance must be 'voxel' or 'component', got {pos_balance!r}")
+        # "voxel": a positive patch centres on a PVS voxel drawn uniformly, so long PVS
+        # dominate; "component": on a PVS drawn uniformly (cc3d, 26-connected), then a
+        # voxel of it, so that short PVS are centred as often as long ones
+        self.pos_balance = pos_balance
+        self._components: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.rng = np.random.default_rng(seed)
         w = np.ones(len(self.subjects)) if weights is None else np.asarray(weights, float)
         self.p = w / w.sum()
@@ -296,13 +304,36 @@ class PatchSampler:
         if d.reviewed is not None and d.reviewed.any():
             pool = self._reviewed_pool(d, kind)
         elif kind == "positive" and d.labels.any():
-            pool = d.recent if d.recent is not None and self.rng.random() < 0.5 else d.labels
+            if d.recent is not None and self.rng.random() < 0.5:
+                pool = d.recent
+            elif self.pos_balance == "component":
+                return self._component_voxel(d)
+            else:
+                pool = d.labels
         elif kind == "hard" and d.hard is not None and d.hard.any():
             pool = d.hard
         idx = np.flatnonzero(pool)
         if idx.size == 0:
             return self.rng.integers(0, d.image.shape)
         return np.array(np.unravel_index(idx[self.rng.integers(idx.size)], d.image.shape))
+
+    def _component_voxel(self, d: SubjectData) -> np.ndarray:
+        """A voxel of a PVS drawn uniformly among the subject's PVS (26-connected)."""
+        import cc3d
+
+        key = f"{d.subject}/v{d.version}"
+        if key not in self._components:
+            comp = cc3d.connected_components(np.ascontiguousarray(d.labels > 0),
+                                             connectivity=26)
+            flat = np.flatnonzero(comp)
+            order = np.argsort(comp.ravel()[flat], kind="stable")
+            flat = flat[order]  # the voxels, grouped by component
+            starts = np.flatnonzero(np.diff(comp.ravel()[flat], prepend=-1))
+            self._components[key] = (flat, np.append(starts, flat.size))
+        flat, bounds = self._components[key]
+        c = self.rng.integers(bounds.size - 1)
+        i = self.rng.integers(bounds[c], bounds[c + 1])
+        return np.array(np.unravel_index(flat[i], d.image.shape))
 
     def _count(self, expected: float) -> int:
         whole = int(np.floor(expected))
