@@ -157,6 +157,12 @@ def test_starter_recipe_reproduces_its_weights(tmp_path):
         resumed, _ = train_starter(recipe, log=lambda m: None, cache=tmp_path, init=ckpt,
                                    init_stage=stage)
         assert same(resumed, a), f"resuming after stage {stage} changed the weights"
+    # --stage4: the finished network trains no further; its grid and figures carry over
+    full = save_checkpoint(tmp_path / "stage4.safetensors", a, meta)
+    done, done_meta = train_starter(recipe, log=lambda m: None, cache=tmp_path, init=full,
+                                    init_stage=4)
+    assert same(done, a) and done_meta["preprocessing"]["target_spacing"] == [1.5] * 3
+    assert done_meta["card"]["final_loss"] == card["final_loss"]
     assert meta["preprocessing"]["target_spacing"] == [1.5, 1.5, 1.5]  # stage 2's grid
     # each stage's subjects are cached on their own grid; stage 4 adds a phantom
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.npz")) == sorted(

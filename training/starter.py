@@ -166,14 +166,19 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
 
         return run(trainer.run(), show)
 
+    earlier: dict = {}  # the card of the checkpoint resumed from
     if init is None:  # stage 1: from scratch on the coarse grid
         net = stage(None, r["target_spacing"], r["iterations"], r["lr"], r["seed"])
-    else:  # stage 1 done before: its checkpoint
+    else:  # stages 1..init_stage done before: their checkpoint
         from napari_pvs.model import load_checkpoint
 
         net = build_network(arch, deep_supervision=True)
-        net.load_state_dict(load_checkpoint(init)[0].state_dict(), strict=False)
+        done, init_meta = load_checkpoint(init)
+        net.load_state_dict(done.state_dict(), strict=False)
         net.load_state_dict(_heads(init), strict=False)
+        # its grid (when no stage runs here), and what its training took
+        meta["preprocessing"]["target_spacing"] = init_meta["preprocessing"]["target_spacing"]
+        earlier = init_meta.get("card") or {}
     if r["refine_iterations"] and (init is None or init_stage < 2):
         # stage 2: the same network on the finer grid
         net = stage(net.train(), r["refine_spacing"], r["refine_iterations"], r["refine_lr"],
@@ -206,10 +211,14 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
         "data": (f"{r['realistic']} realistic subjects (MNI152 2009 template from nilearn, random "
                  f"affine + smooth deformation, SynthSeg-style random contrast, distractors, PVS; "
                  f"seeds 1000-{1000 + r['realistic'] - 1}) and {r['phantoms']} cartoon phantoms "
-                 f"(seeds 2000-{2000 + r['phantoms'] - 1}, {r['phantom_size_mm']} mm)"),
+                 f"(seeds 2000-{2000 + r['phantoms'] - 1}, {r['phantom_size_mm']} mm)"
+                 + (f"; stage 4: {r['balance_phantoms']} phantoms (seeds 2000-"
+                    f"{2000 + r['balance_phantoms'] - 1}), positive patches on a PVS drawn "
+                    f"uniformly" if r["refine_iterations"] and r["balance_iterations"] else "")),
         "sites": "around sites A-C (voxel size, SNR, bias, blur); site D never seen",
-        "training_seconds": round(seconds),
-        "final_loss": float(np.mean(losses[-50:])),
+        # a resume that trains nothing (--stage4) keeps its checkpoint's figures
+        "training_seconds": round(seconds) if losses else earlier.get("training_seconds"),
+        "final_loss": float(np.mean(losses[-50:])) if losses else earlier.get("final_loss"),
     }
     return net, meta
 
@@ -232,6 +241,8 @@ def main(argv=None) -> int:
                    "recipe (--polish-iterations 0): run stage 3 only")
     p.add_argument("--stage3", type=Path, help="the checkpoint of stages 1-3 of this recipe "
                    "(--balance-iterations 0): run stage 4 only")
+    p.add_argument("--stage4", type=Path, help="the checkpoint of all four stages of this "
+                   "recipe: train nothing; fit the triage, evaluate and write the card")
     p.add_argument("--refine-iterations", type=int, default=RECIPE["refine_iterations"])
     p.add_argument("--polish-iterations", type=int, default=RECIPE["polish_iterations"])
     p.add_argument("--balance-iterations", type=int, default=RECIPE["balance_iterations"])
@@ -248,13 +259,14 @@ def main(argv=None) -> int:
               "polish_iterations": args.polish_iterations,
               "balance_iterations": args.balance_iterations,
               "balance_phantoms": args.balance_phantoms}
-    resume = [(n, c) for n, c in ((1, args.stage1), (2, args.stage2), (3, args.stage3)) if c]
+    resume = [(n, c) for n, c in enumerate((args.stage1, args.stage2, args.stage3, args.stage4),
+                                           start=1) if c]
     if len(resume) > 1:
-        p.error("give one of --stage1, --stage2 and --stage3")
+        p.error("give one of --stage1, --stage2, --stage3 and --stage4")
     from napari_pvs._errors import PVSInputError
     from napari_pvs.model import read_meta
 
-    for ckpt in (args.stage1, args.stage2, args.stage3):
+    for ckpt in (args.stage1, args.stage2, args.stage3, args.stage4):
         try:  # a bad checkpoint is said now, not after generating the subjects
             if ckpt is not None:
                 read_meta(ckpt)

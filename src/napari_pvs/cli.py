@@ -14,6 +14,8 @@ Subcommands (``napari-pvs COMMAND --help`` describes each)::
     napari-pvs model    create|upkern|import-nnunet|ls [STORE] ...
     napari-pvs store    init|import|commit|export|ls|verify ...
     napari-pvs cache    clean [--dry-run]
+    napari-pvs bids     BIDS_DIR OUTPUT_DIR participant|group [--participant-label L ...]
+                        [--model M] [--seg auto|none|PATTERN] [--workers N | --scheduler A]
 
 Every command that writes takes ``-o/--out`` (older spellings still work: ``phantom
 OUTDIR``, ``predict --output``, ``model create OUT``, ``store export STORE OUTDIR``).
@@ -38,6 +40,7 @@ import sys
 import warnings
 
 from . import __version__
+from ._cli_bids import add_bids_parser
 from ._cli_cache import add_cache_parser
 from ._cli_common import settle_out
 from ._cli_demo import add_demo_parsers
@@ -61,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     add_model_parser(sub)
     add_store_parser(sub)
     add_cache_parser(sub)
+    add_bids_parser(sub)
     return ap
 
 

@@ -34,7 +34,29 @@ import numpy as np
 
 from ._regions import REGION_NAMES
 
-__all__ = ["REGION_NAMES", "ClusterTable", "cluster_table", "label_clusters"]
+__all__ = ["COLUMN_DESCRIPTIONS", "REGION_NAMES", "ClusterTable", "cluster_table",
+           "label_clusters"]
+
+#: what each column of the table means (the JSON sidecar of a BIDS-derivatives table)
+COLUMN_DESCRIPTIONS = {
+    "id": "cluster label in the PVS cluster map (26-connected components)",
+    "voxels": "number of voxels",
+    "volume_mm3": "volume in mm^3",
+    **{f"centroid_{a}": f"centroid, voxel index {a}" for a in "ijk"},
+    **{f"centroid_{a}": f"centroid, world {a} in mm (through the image affine)" for a in "xyz"},
+    **{f"bbox_{a}_{e}": f"bounding box, inclusive voxel {e} along {a}" for a in "ijk"
+       for e in ("min", "max")},
+    "prob_mean": "mean P(PVS) over the cluster (n/a for the Frangi baseline)",
+    "prob_max": "maximum P(PVS) over the cluster",
+    "unc_mean": "mean predictive uncertainty over the cluster",
+    "unc_max": "maximum predictive uncertainty over the cluster",
+    "region": "dominant region: WM, BG or other",
+    "length_mm": "length of a uniform rod with the same spread, sqrt(12 l1), in mm",
+    "linearity": "(l1 - l2) / l1 of the covariance eigenvalues l1 >= l2 >= l3",
+    "elongation": "sqrt(l1 / l2)",
+    "priority": "review order: higher is reviewed first",
+    "p_false_positive": "P(false positive) from the model's fitted triage classifier",
+}
 
 
 def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:

@@ -195,23 +195,74 @@ def _entity(name: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
-def find_segmentation(root: str | Path, subject: str) -> Path | None:
+def find_segmentation(root: str | Path, subject: str, session: str | None = None) -> Path | None:
     """The aseg-style segmentation of ``subject`` in the dataset's derivatives, if any.
 
     Looked for, in this order: fMRIPrep's / SynthSeg's BIDS name
     ``derivatives/*/sub-<id>/anat/*desc-aseg_dseg.nii.gz`` (the T1w-space one first,
     MNI-space ones are skipped), then FreeSurfer's ``derivatives/*/sub-<id>/mri/aseg.mgz``
-    and any ``derivatives/*/sub-<id>/anat/*aseg.mgz``.
+    and any ``derivatives/*/sub-<id>/anat/*aseg.mgz``.  With ``session``, the session's
+    own ``derivatives/*/sub-<id>/ses-<session>/anat/*desc-aseg_dseg.nii.gz`` comes first.
     """
     der = Path(root) / "derivatives"
     if not der.is_dir():
         return None
-    bids = [p for p in sorted(der.glob(f"*/sub-{subject}/anat/*desc-aseg_dseg.nii*"))
-            if "_space-MNI" not in p.name]
-    bids.sort(key=lambda p: "_space-" in p.name and "_space-T1w" not in p.name)
-    found = [*bids, *sorted(der.glob(f"*/sub-{subject}/mri/aseg.mgz")),
+
+    def bids(folder: str) -> list[Path]:
+        found = [p for p in sorted(der.glob(f"{folder}/*desc-aseg_dseg.nii*"))
+                 if "_space-MNI" not in p.name]
+        found.sort(key=lambda p: "_space-" in p.name and "_space-T1w" not in p.name)
+        return found
+
+    own = bids(f"*/sub-{subject}/ses-{session}/anat") if session else []
+    found = [*own, *bids(f"*/sub-{subject}/anat"),
+             *sorted(der.glob(f"*/sub-{subject}/mri/aseg.mgz")),
              *sorted(der.glob(f"*/sub-{subject}/anat/*aseg.mgz"))]
     return found[0] if found else None
+
+
+def write_bids_phantoms(root: str | Path, images: list[dict], *, modality: str = "T2w",
+                        size_mm: float = 96.0, seed: int = 0, aseg: bool = True) -> list[Path]:
+    """A phantom BIDS dataset: one phantom per entry of ``images``.
+
+    Each entry gives the entities: ``{"subject": "01", "session": "1", "acquisition":
+    "fast", "run": "1"}`` (all but ``subject`` optional) and optionally ``"site"`` (0-3).
+    Writes ``dataset_description.json``, ``participants.tsv``, the images under
+    ``sub-*/[ses-*/]anat/`` and, with ``aseg``, each image's FreeSurfer-style segmentation
+    as ``derivatives/phantom/sub-*/[ses-*/]anat/<entities>_desc-aseg_dseg.nii.gz``
+    (what ``--seg auto`` finds).  Returns the image paths.
+    """
+    from .phantom import make_phantom
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "napari-pvs phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw"}, indent=1))
+    keys = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"), ("run", "run"))
+    out, subjects = [], []
+    for k, ents in enumerate(images):
+        stem = "_".join(f"{short}-{ents[key]}" for key, short in keys if ents.get(key))
+        folder = Path(f"sub-{ents['subject']}")
+        if ents.get("session"):
+            folder = folder / f"ses-{ents['session']}"
+        ph = make_phantom(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]),
+                          modality=modality, site=int(ents.get("site", k % 3)),
+                          size_mm=size_mm)
+        path = root / folder / "anat" / f"{stem}_{modality}.nii.gz"
+        _save(path, ph.image.astype(np.float32), ph.affine)
+        if aseg:
+            _save(root / "derivatives" / "phantom" / folder / "anat"
+                  / f"{stem}_desc-aseg_dseg.nii.gz", np.asarray(ph.aseg, np.int32), ph.affine)
+        out.append(path)
+        if ents["subject"] not in subjects:
+            subjects.append(ents["subject"])
+    (root / "participants.tsv").write_text(
+        "participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
+    if aseg:
+        (root / "derivatives" / "phantom" / "dataset_description.json").write_text(json.dumps(
+            {"Name": "phantom segmentations", "BIDSVersion": "1.9.0",
+             "DatasetType": "derivative", "GeneratedBy": [{"Name": "napari-pvs phantom"}]}))
+    return out
 
 
 def read_cohort(root: str | Path) -> list[SubjectFiles]:

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import time
 from collections.abc import Callable, Generator
@@ -189,13 +191,26 @@ class ArrayPrediction:
 
 def load_model(model: str, registry=None, device: str = "cpu"):
     """``(network, metadata, cache key)`` of a shipped model's name (``"starter"``), a
-    checkpoint file or a registry id."""
+    checkpoint file or a registry id.
+
+    Loaded once per process and file version (path, size, modification time): a cohort
+    worker that predicts many images reads its checkpoint once; a rewritten file loads
+    again.  The network is in eval mode and is not changed by prediction.
+    """
     path = starter_path(model) if model in STARTER_MODELS else Path(model)
     if not path.is_file():
         if registry is None:
             raise PVSInputError(f"model {model!r} is not a checkpoint file, and no store registry "
                                 "was given to look it up in")
         path = registry.path(model)
+    st = Path(path).stat()
+    net, meta, key = _load_checkpoint_once(str(Path(path).resolve()), st.st_size,
+                                           st.st_mtime_ns, device)
+    return net, copy.deepcopy(meta), key  # the caller's own metadata to change
+
+
+@functools.lru_cache(maxsize=4)
+def _load_checkpoint_once(path: str, size: int, mtime_ns: int, device: str):
     net, meta = load_checkpoint(path, device)
     return net, meta, checkpoint_hash(path)
 
