@@ -119,6 +119,10 @@ def _pybids_images(root: Path, suffix: str, subs, sess) -> list[BidsImage]:
     out = []
     for f in files:
         ents = f.get_entities()
+        # with validation off pybids also lists stray names (notes_T2w.nii.gz): keep the
+        # files that name their subject, as BIDS requires
+        if not Path(f.path).name.startswith(f"sub-{ents.get('subject')}_"):
+            continue
         out.append(BidsImage(Path(f.path), {k: str(ents[k]) for k in SOURCE_ENTITIES
                                             if ents.get(k) not in (None, "")}))
     return sorted(out, key=lambda im: str(im.path))

@@ -66,8 +66,8 @@ def robust_z(values) -> np.ndarray:
         return np.full(x.shape, np.nan)
     med = np.median(x[ok])
     mad = 1.4826 * np.median(np.abs(x[ok] - med))
-    if mad == 0:
-        return np.where(x == med, 0.0, np.inf * np.sign(x - med))
+    if mad == 0:  # more than half the values are equal: any other value stands out
+        return np.where(x == med, 0.0, np.copysign(np.inf, x - med))
     return (x - med) / mad
 
 
@@ -76,9 +76,9 @@ body{font-family:system-ui,sans-serif;margin:1.2em;color:#222}
 table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:middle}
 th{background:#eee;cursor:pointer;position:sticky;top:0}
-th:hover{background:#ddd} td.l{text-align:left}
+th:hover{background:#ddd} td.l{text-align:left;white-space:nowrap}
 tr.flag td{background:#fff3cd} tr.fail td{background:#f8d7da}
-img{display:block;height:150px}
+img{display:block;height:110px}
 .badge{display:inline-block;padding:1px 5px;border-radius:3px;background:#c0392b;color:#fff;
 margin:1px;font-size:11px}
 """
