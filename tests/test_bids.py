@@ -24,6 +24,7 @@ import pytest
 from napari_pvs._bids_io import derivative_paths, find_images
 from napari_pvs._bids_report import robust_z
 from napari_pvs._errors import PVSInputError
+from napari_pvs._fs import sha256_file
 from napari_pvs.dataset import write_bids_phantoms
 
 from _helpers import assert_clean_failure, run_cli
@@ -104,7 +105,9 @@ def test_participant_level_writes_bids_derivatives_that_pybids_indexes(participa
         for key in ("mask", "record", "probseg", "uncertainty", "clusters", "stats", "montage"):
             assert paths[key].is_file(), paths[key]
         rec = json.loads(paths["record"].read_text())
-        assert rec["ModelId"].startswith("starter-t2w") and len(rec["InputHash"]) == 64
+        # the input is the image and the segmentation that gave its regions
+        assert rec["ModelId"].startswith("starter-t2w")
+        assert rec["InputHash"].split("+")[0] == sha256_file(im.path)
         assert "segmentation" in rec["Regions"]  # --seg auto found derivatives/phantom
         stats = paths["stats"].read_text().splitlines()
         assert stats[0].split("\t") == ["region", "count", "volume_mm3", "median_cluster_mm3"]

@@ -144,7 +144,8 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
     t = time.perf_counter()
     losses = []
 
-    def stage(net, spacing, iterations, lr, seed, pos_balance="voxel", phantoms=None):
+    def stage(net, spacing, iterations, lr, seed, pos_balance="voxel", phantoms=None,
+              class_weights=None):
         meta["preprocessing"]["target_spacing"] = [spacing] * 3
         data = r if phantoms is None else {**r, "phantoms": phantoms}
         subjects = training_subjects(data, modality, meta["preprocessing"], log, cache)
@@ -155,7 +156,7 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
         if net is None:  # a new network, initialised from this seed
             net = build_network(arch, deep_supervision=True)
         trainer = Trainer(net, lambda it: sampler.batch(r["batch"])[:2], iterations=iterations,
-                          lr=lr)
+                          lr=lr, class_weights=class_weights)
 
         def show(e):
             if e.kind == "iteration":
@@ -190,7 +191,8 @@ def train_starter(recipe: dict | None = None, modality: str = "T2w", log=print,
     if r["refine_iterations"] and r["balance_iterations"] and (init is None or init_stage < 4):
         # stage 4: PVS-balanced positive patches, more phantoms, a lower rate
         net = stage(net.train(), r["refine_spacing"], r["balance_iterations"], r["balance_lr"],
-                    r["seed"] + 3, pos_balance="component", phantoms=r["balance_phantoms"])
+                    r["seed"] + 3, pos_balance="component", phantoms=r["balance_phantoms"],
+                    class_weights=r.get("balance_class_weights"))
     seconds = time.perf_counter() - t
     meta["provenance"].update(
         iterations=r["iterations"] + r["refine_iterations"]

@@ -235,6 +235,24 @@ def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
             "seconds": seconds, "stats": stats}
 
 
+def image_task(image: BidsImage, out_dir: str, model: str, model_id: str, **kw) -> dict:
+    """:func:`process_image`, with a failure returned as ``{"failed": reason}`` rather
+    than raised: the worker then logs no traceback for a bad image.  An unexpected error
+    (a bug, not bad input) keeps its traceback in ``logs/tracebacks/<stem>.txt``."""
+    try:
+        return process_image(image, out_dir, model, model_id, **kw)
+    except Exception as exc:
+        reason = _reason(exc)
+        if not isinstance(exc, PVSInputError | OSError | ValueError):
+            import traceback
+
+            tb = Path(out_dir) / "logs" / "tracebacks" / f"{image.stem}.txt"
+            tb.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(tb, traceback.format_exc())
+            reason += f" (traceback: {tb})"
+        return {"failed": reason}
+
+
 def image_modality(image: BidsImage) -> str:
     name = image.path.name
     return "T1w" if name.endswith(("_T1w.nii.gz", "_T1w.nii")) else "T2w"
@@ -406,7 +424,7 @@ def _compute(client, todo, out: Path, model: str, model_id: str, tta, threads,
 
     futures = {}
     for im, seg_path, digest in todo:
-        fut = client.submit(process_image, im, str(out), model, model_id,
+        fut = client.submit(image_task, im, str(out), model, model_id,
                             seg=None if seg_path is None else str(seg_path), tta=tta,
                             threads=threads, digest=digest, pure=False,
                             key=f"pvs-{im.stem}-{digest[:12]}")
@@ -418,9 +436,11 @@ def _compute(client, todo, out: Path, model: str, model_id: str, tta, threads,
             im = futures[fut]
             try:
                 r = fut.result()
-            except Exception as exc:  # isolated: recorded, the others go on
-                res.failed[str(im.path)] = _reason(exc)
-                say(f"FAILED {im.path.name}: {res.failed[str(im.path)]}")
+            except Exception as exc:  # the worker died on every try: recorded, go on
+                r = {"failed": _reason(exc)}
+            if "failed" in r:
+                res.failed[str(im.path)] = r["failed"]
+                say(f"FAILED {im.path.name}: {r['failed']}")
             else:
                 res.computed.append(str(im.path))
                 n = {s["region"]: s["count"] for s in r["stats"]}
