@@ -77,10 +77,11 @@ table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:middle}
 th{background:#eee;cursor:pointer;position:sticky;top:0}
 th:hover{background:#ddd} td.l{text-align:left;white-space:nowrap}
+td.f{text-align:left;white-space:normal;word-break:break-word}
 tr.flag td{background:#fff3cd} tr.fail td{background:#f8d7da}
 img{display:block;height:110px}
 .badge{display:inline-block;padding:1px 5px;border-radius:3px;background:#c0392b;color:#fff;
-margin:1px;font-size:11px}
+margin:1px;font-size:11px;white-space:nowrap}
 """
 
 _SORT = """
@@ -139,7 +140,7 @@ def write_report(path: str | os.PathLike[str], rows: list[dict], failed: list[di
             cells.append(_cell(v, text, "l" if key in ("image", "subject", "session") else ""))
         flags = r.get("flags") or []
         badges = "".join(f'<span class="badge">{html.escape(f)}</span>' for f in flags)
-        cells.append(f'<td class="l" data-v="{len(flags)}">{badges}</td>')
+        cells.append(f'<td class="f" data-v="{len(flags)}">{badges}</td>')
         data = _png_data(r.get("montage"))
         img = f'<img alt="montage" src="data:image/png;base64,{data}">' if data else "no figure"
         cells.append(f'<td data-v="">{img}</td>')
@@ -148,8 +149,8 @@ def write_report(path: str | os.PathLike[str], rows: list[dict], failed: list[di
         cells = [_cell(f["image"], cls="l"), _cell(f.get("subject"), cls="l"),
                  _cell(f.get("session"), cls="l")] + [_cell("", "") for _ in cols[3:]]
         reason = html.escape(str(f["reason"]))
-        cells.append(f'<td class="l" data-v="99"><span class="badge">failed</span> {reason}</td>')
-        cells.append('<td data-v=""></td>')
+        cells.append('<td class="f" data-v="99"><span class="badge">failed</span></td>')
+        cells.append(f'<td class="f" data-v="">{reason}</td>')
         body.append('<tr class="fail">' + "".join(cells) + "</tr>")
     n_flag = sum(bool(r.get("flags")) for r in rows)
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
