@@ -274,3 +274,25 @@ def test_a_missing_segmentation_fails_that_image_only(dataset, tmp_path):
     assert len(res.failed) == 2 and all("does not exist" in r for r in res.failed.values())
     logged = json.loads((tmp_path / "out" / "logs" / "failed.json").read_text())
     assert set(logged) == set(res.failed)
+
+
+def test_joins_an_existing_scheduler_by_address_or_file(dataset, tmp_path):
+    """--scheduler / --scheduler-file: the tasks run on that cluster's workers (here an
+    in-process one), and the run leaves the cluster running."""
+    from dask.distributed import Client, LocalCluster
+
+    from napari_pvs import bids_app
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        res = bids_app.run_participant(dataset, tmp_path / "a", model="baseline",
+                                       participants=["03"], scheduler=cluster.scheduler_address,
+                                       log=lambda m: None, bar=False)
+        assert len(res.computed) == 1 and not res.failed
+        client.write_scheduler_file(str(tmp_path / "scheduler.json"))
+        res = bids_app.run_participant(dataset, tmp_path / "b", model="baseline",
+                                       participants=["04"],
+                                       scheduler_file=str(tmp_path / "scheduler.json"),
+                                       log=lambda m: None, bar=False)
+        assert len(res.computed) == 1 and not res.failed
+        assert len(client.scheduler_info()["workers"]) == 1  # still up
