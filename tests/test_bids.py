@@ -296,3 +296,22 @@ def test_joins_an_existing_scheduler_by_address_or_file(dataset, tmp_path):
                                        log=lambda m: None, bar=False)
         assert len(res.computed) == 1 and not res.failed
         assert len(client.scheduler_info()["workers"]) == 1  # still up
+
+
+def test_another_model_recomputes_and_leaves_no_stale_maps(participant_run):
+    """The starter's outputs of sub-03, rerun with Frangi (another model id): computed
+    again, and the starter's probability maps are gone (Frangi has none)."""
+    from napari_pvs import bids_app
+
+    ds, out, *_ = participant_run
+    im = find_images(ds, "T2w", participants=["03"], reader="glob")[0]
+    paths = derivative_paths(out, im)
+    assert paths["probseg"].is_file()
+    res = bids_app.run_participant(ds, out, model="baseline", participants=["03"], workers=1,
+                                   log=lambda m: None, bar=False)
+    assert len(res.computed) == 1 and not res.failed
+    rec = json.loads(paths["record"].read_text())
+    assert rec["ModelId"] == "frangi-baseline" and "probseg" not in rec["Outputs"]
+    assert not paths["probseg"].exists() and not paths["uncertainty"].exists()
+    assert not paths["probseg"].with_name(paths["probseg"].name.replace(".nii.gz", ".json")
+                                          ).exists()

@@ -198,17 +198,25 @@ def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
         regions, brain = mapped.regions, mapped.brain
         regions_source = f"segmentation {seg_path}"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutoRegionsWarning)  # said once, by the driver
+        warnings.simplefilter("ignore", AutoRegionsWarning)  # the driver says it once
         pred = run(predict_array(vol.data, vol.spacing, spec, affine=vol.affine, roi=regions,
                                  brain=brain, modality=image_modality(image), tta=tta))
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
     paths["montage"].parent.mkdir(parents=True, exist_ok=True)
+    # the old set is incomplete from here until the new record lands
+    paths["record"].unlink(missing_ok=True)
     written = ["mask"]
     save_labels(paths["mask"], pred.labels, like=vol)
     if pred.probability is not None:
         save_map(paths["probseg"], pred.probability, like=vol)
         save_map(paths["uncertainty"], pred.uncertainty, like=vol)
         written += ["probseg", "uncertainty"]
+    else:  # a model without maps (Frangi): no stale maps of an earlier model stay behind
+        for key in ("probseg", "uncertainty"):
+            paths[key].unlink(missing_ok=True)
+            paths[key].with_name(paths[key].name.replace(".nii.gz", ".json")).unlink(
+                missing_ok=True)
+    if pred.probability is not None:
         for key, desc in (("probseg", "P(PVS) per voxel, on the source grid"),
                           ("uncertainty", "predictive uncertainty per voxel: the binary "
                            "entropy of P(PVS) (bits, 0-1), plus the variance over the "
@@ -401,6 +409,15 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
             failed.pop(key, None)
         else:
             todo.append((im, seg_path, digest))
+    estimated = sum(seg_path is None for _, seg_path, _ in todo)
+    if estimated:
+        import warnings
+
+        from .pipeline import AutoRegionsWarning
+
+        warnings.warn(f"{estimated} of the images to compute have no segmentation (--seg "
+                      f"{seg}): their WM and BG are estimated from the image, so their "
+                      "counts are not those of real regions", AutoRegionsWarning, stacklevel=2)
     log(f"{len(images)} {suffix} images: {len(todo)} to compute, {len(res.skipped)} "
         f"already done with model {ident['id']}, {len(res.failed)} failed before starting")
     if todo:
