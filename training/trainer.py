@@ -85,14 +85,11 @@ class Trainer:
         What the forward pass calls, when it is not ``net`` (e.g. a DDP wrapper).
     cancel : threading.Event, optional
         Checked before every iteration.
-    class_weights : sequence of float, optional
-        Per-class weights of the loss (MONAI ``DiceCELoss(weight=)``), e.g. ``(1, 3)``
-        to weigh PVS voxels 3 times the background; None: all 1.
     """
 
     def __init__(self, net, batches: Batches, *, iterations: int, lr: float,
                  iterations_per_epoch: int | None = None, device: str = "cpu", model=None,
-                 cancel: threading.Event | None = None, class_weights=None):
+                 cancel: threading.Event | None = None):
         import torch
         from monai.losses import DeepSupervisionLoss, DiceCELoss
 
@@ -102,10 +99,8 @@ class Trainer:
         self.per_epoch = int(iterations_per_epoch or iterations)
         self.device, self.cancel = str(device), cancel
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=1e-5)
-        weight = None if class_weights is None else torch.tensor(
-            [float(w) for w in class_weights], device=device)
-        self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True,
-                                                      weight=weight), weight_mode="exp")
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True),
+                                           weight_mode="exp")
         self.masked_loss_fn = None  # made for the first batch with loss weights
         self.amp = self.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
