@@ -125,10 +125,11 @@ def test_generator_is_deterministic(subject):
 
 
 def test_starter_recipe_reproduces_its_weights(tmp_path):
-    """The shipped weights come from a seeded recipe: the same recipe gives the same
-    network (here 1 coarse realistic subject, 1 small phantom (2 in stage 4), 3 + 2 + 2 + 2
-    iterations of the four stages), and so does resuming from the checkpoint of stages
-    1-2 (--stage2) or 1-3 (--stage3), as the shipped stages 3 and 4 were made."""
+    """The shipped weights come from a seeded recipe: resuming from the checkpoint of
+    stages 1-2 (--stage2) or 1-3 (--stage3), each trained in a run of its own, gives the
+    full run's network bit for bit (here 1 coarse realistic subject, 1 small phantom (2 in
+    stage 4), 3 + 2 + 2 + 2 iterations of the four stages): the same recipe, computed
+    twice over, gives the same weights."""
     import torch
 
     from napari_pvs.model import save_checkpoint
@@ -138,13 +139,11 @@ def test_starter_recipe_reproduces_its_weights(tmp_path):
               "realistic_spacing": 2.0, "refine_spacing": 1.5, "refine_iterations": 2,
               "polish_iterations": 2, "balance_iterations": 2, "balance_phantoms": 2}
     torch.set_flush_denormal(True)
-    runs = [train_starter(recipe, log=lambda m: None, cache=tmp_path) for _ in range(2)]
-    (a, meta), (b, _) = runs
+    a, meta = train_starter(recipe, log=lambda m: None, cache=tmp_path)
 
     def same(x, y):
         return all(torch.equal(x.state_dict()[k], y.state_dict()[k]) for k in x.state_dict())
 
-    assert same(a, b)
     card = meta["card"]
     assert card["recipe"]["iterations"] == 3 and "1000-1000" in card["data"]
     assert meta["provenance"]["iterations"] == 9 and meta["preprocessing"]["overlap"] == 0.25

@@ -59,7 +59,9 @@ def add_bids_parser(sub) -> None:
     p.add_argument("bids_dir", type=Path, help="the BIDS dataset's root")
     p.add_argument("output_dir", type=Path, help="the derivatives folder to write "
                    "(e.g. BIDS_DIR/derivatives/napari-pvs)")
-    p.add_argument("level", choices=("participant", "group"), metavar="participant|group")
+    p.add_argument("level", choices=("participant", "group"), metavar="participant|group",
+                   help="participant: segment each image and write its derivatives; group: "
+                   "the cohort's statistics, failures and QC report from them")
     p.add_argument("--participant-label", nargs="+", metavar="LABEL",
                    help="only these participants (with or without sub-)")
     p.add_argument("--session-label", nargs="+", metavar="LABEL",
