@@ -44,14 +44,15 @@ def _timed(cmd: list[str]) -> float:
 
 
 def _index_tree(root: Path, n: int) -> None:
+    root.mkdir(parents=True)
     (root / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
     for i in range(n):
         for ses in ("1", "2"):
             anat = root / f"sub-{i:05d}" / f"ses-{ses}" / "anat"
             anat.mkdir(parents=True)
-            for name in (f"sub-{i:05d}_ses-{ses}_T2w.nii.gz", f"sub-{i:05d}_ses-{ses}_T2w.json",
-                         f"sub-{i:05d}_ses-{ses}_T1w.nii.gz"):
+            for name in (f"sub-{i:05d}_ses-{ses}_T2w.nii.gz", f"sub-{i:05d}_ses-{ses}_T1w.nii.gz"):
                 (anat / name).write_bytes(b"")
+            (anat / f"sub-{i:05d}_ses-{ses}_T2w.json").write_text('{"EchoTime": 0.1}')
 
 
 def readers(n: int, tmp: Path) -> dict:

@@ -55,7 +55,7 @@ def _copy(dataset: Path, dest: Path) -> Path:
 def test_pybids_and_the_builtin_reader_find_the_same_images(dataset, tmp_path):
     ds = _copy(dataset, tmp_path / "ds")
     # things neither may pick up: other contrasts, sidecars, non-anat data, stray names
-    (ds / "sub-03" / "anat" / "sub-03_T2w.json").write_text("{}")
+    (ds / "sub-03" / "anat" / "sub-03_T2w.json").write_text("{broken")  # not read
     (ds / "sub-03" / "anat" / "sub-03_T1w.nii.gz").write_bytes(
         (ds / "sub-03" / "anat" / "sub-03_T2w.nii.gz").read_bytes())
     (ds / "sub-03" / "func").mkdir()

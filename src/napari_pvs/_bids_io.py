@@ -105,11 +105,18 @@ def find_images(bids_dir: str | os.PathLike[str], suffix: str = "T2w", *,
 def _pybids_images(root: Path, suffix: str, subs, sess) -> list[BidsImage]:
     import warnings
 
-    from bids import BIDSLayout
+    from bids import BIDSLayout, BIDSLayoutIndexer
 
     with warnings.catch_warnings():  # pybids' deprecation chatter is not the user's
         warnings.simplefilter("ignore")
-        layout = BIDSLayout(str(root), validate=False, derivatives=False)
+        try:  # the sidecars' metadata is not needed: not indexing it is faster, and a
+            # broken sidecar elsewhere in the dataset does not stop the run
+            layout = BIDSLayout(str(root), validate=False, derivatives=False,
+                                indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+        except Exception as exc:  # pybids raises many types; one line for the user
+            raise PVSInputError(f"{root}: pybids cannot index the dataset ({type(exc).__name__}"
+                                f": {' '.join(str(exc).split())}); fix it, or read it with "
+                                "--reader glob") from None
         query = {"suffix": suffix, "datatype": "anat", "extension": [".nii", ".nii.gz"]}
         if subs:
             query["subject"] = subs
