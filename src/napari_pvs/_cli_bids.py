@@ -77,8 +77,8 @@ def add_bids_parser(sub) -> None:
     p.add_argument("--tta", type=number(int, 1, 8, what="a number of flips"),
                    help="mirror flips (default: the model's)")
     p.add_argument("--workers", type=number(int, 1, 512, what="a number of workers"),
-                   help="local Dask worker processes (default: 2, or 1 on one core); each "
-                   "gets cores / workers threads")
+                   help="local Dask worker processes (default 1: measured fastest on 2 "
+                   "cores, benchmarks/bench_cohort.py); each gets cores / workers threads")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="join an existing Dask scheduler (tcp://host:8786) instead")
     p.add_argument("--scheduler-file", metavar="FILE",

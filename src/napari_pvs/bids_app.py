@@ -319,10 +319,12 @@ def resolve_seg(seg: str, bids_dir: Path, image: BidsImage) -> Path | None:
     return path
 
 
-def default_workers(cores: int | None = None) -> int:
-    """Workers of the local cluster: measured best on this project's 2-core machine
-    (``benchmarks/bench_cohort.py``): 2 x 1 thread beat 1 x 2 threads."""
-    return max(1, min(2, cores or os.cpu_count() or 1))
+def default_workers() -> int:
+    """Workers of the local cluster: 1, with every core's thread.  Measured on this
+    project's 2-core machine (``benchmarks/bench_cohort.py``, 12 phantoms of 160 mm):
+    1 worker x 2 threads 5.3 images/min, 2 workers x 1 thread 4.7.  On bigger nodes, try
+    ``--workers`` (each worker gets ``cores / workers`` threads)."""
+    return 1
 
 
 class _Cluster:
