@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             else:
                 workers = cfg.split("x")[0]
                 seconds = _timed([*cli, "bids", str(ds), str(out), "participant",
-                                  "--workers", workers, "--progress", "lines"])
+                                  "--workers", workers])
             res[cfg] = {"seconds": seconds, "images_per_min": 60 * args.images / seconds}
             ratio = res["sequential"]["seconds"] / seconds if "sequential" in res else float("nan")
             print(f"{cfg:>10}: {seconds:6.1f} s, {res[cfg]['images_per_min']:5.2f} images/min, "

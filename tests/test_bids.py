@@ -99,6 +99,7 @@ def test_participant_level_writes_bids_derivatives_that_pybids_indexes(participa
     assert "Traceback" not in stdout + stderr
     assert "7 images, 6 computed, 0 skipped (already done), 1 failed" in stdout
     assert "sub-05_T2w.nii.gz" in stderr and "failed" in stderr
+    assert "bids: 100% (7/7)" in stderr  # without a terminal: a line every 5 %
     images = [im for im in find_images(ds, "T2w", reader="glob") if im.subject != "05"]
     for im in images:
         paths = derivative_paths(out, im)
@@ -179,7 +180,7 @@ def test_a_rerun_submits_no_task(participant_run, monkeypatch):
     submitted = []
     monkeypatch.setattr(bids_app, "_compute", lambda client, todo, *a: submitted.extend(todo))
     res = bids_app.run_participant(ds, out, participants=["01", "02", "03", "04"],
-                                   log=lambda m: None, bar=False)
+                                   log=lambda m: None)
     assert res.computed == [] and len(res.skipped) == 6 and submitted == []
     assert before == {im.stem: derivative_paths(out, im)["mask"].stat().st_mtime_ns
                       for im in ds_clean}
@@ -188,7 +189,7 @@ def test_a_rerun_submits_no_task(participant_run, monkeypatch):
     with open(im.path, "ab") as fh:
         fh.write(b"\0")  # a different file: another hash
     with pytest.raises(AssertionError, match="must not start a cluster"):
-        bids_app.run_participant(ds, out, participants=["01"], log=lambda m: None, bar=False)
+        bids_app.run_participant(ds, out, participants=["01"], log=lambda m: None)
 
 
 def _workers(parent: int) -> list:
@@ -233,6 +234,13 @@ def test_a_worker_killed_mid_run_has_its_task_retried(dataset, tmp_path):
     assert "Traceback" not in stdout + stderr
 
 
+def test_on_a_terminal_the_participant_level_draws_a_bar(dataset, tmp_path):
+    rc, text, _ = run_cli("bids", dataset, tmp_path / "out", "participant", "--model",
+                          "baseline", "--participant-label", "03", "04", tty=True)
+    assert rc == 0 and "Traceback" not in text, text
+    assert "bids [" in text and "2/2" in text and "sub-04_acq-hi:" in text
+
+
 def test_robust_z_flags_the_outlier_only():
     z = robust_z([100, 104, 96, 101, 99, 103, 97, 400])
     assert abs(z[-1]) > 3 and (np.abs(z[:-1]) < 3).all()
@@ -267,7 +275,7 @@ def test_a_missing_segmentation_fails_that_image_only(dataset, tmp_path):
     pattern = "derivatives/phantom/sub-{subject}/anat/sub-{subject}_desc-aseg_dseg.nii.gz"
     res = bids_app.run_participant(ds, tmp_path / "out", model="baseline",
                                    participants=["01", "03"], seg=pattern, workers=1,
-                                   log=lambda m: None, bar=False)
+                                   log=lambda m: None)
     # sub-01's segmentations are per session: the pattern misses them; sub-03 is found
     only = find_images(ds, "T2w", participants=["03"], reader="glob")[0].path
     assert [Path(p).resolve() for p in res.computed] == [only.resolve()]
@@ -287,13 +295,13 @@ def test_joins_an_existing_scheduler_by_address_or_file(dataset, tmp_path):
                       dashboard_address=None) as cluster, Client(cluster) as client:
         res = bids_app.run_participant(dataset, tmp_path / "a", model="baseline",
                                        participants=["03"], scheduler=cluster.scheduler_address,
-                                       log=lambda m: None, bar=False)
+                                       log=lambda m: None)
         assert len(res.computed) == 1 and not res.failed
         client.write_scheduler_file(str(tmp_path / "scheduler.json"))
         res = bids_app.run_participant(dataset, tmp_path / "b", model="baseline",
                                        participants=["04"],
                                        scheduler_file=str(tmp_path / "scheduler.json"),
-                                       log=lambda m: None, bar=False)
+                                       log=lambda m: None)
         assert len(res.computed) == 1 and not res.failed
         assert len(client.scheduler_info()["workers"]) == 1  # still up
 
@@ -308,7 +316,7 @@ def test_another_model_recomputes_and_leaves_no_stale_maps(participant_run):
     paths = derivative_paths(out, im)
     assert paths["probseg"].is_file()
     res = bids_app.run_participant(ds, out, model="baseline", participants=["03"], workers=1,
-                                   log=lambda m: None, bar=False)
+                                   log=lambda m: None)
     assert len(res.computed) == 1 and not res.failed
     rec = json.loads(paths["record"].read_text())
     assert rec["ModelId"] == "frangi-baseline" and "probseg" not in rec["Outputs"]

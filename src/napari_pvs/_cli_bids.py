@@ -27,14 +27,16 @@ def _cmd_bids(args: argparse.Namespace) -> int:
                          "scheduler first (dask scheduler --scheduler-file FILE)")
     suffix = args.modality or model_identity(args.model)["modality"] or "T2w"
     if args.level == "participant":
-        bar = sys.stderr.isatty() if args.progress == "auto" else args.progress == "bar"
+        from ._cli_common import ProgressReport
+
+        # a bar on a terminal, else a line every 5 % (as the other long commands)
+        report = ProgressReport("bids")
         res = run_participant(args.bids_dir, args.output_dir, model=args.model,
                               participants=args.participant_label,
                               sessions=args.session_label, seg=args.seg, tta=args.tta,
                               workers=args.workers, scheduler=args.scheduler,
                               scheduler_file=args.scheduler_file, reader=args.reader,
-                              suffix=suffix, bar=bar,
-                              log=lambda m: print(m, flush=True))
+                              suffix=suffix, log=report.note, progress=report)
         print(f"participant level: {res.found} images, {len(res.computed)} computed, "
               f"{len(res.skipped)} skipped (already done), {len(res.failed)} failed, in "
               f"{res.seconds:.1f} s", flush=True)
@@ -86,6 +88,4 @@ def add_bids_parser(sub) -> None:
     p.add_argument("--reader", choices=("pybids", "glob"), default="pybids",
                    help="how the dataset is read: pybids (default) or the built-in walk of "
                    "sub-*/[ses-*/]anat (faster on large datasets)")
-    p.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
-                   help="a progress bar (default on a terminal) or a line per image only")
     p.set_defaults(func=_cmd_bids)

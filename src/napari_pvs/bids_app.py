@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,8 +377,12 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
                     sessions=None, seg: str = "auto", tta: int | None = None,
                     workers: int | None = None, scheduler: str | None = None,
                     scheduler_file: str | None = None, reader: str = "pybids",
-                    suffix: str | None = None, log=print, bar: bool = True) -> ParticipantResult:
-    """The participant level (see the module docstring); returns what it did."""
+                    suffix: str | None = None, log=print, progress=None) -> ParticipantResult:
+    """The participant level (see the module docstring); returns what it did.
+
+    ``log(line)``: a line per image (and the plan); ``progress(event)``: an
+    :class:`~napari_pvs.inference.Progress` per finished image (the CLI's bar).
+    """
     t0 = time.perf_counter()
     bids_dir, out = Path(bids_dir), Path(out_dir)
     ident = model_identity(model)
@@ -426,7 +429,7 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
         n_workers = workers or default_workers()
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         with _Cluster(n_workers, threads, scheduler, scheduler_file) as client:
-            _compute(client, todo, out, model, ident["id"], tta, threads, res, log, bar)
+            _compute(client, todo, out, model, ident["id"], tta, threads, res, log, progress)
     for key in res.computed:
         failed.pop(key, None)
     failed.update(res.failed)
@@ -437,9 +440,10 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
 
 
 def _compute(client, todo, out: Path, model: str, model_id: str, tta, threads,
-             res: ParticipantResult, log, bar: bool) -> None:
+             res: ParticipantResult, log, progress) -> None:
     from dask.distributed import as_completed
-    from tqdm import tqdm
+
+    from .inference import Progress
 
     futures = {}
     for im, seg_path, digest in todo:
@@ -448,25 +452,23 @@ def _compute(client, todo, out: Path, model: str, model_id: str, tta, threads,
                             threads=threads, digest=digest, pure=False,
                             key=f"pvs-{im.stem}-{digest[:12]}")
         futures[fut] = im
-    with tqdm(total=len(futures), desc="images", unit="image", disable=not bar,
-              dynamic_ncols=True, file=sys.stderr) as progress:
-        say = progress.write if bar else log
-        for fut in as_completed(futures):
-            im = futures[fut]
-            try:
-                r = fut.result()
-            except Exception as exc:  # the worker died on every try: recorded, go on
-                r = {"failed": _reason(exc)}
-            if "failed" in r:
-                res.failed[str(im.path)] = r["failed"]
-                say(f"FAILED {im.path.name}: {r['failed']}")
-            else:
-                res.computed.append(str(im.path))
-                n = {s["region"]: s["count"] for s in r["stats"]}
-                say(f"{im.stem}: {n.get('all', 0)} PVS (WM {n.get('WM', 0)}, "
-                               f"BG {n.get('BG', 0)}) in {r['seconds']:.1f} s")
-            progress.update(1)
-            fut.release()
+    for done, fut in enumerate(as_completed(futures), start=1):
+        im = futures[fut]
+        try:
+            r = fut.result()
+        except Exception as exc:  # the worker died on every try: recorded, go on
+            r = {"failed": _reason(exc)}
+        if "failed" in r:
+            res.failed[str(im.path)] = r["failed"]
+            log(f"FAILED {im.path.name}: {r['failed']}")
+        else:
+            res.computed.append(str(im.path))
+            n = {s["region"]: s["count"] for s in r["stats"]}
+            log(f"{im.stem}: {n.get('all', 0)} PVS (WM {n.get('WM', 0)}, BG {n.get('BG', 0)}) "
+                f"in {r['seconds']:.1f} s")
+        if progress is not None:
+            progress(Progress(done, len(futures), im.stem))
+        fut.release()
 
 
 def _read_tsv(path: Path) -> list[dict]:
