@@ -141,6 +141,7 @@ def test_participant_level_writes_bids_derivatives_that_pybids_indexes(participa
         ses2 = layout.get(scope="napari-pvs", subject="01", session="2", suffix="mask",
                           extension=".nii.gz")
         assert len(ses2) == 1 and ses2[0].get_entities()["label"] == "PVS"
+        assert ses2[0].get_entities()["space"] == "T2w"
         runs = get(subject="02", acquisition="fast", run=2, suffix="mask", extension=".nii.gz")
         assert len(runs) == 1
     sidecar = json.loads(derivative_paths(out, images[0])["clusters"].with_suffix(".json")
@@ -239,6 +240,26 @@ def test_on_a_terminal_the_participant_level_draws_a_bar(dataset, tmp_path):
                           "baseline", "--participant-label", "03", "04", tty=True)
     assert rc == 0 and "Traceback" not in text, text
     assert "bids [" in text and "2/2" in text and "sub-04_acq-hi:" in text
+
+
+def test_t1w_and_t2w_outputs_of_one_subject_do_not_collide(dataset, tmp_path):
+    from napari_pvs import bids_app
+
+    ds = _copy(dataset, tmp_path / "ds")
+    t2 = ds / "sub-03" / "anat" / "sub-03_T2w.nii.gz"
+    (ds / "sub-03" / "anat" / "sub-03_T1w.nii.gz").write_bytes(t2.read_bytes())
+    out = tmp_path / "out"
+    for modality in ("T2w", "T1w"):
+        res = bids_app.run_participant(ds, out, model="baseline", participants=["03"],
+                                       suffix=modality, workers=1, log=lambda m: None)
+        assert len(res.computed) == 1 and not res.failed
+    masks = sorted(p.name for p in out.rglob("*_mask.nii.gz"))
+    assert masks == ["sub-03_space-T1w_label-PVS_mask.nii.gz",
+                     "sub-03_space-T2w_label-PVS_mask.nii.gz"]
+    # the T2w run is still done: the T1w one did not overwrite its record
+    again = bids_app.run_participant(ds, out, model="baseline", participants=["03"],
+                                     suffix="T2w", log=lambda m: None)
+    assert again.computed == [] and len(again.skipped) == 1
 
 
 def test_robust_z_flags_the_outlier_only():

@@ -8,8 +8,10 @@
   runs and acquisitions, and ``benchmarks/bench_cohort.py`` times both.
 * :func:`derivative_paths` names the outputs of one image in a BIDS-derivatives
   folder: the source entities (``sub``, ``ses``, ``acq``, ``ce``, ``rec``, ``run``),
-  then ``label-PVS`` and the suffix (``_mask``, ``_probseg``, ``.tsv`` tables), each
-  with a JSON sidecar, so that ``BIDSLayout(..., derivatives=True)`` indexes them.
+  ``space-<contrast>`` (the native space of the source image, ``T2w`` or ``T1w``: the
+  outputs of a subject's T1w and T2w images never share a name), then ``label-PVS`` and
+  the suffix (``_mask``, ``_probseg``, ``.tsv`` tables), each with a JSON sidecar, so
+  that ``BIDSLayout(..., derivatives=True)`` indexes them.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ _NAME = re.compile(r"^(?P<entities>(?:[a-zA-Z]+-[a-zA-Z0-9]+_)+)(?P<suffix>[a-zA
 
 @dataclass(frozen=True)
 class BidsImage:
-    """One anatomical image of the dataset: its path and its entities."""
+    """One anatomical image of the dataset: its path, its entities and its suffix."""
 
     path: Path
     entities: dict = field(hash=False, compare=False)
+    suffix: str = "T2w"
 
     @property
     def stem(self) -> str:
@@ -131,7 +134,7 @@ def _pybids_images(root: Path, suffix: str, subs, sess) -> list[BidsImage]:
         if not Path(f.path).name.startswith(f"sub-{ents.get('subject')}_"):
             continue
         out.append(BidsImage(Path(f.path), {k: str(ents[k]) for k in SOURCE_ENTITIES
-                                            if ents.get(k) not in (None, "")}))
+                                            if ents.get(k) not in (None, "")}, suffix))
     return sorted(out, key=lambda im: str(im.path))
 
 
@@ -157,7 +160,7 @@ def _glob_images(root: Path, suffix: str, subs, sess) -> list[BidsImage]:
                     continue
                 if sess and ents.get("session") not in sess:
                     continue
-                out.append(BidsImage(f.resolve(), ents))
+                out.append(BidsImage(f.resolve(), ents, suffix))
     return sorted(out, key=lambda im: str(im.path))
 
 
@@ -174,7 +177,7 @@ def derivative_paths(out_dir: str | os.PathLike[str], image: BidsImage) -> dict[
     if image.session:
         folder = folder / f"ses-{image.session}"
     anat = folder / "anat"
-    base = f"{image.stem}_label-PVS"
+    base = f"{image.stem}_space-{image.suffix}_label-PVS"
     return {
         "mask": anat / f"{base}_mask.nii.gz",
         "record": anat / f"{base}_mask.json",

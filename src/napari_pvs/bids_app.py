@@ -261,8 +261,7 @@ def image_task(image: BidsImage, out_dir: str, model: str, model_id: str, **kw) 
 
 
 def image_modality(image: BidsImage) -> str:
-    name = image.path.name
-    return "T1w" if name.endswith(("_T1w.nii.gz", "_T1w.nii")) else "T2w"
+    return "T1w" if image.suffix == "T1w" else "T2w"
 
 
 def _source(out: Path, image: BidsImage) -> str:
