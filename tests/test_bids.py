@@ -262,6 +262,39 @@ def test_t1w_and_t2w_outputs_of_one_subject_do_not_collide(dataset, tmp_path):
     assert again.computed == [] and len(again.skipped) == 1
 
 
+def test_an_ensemble_runs_and_other_weights_under_the_same_id_recompute(dataset, tmp_path):
+    """--model ENSEMBLE.json: its members' T2w contrast picks the images, its id and the
+    hash of every member go into the record; a member retrained (same file names, other
+    weights) makes the image run again."""
+    import shutil
+
+    from napari_pvs import bids_app
+    from napari_pvs.model import starter_path, write_ensemble
+
+    folder = tmp_path / "folds"
+    folder.mkdir()
+    for name in ("fold0.safetensors", "fold1.safetensors"):
+        shutil.copy(starter_path("starter"), folder / name)
+    ens = write_ensemble(folder / "ensemble.json", ["fold0.safetensors", "fold1.safetensors"])
+    ident = bids_app.model_identity(str(ens))
+    assert ident["id"].startswith("ensemble-folds-") and ident["modality"] == "T2w"
+    out = tmp_path / "out"
+    res = bids_app.run_participant(dataset, out, model=str(ens), participants=["04"],
+                                   workers=1, log=lambda m: None)
+    assert len(res.computed) == 1 and not res.failed
+    im = find_images(dataset, "T2w", participants=["04"], reader="glob")[0]
+    rec = json.loads(derivative_paths(out, im)["record"].read_text())
+    assert rec["ModelId"] == ident["id"] and rec["ModelHash"] == ident["hash"]
+    assert derivative_paths(out, im)["probseg"].is_file()
+    # fold 1 replaced by other weights: another hash, so the image is not skipped
+    shutil.copy(starter_path("starter-fast"), folder / "fold1.safetensors")
+    assert bids_app.model_identity(str(ens))["hash"] != ident["hash"]
+    digest = bids_app.input_hash(im.path, bids_app.resolve_seg("auto", dataset, im))
+    new = bids_app.model_identity(str(ens))
+    assert not bids_app.is_done(out, im, digest, new["id"], new["hash"])
+    assert bids_app.is_done(out, im, digest, ident["id"], ident["hash"])
+
+
 def test_robust_z_flags_the_outlier_only():
     z = robust_z([100, 104, 96, 101, 99, 103, 97, 400])
     assert abs(z[-1]) > 3 and (np.abs(z[:-1]) < 3).all()

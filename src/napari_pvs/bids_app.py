@@ -57,21 +57,31 @@ class ParticipantResult:
 
 
 def model_identity(model: str) -> dict:
-    """``{"id", "card", "modality"}`` of a model spec: ``baseline``, a shipped name, a
-    checkpoint or an ensemble; checked here, before any task starts."""
-    from .model import STARTER_MODELS, read_meta, starter_path
+    """``{"id", "hash", "card", "modality"}`` of a model spec: ``baseline``, a shipped
+    name, a checkpoint or an ensemble ``.json``; checked here, before any task starts.
+    ``hash`` identifies the weights (every member's, for an ensemble): a rerun recomputes
+    an image whose outputs came from other weights, even under the same id."""
+    from . import __version__
+    from .model import STARTER_MODELS, checkpoint_hash, load_ensemble, read_meta, starter_path
 
     if model == "baseline":
-        return {"id": "frangi-baseline", "card": {"name": "Frangi vesselness baseline"},
-                "modality": None}
+        return {"id": "frangi-baseline", "hash": f"napari-pvs {__version__}",
+                "card": {"name": "Frangi vesselness baseline"}, "modality": None}
     path = starter_path(model) if model in STARTER_MODELS else Path(model)
     if not path.is_file():
         raise PVSInputError(f"--model {model!r} is neither 'baseline', a shipped model "
                             f"({', '.join(STARTER_MODELS)}) nor an existing checkpoint or "
                             "ensemble .json file")
-    meta = read_meta(path)
-    mid = meta.get("id") or sha256_file(path)[:16]
-    return {"id": mid, "card": meta.get("card"), "modality": meta.get("modality")}
+    digest = checkpoint_hash(path)
+    if path.suffix == ".json":  # an ensemble of folds: the first member describes them
+        meta = read_meta(load_ensemble(path)[0])
+        mid = f"ensemble-{path.parent.name}-{digest[:12]}"
+    else:
+        meta = read_meta(path)
+        mid = meta.get("id") or f"checkpoint-{digest[:12]}"
+    modality = (meta.get("preprocessing") or {}).get("modality")
+    return {"id": mid, "hash": digest, "card": meta.get("card"),
+            "modality": modality if modality in ("T1w", "T2w") else None}
 
 
 _WORKER_MODELS: dict = {}
@@ -104,14 +114,18 @@ def input_hash(image: Path, seg: Path | None) -> str:
     return h if seg is None else f"{h}+{sha256_file(seg)}"
 
 
-def is_done(out_dir: Path, image: BidsImage, digest: str, model_id: str) -> bool:
-    """The image's outputs exist and were made from the same input by the same model."""
+def is_done(out_dir: Path, image: BidsImage, digest: str, model_id: str,
+            model_hash: str | None = None) -> bool:
+    """The image's outputs exist and were made from the same input by the same model
+    (its id and, when given, the hash of its weights)."""
     paths = derivative_paths(out_dir, image)
     try:
         rec = json.loads(paths["record"].read_text())
     except (OSError, ValueError):
         return False
     if rec.get("InputHash") != digest or rec.get("ModelId") != model_id:
+        return False
+    if model_hash is not None and rec.get("ModelHash") != model_hash:
         return False
     return all(paths[k].is_file() for k in rec.get("Outputs", ()))
 
@@ -168,7 +182,8 @@ def _cluster_sidecar(columns) -> dict:
 
 def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
                   seg: str | None = None, tta: int | None = None,
-                  threads: int | None = None, digest: str | None = None) -> dict:
+                  threads: int | None = None, digest: str | None = None,
+                  model_hash: str | None = None) -> dict:
     """Segment one image and write its derivatives (the Dask task).
 
     Returns ``{"image", "stem", "seconds", "stats": [...], ...}``.  Raises on a bad
@@ -235,6 +250,7 @@ def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
     seconds = time.perf_counter() - t0
     record = {"Description": "PVS labels (1) inside the WM and BG", "Type": "Label",
               "Sources": [_source(out, image)], "InputHash": digest, "ModelId": model_id,
+              "ModelHash": model_hash,
               "Regions": regions_source, "Seconds": round(seconds, 2),
               "Outputs": written}
     atomic_write_text(paths["record"], json.dumps(record, indent=1))  # the commit point
@@ -408,7 +424,7 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
         except (PVSInputError, OSError) as exc:
             res.failed[key] = _reason(exc)
             continue
-        if is_done(out, im, digest, ident["id"]):
+        if is_done(out, im, digest, ident["id"], ident["hash"]):
             res.skipped.append(key)
             failed.pop(key, None)
         else:
@@ -428,7 +444,7 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
         n_workers = workers or default_workers()
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         with _Cluster(n_workers, threads, scheduler, scheduler_file) as client:
-            _compute(client, todo, out, model, ident["id"], tta, threads, res, log, progress)
+            _compute(client, todo, out, model, ident, tta, threads, res, log, progress)
     for key in res.computed:
         failed.pop(key, None)
     failed.update(res.failed)
@@ -438,7 +454,7 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
     return res
 
 
-def _compute(client, todo, out: Path, model: str, model_id: str, tta, threads,
+def _compute(client, todo, out: Path, model: str, ident: dict, tta, threads,
              res: ParticipantResult, log, progress) -> None:
     from dask.distributed import as_completed
 
@@ -446,9 +462,10 @@ def _compute(client, todo, out: Path, model: str, model_id: str, tta, threads,
 
     futures = {}
     for im, seg_path, digest in todo:
-        fut = client.submit(image_task, im, str(out), model, model_id,
+        fut = client.submit(image_task, im, str(out), model, ident["id"],
                             seg=None if seg_path is None else str(seg_path), tta=tta,
-                            threads=threads, digest=digest, pure=False,
+                            threads=threads, digest=digest, model_hash=ident["hash"],
+                            pure=False,
                             key=f"pvs-{im.stem}-{digest[:12]}")
         futures[fut] = im
     for done, fut in enumerate(as_completed(futures), start=1):
