@@ -442,7 +442,10 @@ def run_participant(bids_dir, out_dir, *, model: str = "starter", participants=N
         f"already done with model {ident['id']}, {len(res.failed)} failed before starting")
     if todo:
         n_workers = workers or default_workers()
-        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        # a local cluster shares this machine's cores; a remote one's workers keep the
+        # threads their cluster gave them (dask-jobqueue sets them per job)
+        threads = None if scheduler or scheduler_file \
+            else max(1, (os.cpu_count() or 1) // n_workers)
         with _Cluster(n_workers, threads, scheduler, scheduler_file) as client:
             _compute(client, todo, out, model, ident, tta, threads, res, log, progress)
     for key in res.computed:
