@@ -319,17 +319,12 @@ class PatchSampler:
 
     def _component_voxel(self, d: SubjectData) -> np.ndarray:
         """A voxel of a PVS drawn uniformly among the subject's PVS (26-connected)."""
-        import cc3d
+        from napari_pvs.clusters import label_clusters, voxels_by_cluster
 
         key = f"{d.subject}/v{d.version}"
         if key not in self._components:
-            comp = cc3d.connected_components(np.ascontiguousarray(d.labels > 0),
-                                             connectivity=26)
-            flat = np.flatnonzero(comp)
-            order = np.argsort(comp.ravel()[flat], kind="stable")
-            flat = flat[order]  # the voxels, grouped by component
-            starts = np.flatnonzero(np.diff(comp.ravel()[flat], prepend=-1))
-            self._components[key] = (flat, np.append(starts, flat.size))
+            fg, first = voxels_by_cluster(label_clusters(d.labels)[0])
+            self._components[key] = (fg, np.append(first, fg.size))
         flat, bounds = self._components[key]
         c = self.rng.integers(bounds.size - 1)
         i = self.rng.integers(bounds[c], bounds[c + 1])

@@ -25,7 +25,6 @@ def _cmd_bids(args: argparse.Namespace) -> int:
     if args.scheduler_file and not Path(args.scheduler_file).is_file():
         raise ValueError(f"--scheduler-file {args.scheduler_file}: no such file; start the "
                          "scheduler first (dask scheduler --scheduler-file FILE)")
-    suffix = args.modality or model_identity(args.model)["modality"] or "T2w"
     if args.level == "participant":
         from ._cli_common import ProgressReport
 
@@ -36,13 +35,14 @@ def _cmd_bids(args: argparse.Namespace) -> int:
                               sessions=args.session_label, seg=args.seg, tta=args.tta,
                               workers=args.workers, scheduler=args.scheduler,
                               scheduler_file=args.scheduler_file, reader=args.reader,
-                              suffix=suffix, log=report.note, progress=report)
+                              suffix=args.modality, log=report.note, progress=report)
         print(f"participant level: {res.found} images, {len(res.computed)} computed, "
               f"{len(res.skipped)} skipped (already done), {len(res.failed)} failed, in "
               f"{res.seconds:.1f} s", flush=True)
         for path, reason in res.failed.items():
             print(f"napari-pvs: failed: {path}: {reason}", file=sys.stderr)
         return min(len(res.failed), 100)
+    suffix = args.modality or model_identity(args.model)["modality"] or "T2w"
     _, n_failed = run_group(args.bids_dir, args.output_dir,
                             participants=args.participant_label,
                             sessions=args.session_label, suffix=suffix, reader=args.reader,

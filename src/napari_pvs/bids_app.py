@@ -40,6 +40,8 @@ __all__ = ["ParticipantResult", "process_image", "run_group", "run_participant"]
 STATS_COLUMNS = ("region", "count", "volume_mm3", "median_cluster_mm3")
 REGIONS = ("WM", "BG", "all")
 FAILED_LOG = Path("logs") / "failed.json"
+#: bad input (a one-line reason); anything else is a bug and keeps its traceback
+INPUT_ERRORS = (PVSInputError, OSError, ValueError)
 
 
 @dataclass
@@ -84,25 +86,26 @@ def model_identity(model: str) -> dict:
             "modality": modality if modality in ("T1w", "T2w") else None}
 
 
-_WORKER_MODELS: dict = {}
+_WORKER_THREADS: list = []
 
 
-def _worker_model(model: str, threads: int | None):
-    """The model of this worker process, loaded once (and its thread count set once)."""
-    key = (model, threads)
-    if key not in _WORKER_MODELS:
-        if threads:
-            import torch
+def _set_threads(threads: int | None) -> None:
+    """Give torch (and so OpenVINO) ``threads`` threads in this worker process, once."""
+    if threads and _WORKER_THREADS != [threads]:
+        import torch
 
-            torch.set_num_threads(int(threads))
-        if model == "baseline":
-            _WORKER_MODELS[key] = "baseline"
-        else:
-            from .model import STARTER_MODELS, starter_path
+        torch.set_num_threads(int(threads))
+        _WORKER_THREADS[:] = [threads]
 
-            _WORKER_MODELS[key] = str(starter_path(model) if model in STARTER_MODELS
-                                      else Path(model).resolve())
-    return _WORKER_MODELS[key]
+
+def _model_spec(model: str) -> str:
+    """What a worker passes to :func:`napari_pvs.pipeline.predict_array`: a name, or the
+    checkpoint's absolute path (a worker's folder may not be the driver's).  The worker
+    reads the checkpoint once (:func:`napari_pvs.pipeline.load_model`)."""
+    from .model import STARTER_MODELS
+
+    return model if model == "baseline" or model in STARTER_MODELS \
+        else str(Path(model).resolve())
 
 
 # ---------------------------------------------------------------------------- one image
@@ -130,27 +133,16 @@ def is_done(out_dir: Path, image: BidsImage, digest: str, model_id: str,
     return all(paths[k].is_file() for k in rec.get("Outputs", ()))
 
 
-def region_stats(labels: np.ndarray, regions: np.ndarray | None, spacing) -> list[dict]:
-    """Count, volume (mm³) and median cluster volume (mm³) of the PVS per region."""
-    from .clusters import label_clusters
-
-    voxel = float(np.prod(spacing))
-    comp, n = label_clusters(labels > 0)
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:] * voxel
+def region_stats(table) -> list[dict]:
+    """Count, volume (mm³) and median cluster volume (mm³) of the PVS per region, from a
+    cluster table (:func:`napari_pvs.clusters.cluster_table`: each cluster's volume and
+    its dominant region)."""
+    volume = np.asarray(table.columns["volume_mm3"], dtype=float)
+    region = np.asarray(table.columns["region"])
     rows = []
     for name in REGIONS:
-        if name == "all" or regions is None:
-            keep = np.ones(n, bool) if name == "all" else np.zeros(n, bool)
-        else:
-            from ._regions import REGION_CODES
-
-            code = REGION_CODES[name]
-            # a cluster belongs to the region that holds most of its voxels
-            inside = np.bincount(comp.ravel(), weights=(regions == code).ravel(),
-                                 minlength=n + 1)[1:]
-            keep = inside * voxel * 2 > sizes
-        s = sizes[keep]
-        rows.append({"region": name, "count": int(keep.sum()), "volume_mm3": float(s.sum()),
+        s = volume if name == "all" else volume[region == name]
+        rows.append({"region": name, "count": int(s.size), "volume_mm3": float(s.sum()),
                      "median_cluster_mm3": float(np.median(s)) if s.size else 0.0})
     return rows
 
@@ -167,7 +159,8 @@ def _tsv(rows: list[dict], columns) -> str:
 
 _STATS_SIDECAR = {
     "region": {"Description": "WM (white matter), BG (basal ganglia) or all (every PVS "
-               "cluster); a cluster belongs to the region that holds most of its voxels"},
+               "cluster); a cluster belongs to the region that holds most of its voxels "
+               "(the cluster table's region column)"},
     "count": {"Description": "number of PVS clusters (26-connected components)"},
     "volume_mm3": {"Description": "total PVS volume", "Units": "mm^3"},
     "median_cluster_mm3": {"Description": "median volume of one cluster", "Units": "mm^3"},
@@ -198,7 +191,7 @@ def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    spec = _worker_model(model, threads)
+    _set_threads(threads)
     paths = derivative_paths(out, image)
     seg_path = Path(seg) if seg else None
     digest = digest or input_hash(image.path, seg_path)
@@ -213,7 +206,7 @@ def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
         regions_source = f"segmentation {seg_path}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AutoRegionsWarning)  # the driver says it once
-        pred = run(predict_array(vol.data, vol.spacing, spec, affine=vol.affine, roi=regions,
+        pred = run(predict_array(vol.data, vol.spacing, model, affine=vol.affine, roi=regions,
                                  brain=brain, modality=image_modality(image), tta=tta))
     paths["mask"].parent.mkdir(parents=True, exist_ok=True)
     paths["montage"].parent.mkdir(parents=True, exist_ok=True)
@@ -228,8 +221,7 @@ def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
     else:  # a model without maps (Frangi): no stale maps of an earlier model stay behind
         for key in ("probseg", "uncertainty"):
             paths[key].unlink(missing_ok=True)
-            paths[key].with_name(paths[key].name.replace(".nii.gz", ".json")).unlink(
-                missing_ok=True)
+            sidecar_path(paths[key]).unlink(missing_ok=True)
     if pred.probability is not None:
         for key, desc in (("probseg", "P(PVS) per voxel, on the source grid"),
                           ("uncertainty", "predictive uncertainty per voxel: the binary "
@@ -240,7 +232,7 @@ def process_image(image: BidsImage, out_dir: str, model: str, model_id: str, *,
     rows = [pred.table.row(i) for i in range(len(pred.table))]
     atomic_write_text(paths["clusters"], _tsv(rows, columns))
     _sidecar(paths["clusters"], _cluster_sidecar(columns))
-    stats = region_stats(pred.labels, pred.regions, vol.spacing)
+    stats = region_stats(pred.table)
     atomic_write_text(paths["stats"], _tsv(stats, STATS_COLUMNS))
     _sidecar(paths["stats"], _STATS_SIDECAR)
     from ._bids_report import montage_png
@@ -266,7 +258,7 @@ def image_task(image: BidsImage, out_dir: str, model: str, model_id: str, **kw) 
         return process_image(image, out_dir, model, model_id, **kw)
     except Exception as exc:
         reason = _reason(exc)
-        if not isinstance(exc, PVSInputError | OSError | ValueError):
+        if not isinstance(exc, INPUT_ERRORS):
             import traceback
 
             tb = Path(out_dir) / "logs" / "tracebacks" / f"{image.stem}.txt"
@@ -284,12 +276,17 @@ def _source(out: Path, image: BidsImage) -> str:
     return f"bids:raw:{image.path.name}"
 
 
-def _sidecar(path: Path, content: dict) -> None:
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar of a ``.nii.gz`` or ``.tsv`` derivative."""
     name = path.name
     for ext in (".nii.gz", ".tsv"):
         if name.endswith(ext):
             name = name[: -len(ext)]
-    atomic_write_text(path.with_name(name + ".json"), json.dumps(content, indent=1))
+    return path.with_name(name + ".json")
+
+
+def _sidecar(path: Path, content: dict) -> None:
+    atomic_write_text(sidecar_path(path), json.dumps(content, indent=1))
 
 
 def _dataset_description(out: Path, bids_dir: Path, ident: dict) -> None:
@@ -383,7 +380,7 @@ def _reason(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if type(exc).__name__ == "KilledWorker":
         return "its worker died on every try (out of memory?): " + text
-    if isinstance(exc, PVSInputError | OSError | ValueError):
+    if isinstance(exc, INPUT_ERRORS):
         return text
     return f"{type(exc).__name__}: {text}"
 
@@ -464,8 +461,9 @@ def _compute(client, todo, out: Path, model: str, ident: dict, tta, threads,
     from .inference import Progress
 
     futures = {}
+    spec = _model_spec(model)
     for im, seg_path, digest in todo:
-        fut = client.submit(image_task, im, str(out), model, ident["id"],
+        fut = client.submit(image_task, im, str(out), spec, ident["id"],
                             seg=None if seg_path is None else str(seg_path), tta=tta,
                             threads=threads, digest=digest, model_hash=ident["hash"],
                             pure=False,

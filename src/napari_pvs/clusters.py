@@ -35,7 +35,7 @@ import numpy as np
 from ._regions import REGION_NAMES
 
 __all__ = ["COLUMN_DESCRIPTIONS", "REGION_NAMES", "ClusterTable", "cluster_table",
-           "label_clusters"]
+           "label_clusters", "voxels_by_cluster"]
 
 #: what each column of the table means (the JSON sidecar of a BIDS-derivatives table)
 COLUMN_DESCRIPTIONS = {
@@ -71,6 +71,19 @@ def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray
     binary = np.ascontiguousarray(mask > 0, dtype=np.uint8)
     labels, n = cc3d.connected_components(binary, connectivity=connectivity, return_N=True)
     return labels.astype(np.uint32, copy=False), int(n)
+
+
+def voxels_by_cluster(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(fg, first)``: the flat indices of the foreground voxels of a cluster map, grouped
+    by cluster label (ascending), and the start of each cluster's run in ``fg``."""
+    flat = np.asarray(labels).ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
+    order = np.argsort(lab, kind="stable")
+    fg, lab = fg[order], lab[order]
+    first = (np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if lab.size
+             else np.zeros(0, np.int64))
+    return fg, first
 
 
 @dataclass
@@ -172,16 +185,10 @@ class _Runs:
 
     @classmethod
     def of(cls, labels: np.ndarray) -> _Runs:
-        flat = labels.ravel()
-        fg = np.flatnonzero(flat)
-        lab = flat[fg]
-        order = np.argsort(lab, kind="stable")
-        fg, lab = fg[order], lab[order]
-        first = (np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if lab.size
-                 else np.zeros(0, np.int64))
-        ids = lab[first].astype(np.int64)
+        fg, first = voxels_by_cluster(labels)
+        ids = labels.ravel()[fg[first]].astype(np.int64)
         n = ids.size
-        counts = np.diff(np.r_[first, lab.size]).astype(np.int64)
+        counts = np.diff(np.r_[first, fg.size]).astype(np.int64)
         rank = np.repeat(np.arange(n), counts)
         ijk = np.stack(np.unravel_index(fg, labels.shape), 1).astype(np.float64)
         cen = np.stack([np.bincount(rank, weights=ijk[:, a], minlength=n) for a in range(3)], 1)
