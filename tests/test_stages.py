@@ -18,7 +18,7 @@ from napari_pvs._backends import make_runner
 from napari_pvs._sliding import FLIPS, TTAMerger, plan_windows
 from napari_pvs.inference import postprocess, predict_preprocessed, predict_volume, run
 from napari_pvs.model import arch_config, build_network, default_meta
-from napari_pvs.preprocess import preprocess, work_grid
+from napari_pvs.preprocess import preprocess, work_grid, work_spacing
 
 RNG = np.random.default_rng(0)
 
@@ -55,6 +55,25 @@ def test_own_preprocessing_resamples_and_zscores_inside_the_roi():
     # nearest neighbour: a mask keeps its values, only its grid changes
     labels = prep.mask_to_model(roi)
     assert labels.dtype == bool and np.array_equal(labels, prep.mask)
+
+
+def test_min_spacing_keeps_finer_axes_at_their_own_size_down_to_the_floor():
+    pre = {"target_spacing": [0.8, 0.8, 0.8], "min_spacing": [0.7, 0.7, 0.7]}
+    # 0.7 mm stays, 0.5 mm goes to the floor, coarser axes go to the target, 0.795 is
+    # within 1 % of the target and is resampled to it
+    np.testing.assert_allclose(work_spacing((0.7, 0.5, 1.2), pre), (0.7, 0.7, 0.8))
+    np.testing.assert_allclose(work_spacing((0.795, 0.9, 0.7), pre), (0.8, 0.8, 0.7))
+    # without min_spacing (every other model) or for nnU-Net plans: the target, always
+    np.testing.assert_allclose(work_spacing((0.7, 0.5, 1.2), {"target_spacing": [0.8] * 3}), 0.8)
+    np.testing.assert_allclose(work_spacing((0.7,) * 3, {**pre, "normalization": "nnunet_v1"}), 0.8)
+    # a floor above the target is never coarser than the target
+    np.testing.assert_allclose(work_spacing((0.7,) * 3, {**pre, "min_spacing": [1.0] * 3}), 0.8)
+    image = RNG.normal(100, 20, (40, 30, 20)).astype(np.float32)
+    roi = np.ones(image.shape, bool)
+    kept = preprocess(image, (0.7, 0.7, 1.2), roi, pre)
+    assert kept.work_shape == (40, 30, 30)  # the 0.7 mm axes are not resampled
+    assert kept.to_source(kept.image[0]).shape == image.shape
+    assert preprocess(image, (0.7, 0.7, 1.2), roi, {"target_spacing": [0.8] * 3}).work_shape == (35, 26, 30)
 
 
 def test_nnunet_preprocessing_transposes_and_normalises_inside_the_nonzero_mask():
@@ -209,6 +228,23 @@ def test_postprocess_uncertainty_labels_and_roi():
     assert pred.probability[0, 0, 3] == 0 and pred.tta_variance[0, 0, 3] == 0
 
 
+def test_postprocess_drops_label_clusters_under_the_minimum_volume_but_keeps_the_maps():
+    prob = np.zeros((12, 12, 12), np.float32)
+    prob[1, 1, 1] = 0.9                      # 1 voxel of 0.343 mm³: dropped
+    prob[5, 5, 5] = prob[6, 6, 6] = 0.8      # 2 voxels, 26-connected (0.686 mm³): dropped
+    prob[9, 2:5, 9] = 0.7                    # 3 voxels (1.029 mm³): kept
+    var = np.zeros_like(prob)
+    kept = postprocess(prob, var, None, min_cluster_mm3=1.0, spacing=(0.7, 0.7, 0.7))
+    assert kept.labels.sum() == 3 and kept.labels[9, 2:5, 9].all()
+    np.testing.assert_array_equal(kept.probability, prob)  # only the labels change
+    assert postprocess(prob, var, None).labels.sum() == 6
+    # at 1 mm every voxel is 1 mm³: nothing dropped at 1.0, the single voxel at 1.5
+    assert postprocess(prob, var, None, min_cluster_mm3=1.0, spacing=(1, 1, 1)).labels.sum() == 6
+    assert postprocess(prob, var, None, min_cluster_mm3=1.5, spacing=(1, 1, 1)).labels.sum() == 5
+    with pytest.raises(ValueError, match="spacing"):
+        postprocess(prob, var, None, min_cluster_mm3=1.0)
+
+
 # ---------------------------------------------------------------- the composition
 
 
@@ -230,3 +266,11 @@ def test_predict_volume_is_the_composition_of_the_stages():
     for name in ("probability", "uncertainty", "tta_variance", "labels"):
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
     assert got.info["windows"] == len(plan.windows) and got.info["work_shape"] == [38, 45, 35]
+    # the model's own minimum cluster volume reaches the labels
+    meta["postprocessing"] = {"min_cluster_mm3": 6.0}
+    dusted = run(predict_volume(image, (1.25, 1.25, 1.25), net, meta, roi=roi, tta=2,
+                                backend="torch", overlap=0.25))
+    want = postprocess(prep.to_source(prob), prep.to_source(var), roi, min_cluster_mm3=6.0,
+                       spacing=(1.25,) * 3)
+    np.testing.assert_array_equal(dusted.labels, want.labels)
+    np.testing.assert_array_equal(dusted.probability, got.probability)

@@ -132,6 +132,34 @@ def test_the_starter_carries_its_fitted_triage_and_temperature():
         meta["card"]["recipe"]["iterations"] + meta["card"]["recipe"]["refine_iterations"])
 
 
+def test_the_starter_keeps_finer_images_on_their_own_grid_and_drops_specks(capsys):
+    from napari_pvs.cli import main
+    from napari_pvs.inference import predict_volume, run
+    from napari_pvs.pipeline import load_model
+
+    net, meta, key = load_model("starter")
+    assert meta["preprocessing"]["target_spacing"] == [0.8] * 3
+    assert meta["preprocessing"]["min_spacing"] == [0.7] * 3
+    assert meta["postprocessing"] == {"min_cluster_mm3": 1.0}
+    assert meta["card"]["recipe"]["min_spacing"] == 0.7
+    image = np.random.default_rng(0).normal(100, 10, (40, 40, 40)).astype(np.float32)
+    roi = np.zeros(image.shape, bool)
+    roi[8:32, 8:32, 8:32] = True
+    work = {}
+    for sp in (0.7, 0.6, 1.0):
+        pred = run(predict_volume(image, (sp,) * 3, net, meta, roi=roi, overlap=0.25,
+                                  cache_key=key))
+        work[sp] = pred.info["work_shape"]
+        # no label cluster under 1 mm³ (3 voxels at 0.7 mm)
+        from napari_pvs.clusters import label_clusters
+        lab, n = label_clusters(pred.labels)
+        assert n == 0 or np.bincount(lab.ravel())[1:].min() * sp**3 >= 1.0
+    assert work == {0.7: [40, 40, 40], 0.6: [34, 34, 34], 1.0: [50, 50, 50]}
+    assert main(["model", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "down to 0.7 mm" in out and "clusters of 1 mm³ or more" in out
+
+
 def test_predict_unknown_model_name_is_one_line_naming_the_shipped_ones(subject, tmp_path):
     rc, out, err = run_cli("predict", subject.image, "-o", tmp_path, "--model", "startr")
     assert_clean_failure(rc, out, err, "'startr'", "shipped model (starter, starter-fast)",

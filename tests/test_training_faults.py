@@ -296,7 +296,7 @@ def _meta_doc(**changes):
     meta.update(format=FORMAT, id="m", created="now")
     for dotted, value in changes.items():
         section, key = dotted.split("__")
-        meta[section][key] = value
+        meta.setdefault(section, {})[key] = value
     return json.dumps(meta)
 
 
@@ -308,6 +308,11 @@ BAD_META = {
     "spacing-0.001": _meta_doc(preprocessing__target_spacing=[0.001, 0.001, 0.001]),
     "exp-r-huge": _meta_doc(arch__exp_r=[10**6] * 9),
     "patch-7": _meta_doc(preprocessing__patch_size=[7, 7, 7]),
+    "min-spacing-0.001": _meta_doc(preprocessing__min_spacing=[0.001] * 3),
+    "min-cluster-negative": _meta_doc(postprocessing__min_cluster_mm3=-1),
+    "min-cluster-text": _meta_doc(postprocessing__min_cluster_mm3="big"),
+    "postprocessing-list": _meta_doc(arch__n_channels=32).replace(
+        '"provenance"', '"postprocessing": [1], "provenance"'),
 }
 
 

@@ -108,12 +108,16 @@ def predict_preprocessed(
 
 
 def postprocess(probability: np.ndarray, variance: np.ndarray, roi: np.ndarray | None,
-                threshold: float = 0.5, temperature: float = 1.0) -> Prediction:
+                threshold: float = 0.5, temperature: float = 1.0, *,
+                min_cluster_mm3: float = 0.0, spacing=None) -> Prediction:
     """Uncertainty and labels from source-grid probability and TTA variance (stage 5).
 
     Outside ``roi`` every map is 0.  ``temperature``: the model's fitted calibration
     (:func:`napari_pvs.triage.apply_temperature`; the labels of threshold 0.5 do not
     depend on it).  ``uncertainty = clip(H(p) + 4 * var, 0, 1)`` of the calibrated ``p``.
+    ``min_cluster_mm3`` (with the source ``spacing``): label clusters (26-connected)
+    smaller than this volume are dropped from the labels, as the Frangi baseline drops
+    its own (``cc3d.dust``); the probability and uncertainty maps keep them.
     """
     from .triage import apply_temperature
 
@@ -127,7 +131,21 @@ def postprocess(probability: np.ndarray, variance: np.ndarray, roi: np.ndarray |
     uncertainty = np.clip(entropy + 4.0 * var, 0.0, 1.0).astype(np.float32)
     if roi is not None:
         uncertainty[~roi] = 0.0
-    return Prediction(prob, uncertainty, var, (prob >= threshold).astype(np.uint8))
+    labels = (prob >= threshold).astype(np.uint8)
+    if min_cluster_mm3 > 0:
+        if spacing is None:
+            raise ValueError("min_cluster_mm3 needs the source spacing")
+        import cc3d
+
+        voxels = int(np.ceil(float(min_cluster_mm3) / float(np.prod(spacing)) - 1e-9))
+        if voxels > 1:
+            labels = cc3d.dust(labels, threshold=voxels, connectivity=26, in_place=True)
+    return Prediction(prob, uncertainty, var, labels)
+
+
+def min_cluster_mm3(meta: dict[str, Any]) -> float:
+    """The model's smallest labelled cluster in mm³ (``meta["postprocessing"]``; 0: none)."""
+    return float((meta.get("postprocessing") or {}).get("min_cluster_mm3") or 0.0)
 
 
 def blends_logits(meta: dict[str, Any]) -> bool:
@@ -162,7 +180,8 @@ def predict_prepared(
     from .triage import temperature_of
 
     pred = postprocess(prep.to_source(prob), prep.to_source(var), roi, threshold,
-                       temperature_of(meta))
+                       temperature_of(meta), min_cluster_mm3=min_cluster_mm3(meta),
+                       spacing=prep.source_spacing)
     pred.info = {"windows": len(plan.windows), "windows_total": plan.n_all,
                  "patch_size": list(patch), "overlap": overlap,
                  "work_shape": list(prep.work_shape)}

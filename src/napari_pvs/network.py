@@ -125,11 +125,20 @@ def check_meta(meta, source: str = "metadata") -> dict[str, Any]:
         raise PVSInputError(f"{source}: preprocessing must be a JSON object")
     if pre.get("target_spacing") is not None:
         check_spacing(pre["target_spacing"], f"{source}: target_spacing")
+    if pre.get("min_spacing") is not None:
+        check_spacing(pre["min_spacing"], f"{source}: min_spacing")
     patch = pre.get("patch_size")
     if patch is not None and (not isinstance(patch, list) or len(patch) != 3
                               or not all(_whole(p, 16, 1024) and p % 16 == 0 for p in patch)):
         raise PVSInputError(f"{source}: patch_size must be 3 multiples of 16 from 16 to 1024, "
                             f"got {str(patch)[:80]}")
+    post = meta.get("postprocessing", {})
+    if not isinstance(post, dict):
+        raise PVSInputError(f"{source}: postprocessing must be a JSON object")
+    v = post.get("min_cluster_mm3", 0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1000:
+        raise PVSInputError(f"{source}: postprocessing.min_cluster_mm3 must be a volume from 0 "
+                            f"to 1000 mm³, got {str(v)[:40]}")
     if not isinstance(meta.get("provenance", {}), dict):
         raise PVSInputError(f"{source}: provenance must be a JSON object")
     if meta.get("triage") is not None or meta.get("calibration") is not None:
