@@ -147,6 +147,9 @@ def test_starter_recipe_reproduces_its_weights(tmp_path):
     card = meta["card"]
     assert card["recipe"]["iterations"] == 3 and "1000-1000" in card["data"]
     assert meta["provenance"]["iterations"] == 9 and meta["preprocessing"]["overlap"] == 0.25
+    # the runtime settings picked on validation subjects (bench_runtime_settings.py)
+    assert meta["preprocessing"]["min_spacing"] == [0.7] * 3
+    assert meta["postprocessing"] == {"min_cluster_mm3": 1.0}
     for stage, drop in ((2, {"polish_iterations": 0, "balance_iterations": 0}),
                         (3, {"balance_iterations": 0})):
         part, part_meta = train_starter({**recipe, **drop}, log=lambda m: None, cache=tmp_path)
