@@ -143,7 +143,7 @@ def postprocess(probability: np.ndarray, variance: np.ndarray, roi: np.ndarray |
     return Prediction(prob, uncertainty, var, labels)
 
 
-def min_cluster_mm3(meta: dict[str, Any]) -> float:
+def smallest_cluster_mm3(meta: dict[str, Any]) -> float:
     """The model's smallest labelled cluster in mm³ (``meta["postprocessing"]``; 0: none)."""
     return float((meta.get("postprocessing") or {}).get("min_cluster_mm3") or 0.0)
 
@@ -180,7 +180,7 @@ def predict_prepared(
     from .triage import temperature_of
 
     pred = postprocess(prep.to_source(prob), prep.to_source(var), roi, threshold,
-                       temperature_of(meta), min_cluster_mm3=min_cluster_mm3(meta),
+                       temperature_of(meta), min_cluster_mm3=smallest_cluster_mm3(meta),
                        spacing=prep.source_spacing)
     pred.info = {"windows": len(plan.windows), "windows_total": plan.n_all,
                  "patch_size": list(patch), "overlap": overlap,

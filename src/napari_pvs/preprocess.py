@@ -8,8 +8,8 @@ is always trained on the input it is run on.  What it does depends on the model'
 own models (``normalization`` absent or ``"zscore"``)
     Trilinear resampling (MONAI ``Resize``) to ``target_spacing`` when the spacing
     differs by more than 1 % (with ``min_spacing``, see :func:`work_spacing`, an axis
-    finer than the target keeps its own voxel size, down to ``min_spacing``); z-score of each channel inside the ROI (or, without one,
-    inside the nonzero voxels).
+    finer than the target keeps its own voxel size, down to ``min_spacing``); z-score
+    of each channel inside the ROI (or, without one, inside the nonzero voxels).
 imported nnU-Net v1 models (``normalization == "nnunet_v1"``)
     What the release's plans say: transpose by ``transpose_forward``, third-order spline
     resampling (edge mode, as nnU-Net v1 does), then "nonCT" z-scoring per channel,
@@ -114,8 +114,8 @@ def work_spacing(spacing, pre: Mapping[str, Any] | None) -> np.ndarray:
     ``target_spacing`` (the source spacing when absent).  A model with ``min_spacing``
     never resamples an axis coarser than it came: an axis finer than the target by more
     than 1 % keeps its own voxel size, but not below ``min_spacing``.  Downsampling a
-    0.7 mm image to 0.8 mm blurs away the smallest PVS (the starter model's held-out
-    figures in the README); keeping the native grid costs time only on such images.
+    0.7 mm image to 0.8 mm blurs away the smallest PVS (benchmarks/
+    bench_runtime_settings.py); keeping the native grid costs time only on such images.
     """
     pre = pre or {}
     sp = np.asarray(spacing, dtype=float)
