@@ -77,6 +77,19 @@ def test_min_spacing_keeps_finer_axes_at_their_own_size_down_to_the_floor():
     assert plain.work_shape == (35, 26, 30)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.2, 3.0), min_size=3, max_size=3), st.floats(0.5, 2.0),
+       st.floats(0.3, 2.0))
+def test_work_spacing_never_resamples_coarser_than_the_target_or_finer_than_the_floor(
+        spacing, target, floor):
+    got = work_spacing(spacing, {"target_spacing": [target] * 3, "min_spacing": [floor] * 3})
+    sp = np.asarray(spacing)
+    assert np.all(got <= target) and np.all(got >= min(floor, target))
+    # an axis is only ever moved towards the target: kept, clipped to the floor, or target
+    assert np.all((got == target) | (got == sp) | (got == min(floor, target)))
+    np.testing.assert_array_equal(got[sp >= target * 0.99], target)
+
+
 def test_nnunet_preprocessing_transposes_and_normalises_inside_the_nonzero_mask():
     image = np.zeros((12, 16, 20), np.float32)
     image[2:10, 3:13, 4:16] = RNG.normal(50, 5, (8, 10, 12))
