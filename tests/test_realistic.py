@@ -127,15 +127,16 @@ def test_generator_is_deterministic(subject):
 def test_starter_recipe_reproduces_its_weights(tmp_path):
     """The shipped weights come from a seeded recipe: resuming from the checkpoint of
     stages 1-2 (--stage2) or 1-3 (--stage3), each trained in a run of its own, gives the
-    full run's network bit for bit (here 1 coarse realistic subject, 1 small phantom (2 in
-    stage 4), 3 + 2 + 2 + 2 iterations of the four stages): the same recipe, computed
-    twice over, gives the same weights."""
+    full run's network bit for bit (here 32³ patches, 1 coarse realistic subject, 1 small
+    phantom (2 in stage 4), 3 + 2 + 2 + 2 iterations of the four stages): the same recipe,
+    computed twice over, gives the same weights."""
     import torch
 
     from napari_pvs.model import save_checkpoint
     from napari_pvs.training.starter import train_starter
 
     recipe = {"realistic": 1, "phantoms": 1, "phantom_size_mm": 48, "iterations": 3,
+              "patch": 32,
               "realistic_spacing": 2.0, "refine_spacing": 1.5, "refine_iterations": 2,
               "polish_iterations": 2, "balance_iterations": 2, "balance_phantoms": 2}
     torch.set_flush_denormal(True)
