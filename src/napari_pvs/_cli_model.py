@@ -113,15 +113,15 @@ def _ls_starter() -> None:
             print(f"{m['name']:<14} {m['error']}")
             continue
         a, pre = m["arch"], m["preprocessing"]
-        spacing = "x".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"]))
+        grid = "x".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"])) + " mm"
         if pre.get("min_spacing"):
             floor = "x".join(f"{s:g}" for s in dict.fromkeys(pre["min_spacing"]))
-            spacing += f" (finer images run at their own voxels, down to {floor} mm)"
+            grid += f" (finer images run at their own voxels, down to {floor} mm)"
         smallest = (m.get("postprocessing") or {}).get("min_cluster_mm3")
         if smallest:
-            spacing += f", clusters of {smallest:g} mm³ or more"
+            grid += f", clusters of {smallest:g} mm³ or more"
         print(f"{m['name']:<14} MedNeXt-{a['variant']} k{a['kernel_size']}, "
-              f"{pre.get('modality', '?')}, {spacing} mm, id {m['id']} "
+              f"{pre.get('modality', '?')}, {grid}, id {m['id']} "
               f"({Path(m['path']).name})")
         card = m.get("card")
         for line in card_lines(card) if isinstance(card, dict) else ["    (no model card)"]:
