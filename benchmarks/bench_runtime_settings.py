@@ -22,9 +22,9 @@ import time
 import warnings
 from pathlib import Path
 
-import cc3d
 import numpy as np
 
+from napari_pvs.clusters import drop_small_clusters
 from napari_pvs.inference import run
 from napari_pvs.metrics import score
 from napari_pvs.model import load_checkpoint, save_checkpoint, starter_path
@@ -60,13 +60,6 @@ def _subjects():
             yield f"phantom-val{j:02d}", sp, p.image, p.spacing, p.labels, p.regions
 
 
-def _dust(labels: np.ndarray, spacing, mm3: float) -> np.ndarray:
-    if mm3 <= 0:
-        return labels
-    voxels = int(np.ceil(mm3 / float(np.prod(spacing)) - 1e-9))
-    return cc3d.dust(labels.copy(), threshold=voxels, connectivity=26) if voxels > 1 else labels
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="default: the shipped starter")
@@ -94,7 +87,7 @@ def main(argv=None) -> int:
                                                     modality="T2w")).labels
             for grid, lab in preds.items():
                 for floor in FLOORS:
-                    s = score(_dust(lab, spacing, floor), labels, regions)
+                    s = score(drop_small_clusters(lab.copy(), spacing, floor), labels, regions)
                     rows.setdefault((grid, floor), {}).setdefault(group, []).append(s)
             print(f"  {name} at {spacing[0]:.2f} mm ({time.perf_counter() - t0:.0f} s)",
                   flush=True)

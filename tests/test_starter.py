@@ -134,6 +134,7 @@ def test_the_starter_carries_its_fitted_triage_and_temperature():
 
 def test_the_starter_keeps_finer_images_on_their_own_grid_and_drops_specks(capsys):
     from napari_pvs.cli import main
+    from napari_pvs.clusters import label_clusters
     from napari_pvs.inference import predict_volume, run
     from napari_pvs.pipeline import load_model
 
@@ -151,7 +152,6 @@ def test_the_starter_keeps_finer_images_on_their_own_grid_and_drops_specks(capsy
                                   cache_key=key))
         work[sp] = pred.info["work_shape"]
         # no label cluster under 1 mm³ (3 voxels at 0.7 mm)
-        from napari_pvs.clusters import label_clusters
         lab, n = label_clusters(pred.labels)
         assert n == 0 or np.bincount(lab.ravel())[1:].min() * sp**3 >= 1.0
     assert work == {0.7: [40, 40, 40], 0.6: [34, 34, 34], 1.0: [50, 50, 50]}

@@ -106,6 +106,11 @@ def card_lines(card: dict, width: int = 100) -> list[str]:
     return lines
 
 
+def _mm(spacing) -> str:
+    """``0.8`` for an isotropic spacing, ``0.5x0.5x3`` otherwise."""
+    return "x".join(f"{s:g}" for s in dict.fromkeys(spacing))
+
+
 def _ls_starter() -> None:
     print("shipped with napari-pvs (predict --model NAME):")
     for m in M.starter_models():
@@ -113,9 +118,9 @@ def _ls_starter() -> None:
             print(f"{m['name']:<14} {m['error']}")
             continue
         a, pre = m["arch"], m["preprocessing"]
-        grid = "x".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"])) + " mm"
+        grid = f"{_mm(pre['target_spacing'])} mm"
         if pre.get("min_spacing"):
-            floor = "x".join(f"{s:g}" for s in dict.fromkeys(pre["min_spacing"]))
+            floor = _mm(pre["min_spacing"])
             grid += f" (finer images run at their own voxels, down to {floor} mm)"
         smallest = (m.get("postprocessing") or {}).get("min_cluster_mm3")
         if smallest:

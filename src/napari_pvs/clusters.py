@@ -35,7 +35,7 @@ import numpy as np
 from ._regions import REGION_NAMES
 
 __all__ = ["COLUMN_DESCRIPTIONS", "REGION_NAMES", "ClusterTable", "cluster_table",
-           "label_clusters", "voxels_by_cluster"]
+           "drop_small_clusters", "label_clusters", "voxels_by_cluster"]
 
 #: what each column of the table means (the JSON sidecar of a BIDS-derivatives table)
 COLUMN_DESCRIPTIONS = {
@@ -71,6 +71,17 @@ def label_clusters(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray
     binary = np.ascontiguousarray(mask > 0, dtype=np.uint8)
     labels, n = cc3d.connected_components(binary, connectivity=connectivity, return_N=True)
     return labels.astype(np.uint32, copy=False), int(n)
+
+
+def drop_small_clusters(labels: np.ndarray, spacing, min_mm3: float) -> np.ndarray:
+    """``labels`` (uint8 0/1) without its clusters (26-connected) under ``min_mm3`` mm³
+    at voxel size ``spacing``; ``cc3d.dust``, in place when there is anything to drop."""
+    if min_mm3 <= 0:
+        return labels
+    voxels = int(np.ceil(float(min_mm3) / float(np.prod(spacing)) - 1e-9))
+    if voxels <= 1:
+        return labels
+    return cc3d.dust(labels, threshold=voxels, connectivity=26, in_place=True)
 
 
 def voxels_by_cluster(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

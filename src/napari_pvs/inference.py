@@ -135,11 +135,9 @@ def postprocess(probability: np.ndarray, variance: np.ndarray, roi: np.ndarray |
     if min_cluster_mm3 > 0:
         if spacing is None:
             raise ValueError("min_cluster_mm3 needs the source spacing")
-        import cc3d
+        from .clusters import drop_small_clusters
 
-        voxels = int(np.ceil(float(min_cluster_mm3) / float(np.prod(spacing)) - 1e-9))
-        if voxels > 1:
-            labels = cc3d.dust(labels, threshold=voxels, connectivity=26, in_place=True)
+        labels = drop_small_clusters(labels, spacing, min_cluster_mm3)
     return Prediction(prob, uncertainty, var, labels)
 
 
